@@ -1,0 +1,69 @@
+"""jaxws: the memory discipline of ND4J workspaces for JAX training and inference loops.
+
+Buffers donated through jitted steps, arrays invalidated at the end of each cycle unless
+detached, and loud errors on misuse.
+"""
+
+from jaxws import memory
+from jaxws.configuration import AllocationPolicy
+from jaxws.configuration import LearningPolicy
+from jaxws.configuration import ResetPolicy
+from jaxws.configuration import SpillPolicy
+from jaxws.configuration import WorkspaceConfiguration
+from jaxws.errors import DeletedArrayError
+from jaxws.errors import DonationError
+from jaxws.errors import LeakedWorkspacePointerError
+from jaxws.errors import OutdatedWorkspacePointerError
+from jaxws.errors import WorkspaceError
+from jaxws.errors import WorkspaceFullError
+from jaxws.errors import WorkspaceValidationError
+from jaxws.manager import DebugMode
+from jaxws.manager import MemoryManager
+from jaxws.manager import WorkspaceManager
+from jaxws.manager import get_memory_manager
+from jaxws.manager import get_workspace_manager
+from jaxws.manager import print_allocation_statistics_for_current_thread
+from jaxws.step import DonationWarning
+from jaxws.step import StepPlan
+from jaxws.step import WorkspaceFunction
+from jaxws.step import jit
+from jaxws.workspace import Workspace
+from jaxws.workspace import WorkspaceStatistics
+from jaxws.workspace import check_arrays
+from jaxws.workspace import detach
+from jaxws.workspace import is_attached
+from jaxws.workspace import leverage_to
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AllocationPolicy",
+    "DebugMode",
+    "DeletedArrayError",
+    "DonationError",
+    "DonationWarning",
+    "LeakedWorkspacePointerError",
+    "LearningPolicy",
+    "MemoryManager",
+    "OutdatedWorkspacePointerError",
+    "ResetPolicy",
+    "SpillPolicy",
+    "StepPlan",
+    "Workspace",
+    "WorkspaceConfiguration",
+    "WorkspaceError",
+    "WorkspaceFullError",
+    "WorkspaceFunction",
+    "WorkspaceManager",
+    "WorkspaceStatistics",
+    "WorkspaceValidationError",
+    "check_arrays",
+    "detach",
+    "get_memory_manager",
+    "get_workspace_manager",
+    "is_attached",
+    "jit",
+    "leverage_to",
+    "memory",
+    "print_allocation_statistics_for_current_thread",
+]

@@ -1,0 +1,108 @@
+"""Error classes of jaxws and the messages they carry.
+
+Every error derives from :class:`WorkspaceError` and says what went wrong, with the
+offending value, and what to do next.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+__all__ = [
+    "WorkspaceError",
+    "LeakedWorkspacePointerError",
+    "OutdatedWorkspacePointerError",
+    "DeletedArrayError",
+    "WorkspaceFullError",
+    "DonationError",
+    "WorkspaceValidationError",
+]
+
+_FIX = (
+    "Fix: keep a value beyond its cycle with jaxws.detach(x) before the cycle ends,\n"
+    "  wrong:  with ws: loss = step(params, batch)\n"
+    "          print(loss)                     # loss died with the cycle\n"
+    "  right:  with ws: loss = jaxws.detach(step(params, batch))\n"
+    "or move it to an outer workspace with jaxws.leverage_to(outer_ws, x)."
+)
+
+
+class WorkspaceError(RuntimeError):
+    """Base class of every jaxws error: a workspace was misused."""
+
+
+class _StalePointerError(WorkspaceError):
+    _kind = ""
+
+    def __init__(
+        self,
+        op: str,
+        arg: str,
+        workspace_id: str,
+        array_generation: int,
+        workspace_generation: int,
+        reason: str,
+        open_workspaces: Sequence[str],
+    ):
+        self.op = op
+        self.arg = arg
+        self.workspace_id = workspace_id
+        self.array_generation = array_generation
+        self.workspace_generation = workspace_generation
+        opened = ", ".join(f"[{w}]" for w in open_workspaces) or "none"
+        super().__init__(
+            f"Op [{op}] {arg} argument uses {self._kind} workspace pointer from workspace "
+            f"[{workspace_id}]\n"
+            f"The array was created in generation {array_generation} of workspace "
+            f"[{workspace_id}], which is now at generation {workspace_generation}: {reason}.\n"
+            f"Open workspaces on this thread: {opened}.\n{_FIX}"
+        )
+
+
+class LeakedWorkspacePointerError(_StalePointerError):
+    """An array outlived its workspace: the workspace was closed or destroyed."""
+
+    _kind = "leaked"
+
+
+class OutdatedWorkspacePointerError(_StalePointerError):
+    """An array from an earlier generation (cycle) of a workspace was used."""
+
+    _kind = "outdated"
+
+
+class DeletedArrayError(WorkspaceError):
+    """An array whose buffer was donated to an earlier call was used again."""
+
+    def __init__(self, op: str, arg: str, aval: str):
+        super().__init__(
+            f"Op [{op}] {arg} argument ({aval}) was deleted: its buffer was donated to an "
+            "earlier call, which returned the new value in the same memory.\n"
+            "Fix: use what that call returned,\n"
+            "  wrong:  step(params, batch); step(params, batch)\n"
+            "  right:  params = step(params, batch); params = step(params, batch)\n"
+            "or keep a copy first with jaxws.detach(params)."
+        )
+
+
+class WorkspaceFullError(WorkspaceError):
+    """A cycle needs more than the workspace holds and its spill policy is FAIL."""
+
+    def __init__(self, workspace_id: str, what: str, required: int, available: int, unit: str):
+        self.workspace_id = workspace_id
+        self.required = required
+        self.available = available
+        super().__init__(
+            f"Workspace [{workspace_id}] is full: {what} needs {required:,} {unit}, "
+            f"{available:,} {unit} available (policy_spill=SpillPolicy.FAIL).\n"
+            "Fix: raise initial_size/max_size, or use policy_spill=SpillPolicy.REALLOCATE "
+            "(grow) or SpillPolicy.EXTERNAL (run outside the workspace)."
+        )
+
+
+class DonationError(WorkspaceError):
+    """A donated input cannot be reused by any output of the step."""
+
+
+class WorkspaceValidationError(WorkspaceError):
+    """A layer returned an array defined in the wrong workspace (ArrayType)."""

@@ -1,0 +1,330 @@
+"""Per-thread workspace managers and the process-wide memory manager (gc window).
+
+As in ND4J, each thread has its own manager and its own workspaces; the memory manager
+keeps Python's garbage collector out of workspace loops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import gc
+import os
+import threading
+import time
+from typing import Iterator
+
+from jaxws.configuration import WorkspaceConfiguration
+from jaxws.errors import WorkspaceError
+from jaxws.workspace import Workspace, WorkspaceStatistics
+
+__all__ = [
+    "DebugMode",
+    "WorkspaceManager",
+    "MemoryManager",
+    "get_workspace_manager",
+    "get_memory_manager",
+    "print_allocation_statistics_for_current_thread",
+]
+
+DEBUG_ENV = "JAXWS_WORKSPACES_DEBUG"
+
+
+class DebugMode(enum.Enum):
+    """ND4J's workspace debug switch, set with ``JAXWS_WORKSPACES_DEBUG``."""
+
+    DISABLED = "DISABLED"
+    SPILL_EVERYTHING = "SPILL_EVERYTHING"  # every step runs outside its workspace
+    BYPASS_EVERYTHING = "BYPASS_EVERYTHING"  # workspaces attach, donate, invalidate nothing
+
+
+def _debug_mode_from_env() -> DebugMode:
+    value = os.environ.get(DEBUG_ENV, "DISABLED").strip().upper() or "DISABLED"
+    try:
+        return DebugMode(value)
+    except ValueError:
+        valid = ", ".join(m.value for m in DebugMode)
+        raise WorkspaceError(f"{DEBUG_ENV}={value!r}: expected one of {valid}.") from None
+
+
+class WorkspaceManager:
+    """The workspaces of one thread (ND4J's ``Nd4j.getWorkspaceManager()``).
+
+    Example:
+        >>> import jaxws
+        >>> mgr = jaxws.get_workspace_manager()
+        >>> with mgr.get_and_activate_workspace(id="LOOP") as ws:
+        ...     print(mgr.current_workspace is ws, ws.generation)
+        True 1
+    """
+
+    def __init__(self):
+        self._thread = threading.get_ident()
+        self._workspaces: dict[str, Workspace] = {}
+        self._stack: list[Workspace | None] = []  # innermost last; None scopes out
+        self._active = 0
+        self.debug_mode = _debug_mode_from_env()
+
+    @property
+    def current_workspace(self) -> Workspace | None:
+        """The innermost open workspace, or None (also inside scope_out_of_workspaces)."""
+        return self._stack[-1] if self._stack else None
+
+    def open_workspace_ids(self) -> list[str]:
+        return [ws.id for ws in self._stack if ws is not None]
+
+    def workspace(self, id: str) -> Workspace:
+        """This thread's workspace ``id``; raises WorkspaceError if there is none."""
+        try:
+            return self._workspaces[id]
+        except KeyError:
+            known = ", ".join(sorted(self._workspaces)) or "none"
+            raise WorkspaceError(
+                f"No workspace [{id}] on this thread (workspaces here: {known}). Create it with "
+                "get_workspace_manager().get_workspace_for_current_thread(conf, id)."
+            ) from None
+
+    def check_if_workspace_exists(self, id: str) -> bool:
+        return id in self._workspaces
+
+    def get_workspace_for_current_thread(
+        self, conf: WorkspaceConfiguration | None = None, id: str = "DefaultWorkspace"
+    ) -> Workspace:
+        """This thread's workspace ``id``, created with ``conf`` on first use.
+
+        Raises:
+            WorkspaceError: ``id`` exists with a different configuration.
+        """
+        ws = self._workspaces.get(id)
+        if ws is not None and conf is not None and conf != ws.config:
+            raise WorkspaceError(
+                f"Workspace [{id}] already exists with {ws.config}; asked for {conf}. Use "
+                "another id, or destroy_workspace(ws) first."
+            )
+        if ws is None:
+            if conf is not None and not isinstance(conf, WorkspaceConfiguration):
+                raise TypeError(f"conf={conf!r}: expected a jaxws.WorkspaceConfiguration.")
+            ws = self._workspaces[id] = Workspace(self, conf or WorkspaceConfiguration(), id)
+        return ws
+
+    def get_and_activate_workspace(
+        self, conf: WorkspaceConfiguration | None = None, id: str = "DefaultWorkspace"
+    ) -> Workspace:
+        """The workspace ``id``, already in a new cycle; ``with ... as ws:`` closes it."""
+        return self.get_workspace_for_current_thread(conf, id).activate()
+
+    def destroy_workspace(self, ws: Workspace) -> None:
+        """Frees every array ``ws`` owns, at once, and forgets it.
+
+        Its arrays raise LeakedWorkspacePointerError afterwards. With no cycle left open,
+        the workspace loop is over: Python's gc state is restored at once.
+        """
+        ws._check_thread("destroy")
+        if ws._destroyed:
+            return
+        if ws.is_scope_active:
+            self._stack = [w for w in self._stack if w is not ws]
+            self._scope_closed()
+        ws._destroy()
+        if self._workspaces.get(ws.id) is ws:
+            del self._workspaces[ws.id]
+        _memory_manager.end_loop()
+
+    def destroy_all_workspaces_for_current_thread(self) -> None:
+        """Frees every buffer the workspaces of this thread own (ND4J's method of that name)."""
+        for ws in list(self._workspaces.values()):
+            self.destroy_workspace(ws)
+
+    @contextlib.contextmanager
+    def scope_out_of_workspaces(self) -> Iterator[None]:
+        """Inside, jaxws outputs belong to no workspace (ND4J's ``scopeOutOfWorkspaces``)."""
+        self._stack.append(None)
+        try:
+            yield
+        finally:
+            self._stack.pop()
+
+    def allocation_statistics(self) -> list[WorkspaceStatistics]:
+        """One :class:`WorkspaceStatistics` per workspace of this thread."""
+        return [ws.statistics() for ws in self._workspaces.values()]
+
+    def print_allocation_statistics_for_current_thread(self) -> str:
+        """Prints (and returns) a table of the thread's workspaces and their compiled plans."""
+        from jaxws.memory import format_bytes as fb
+
+        rows = self.allocation_statistics()
+        head = f"{'workspace':<20} {'cycles':>7} {'size':>10} {'peak':>10} {'live':>10} " \
+               f"{'spilled':>10} {'spills':>6} {'reallocs':>8} {'compiles':>8}"
+        lines = [f"Workspaces of thread {threading.current_thread().name}", head, "-" * len(head)]
+        for s in rows:
+            lines.append(
+                f"{s.id[:20]:<20} {s.cycles:>7} {fb(s.current_size):>10} {fb(s.peak_size):>10} "
+                f"{fb(s.live_bytes):>10} {fb(s.spilled_bytes):>10} {s.spills:>6} "
+                f"{s.reallocations:>8} {s.compiles:>8}"
+            )
+            for name, cap in s.capacities.items():
+                lines.append(f"    capacity {name} = {cap}")
+            for name, plan in s.plans.items():
+                lines.append(f"    plan {name}: {plan}")
+        if not rows:
+            lines.append("(no workspaces)")
+        text = "\n".join(lines)
+        print(text)
+        return text
+
+    # called by Workspace
+    def _scope_entered(self, ws: Workspace) -> None:
+        self._stack.append(ws)
+        self._active += 1
+        if self._active == 1:
+            _memory_manager._loop_entered()
+
+    def _scope_left(self, ws: Workspace) -> None:
+        for i in range(len(self._stack) - 1, -1, -1):
+            if self._stack[i] is ws:
+                del self._stack[i]
+                break
+        self._scope_closed()
+
+    def _scope_closed(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            _memory_manager._loop_exited()
+
+
+class MemoryManager:
+    """Keeps Python's gc out of workspace loops (ND4J's ``Nd4j.getMemoryManager()``).
+
+    From the first cycle of a loop, automatic collection is off; at cycle boundaries at
+    most one ``gc.collect()`` runs per window (none with periodic gc toggled off). When no
+    cycle has been open for ``idle_restore_ms`` (the loop ended), or every workspace of
+    the thread is destroyed, the gc state from before the loop is restored, by a named
+    daemon thread that :meth:`close` joins.
+
+    Example:
+        >>> import jaxws
+        >>> jaxws.get_memory_manager().set_auto_gc_window(5000)
+        >>> jaxws.get_memory_manager().auto_gc_window
+        5000
+    """
+
+    def __init__(self, idle_restore_ms: int = 250):
+        self.idle_restore_ms = idle_restore_ms
+        self._cond = threading.Condition()
+        self._loops = 0  # open outermost cycles, all threads
+        self._gc_off = False  # True while we hold gc disabled
+        self._was_enabled = True
+        self._idle_since: float | None = None
+        self._window_ms = 100
+        self._periodic = True
+        self._last = time.monotonic()
+        self._thread: threading.Thread | None = None
+        self._waiting_forever = False
+        self._closed = False
+        self.collections = 0
+
+    @property
+    def auto_gc_window(self) -> int:
+        return self._window_ms
+
+    @property
+    def periodic_gc_enabled(self) -> bool:
+        return self._periodic
+
+    def set_auto_gc_window(self, ms: int) -> None:
+        """At most one collection every ``ms`` milliseconds at cycle boundaries."""
+        if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
+            raise ValueError(f"set_auto_gc_window(ms={ms!r}): expected an int >= 0 (milliseconds).")
+        self._window_ms = ms
+
+    def toggle_periodic_gc(self, enabled: bool) -> None:
+        """False: no collections at all while workspace loops run."""
+        self._periodic = bool(enabled)
+
+    def end_loop(self) -> None:
+        """Restores the gc state now if no cycle is open (the loop is over)."""
+        with self._cond:
+            if self._loops == 0:
+                self._restore()
+
+    def close(self) -> None:
+        """Restores gc and joins the restoring thread; idempotent."""
+        with self._cond:
+            self._closed = True
+            if self._loops == 0:
+                self._restore()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _restore(self) -> None:
+        if self._gc_off:
+            self._gc_off = False
+            if self._was_enabled:
+                gc.enable()
+        self._idle_since = None
+
+    def _loop_entered(self) -> None:
+        with self._cond:
+            if not self._gc_off:
+                self._was_enabled = gc.isenabled()
+                gc.disable()
+                self._gc_off = True
+            self._loops += 1
+            self._idle_since = None
+
+    def _loop_exited(self) -> None:
+        now = time.monotonic()
+        if self._periodic and (now - self._last) * 1000.0 >= self._window_ms:
+            self._last = now
+            self.collections += 1
+            gc.collect()  # outside the lock: finalizers may enter workspaces
+        with self._cond:
+            self._loops -= 1
+            if self._loops == 0 and self._gc_off:
+                self._idle_since = now
+                if self._thread is None and not self._closed:
+                    self._thread = threading.Thread(
+                        target=self._restore_when_idle, name="jaxws-gc-window", daemon=True
+                    )
+                    self._thread.start()
+                elif self._waiting_forever:
+                    self._cond.notify()
+
+    def _restore_when_idle(self) -> None:
+        with self._cond:
+            while not self._closed:
+                if self._idle_since is None:
+                    self._waiting_forever = True
+                    self._cond.wait()
+                    self._waiting_forever = False
+                    continue
+                left = self._idle_since + self.idle_restore_ms / 1000.0 - time.monotonic()
+                if left <= 0:
+                    self._restore()
+                else:
+                    self._cond.wait(left)
+
+
+_memory_manager = MemoryManager()
+_local = threading.local()
+
+
+def get_workspace_manager() -> WorkspaceManager:
+    """The calling thread's :class:`WorkspaceManager`."""
+    try:
+        return _local.manager
+    except AttributeError:
+        _local.manager = WorkspaceManager()
+        return _local.manager
+
+
+def get_memory_manager() -> MemoryManager:
+    """The process's :class:`MemoryManager`."""
+    return _memory_manager
+
+
+def print_allocation_statistics_for_current_thread() -> str:
+    """Prints the allocation statistics table of the calling thread's workspaces."""
+    return get_workspace_manager().print_allocation_statistics_for_current_thread()

@@ -1,0 +1,360 @@
+"""``jaxws.jit``: ``jax.jit`` that verifies donation and attaches outputs to workspaces.
+
+Checked once per input signature (at trace time, before anything runs): every donated
+leaf must be reused by an output, or the step would silently hold two copies.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import inspect
+import warnings
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from jaxws.errors import DeletedArrayError, DonationError
+from jaxws.manager import DebugMode, get_workspace_manager
+from jaxws.memory import MemoryPlan, format_bytes, tree_bytes
+from jaxws.workspace import _TAG, stale_error
+
+__all__ = ["jit", "WorkspaceFunction", "DonationWarning", "StepPlan"]
+
+
+class DonationWarning(UserWarning):
+    """A donated leaf cannot be reused (``unusable_donation="warn"``)."""
+
+
+class StepPlan(NamedTuple):
+    """What jaxws learned about a step for one input signature."""
+
+    inherit: tuple[tuple[int, int], ...]  # (output leaf, donated input leaf it reuses)
+    fresh: tuple[int, ...]  # output leaves in new buffers: attached to the active cycle
+    forwarded: tuple[tuple[int, int], ...]  # (output leaf, the non-donated input it returns)
+    out_bytes: int  # bytes of the fresh outputs
+    memory: MemoryPlan | None  # XLA's plan for the donating executable
+
+
+def _leaf_key(x: Any) -> Any:
+    if isinstance(x, jax.Array):
+        return (x.shape, x.dtype, x.weak_type, x.sharding)
+    if isinstance(x, (np.ndarray, np.generic)):
+        return (x.shape, x.dtype)
+    return type(x)
+
+
+def _as_tuple(value: Any) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, (int, str)):
+        return (value,)
+    return tuple(value)
+
+
+class WorkspaceFunction:
+    """A jitted step under jaxws; made by :func:`jaxws.jit`."""
+
+    def __init__(
+        self,
+        fun: Callable,
+        *,
+        donate_argnums: int | Sequence[int] = (),
+        donate_argnames: str | Sequence[str] = (),
+        unusable_donation: str = "raise",
+        **jit_kwargs: Any,
+    ):
+        if unusable_donation not in ("raise", "warn"):
+            raise ValueError(
+                f"jaxws.jit(unusable_donation={unusable_donation!r}): expected 'raise' (the "
+                "default: an undonatable leaf is an error) or 'warn'."
+            )
+        functools.update_wrapper(self, fun)
+        self._fun = fun
+        self._name = getattr(fun, "__name__", "step")
+        self._unusable = unusable_donation
+        self._jit_kwargs = jit_kwargs
+        # None, not (): jax maps names to positions (and back) only for what is left None
+        self._donating = jax.jit(
+            fun,
+            donate_argnums=_as_tuple(donate_argnums) or None,
+            donate_argnames=_as_tuple(donate_argnames) or None,
+            **jit_kwargs,
+        )
+        self._plain_jit: Callable | None = None  # without donation: spills and bypass
+        self._plans: dict[Any, StepPlan] = {}
+        self._plain_keys: set = set()
+        self.compiles = 0
+        self._static_nums, self._static_names = self._resolve_static(fun, jit_kwargs)
+
+    @staticmethod
+    def _resolve_static(fun: Callable, kw: dict) -> tuple[frozenset, frozenset]:
+        nums = set(_as_tuple(kw.get("static_argnums")))
+        names = set(_as_tuple(kw.get("static_argnames")))
+        try:
+            params = list(inspect.signature(fun).parameters.values())
+        except (TypeError, ValueError):
+            return frozenset(nums), frozenset(names)
+        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        nums |= {i for i, n in enumerate(positional) if n in names}
+        names |= {positional[i] for i in nums if 0 <= i < len(positional)}
+        return frozenset(nums), frozenset(names)
+
+    # -- the call --------------------------------------------------------------------------
+
+    def _split(self, args: tuple, kwargs: dict) -> tuple[tuple, Any]:
+        if not (self._static_nums or self._static_names):
+            return (args, kwargs), None
+        n = len(args)
+        nums = {i % n if i < 0 else i for i in self._static_nums if -n <= i < n}
+        dyn_args = tuple(a for i, a in enumerate(args) if i not in nums)
+        dyn_kwargs = {k: v for k, v in kwargs.items() if k not in self._static_names}
+        static = (
+            tuple((i, args[i]) for i in sorted(nums)),
+            tuple(sorted((k, v) for k, v in kwargs.items() if k in self._static_names)),
+        )
+        return (dyn_args, dyn_kwargs), static
+
+    def _leaf_names(self, args: tuple, kwargs: dict) -> list[str]:
+        keystr = jax.tree_util.keystr
+        n = len(args)
+        nums = {i % n if i < 0 else i for i in self._static_nums if -n <= i < n}
+        names = []
+        for i, a in enumerate(args):
+            if i not in nums:
+                names += [f"args[{i}]{keystr(p)}" for p, _ in jax.tree_util.tree_flatten_with_path(a)[0]]
+        for k in sorted(kwargs):
+            if k not in self._static_names:
+                names += [f"{k}{keystr(p)}" for p, _ in jax.tree_util.tree_flatten_with_path(kwargs[k])[0]]
+        return names
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        dyn, static = self._split(args, kwargs)
+        leaves, treedef = jax.tree.flatten(dyn)
+        for i, x in enumerate(leaves):
+            attachment = getattr(x, _TAG, None)
+            if attachment is not None:
+                ws = attachment.workspace
+                if ws._destroyed or attachment.generation <= ws._invalid_through:
+                    raise stale_error(self._name, self._leaf_names(args, kwargs)[i], x)
+        key = (treedef, static, tuple(map(_leaf_key, leaves)))
+        plan = self._plans.get(key)
+        manager = get_workspace_manager()
+        ws = manager.current_workspace
+        if plan is None:
+            plan = self._plans[key] = self._make_plan(args, kwargs, leaves)
+            if ws is not None:
+                ws.compiles += 1
+                if plan.memory is not None:
+                    ws.plans[self._name] = plan.memory
+        debug = manager.debug_mode
+        bypass = debug is DebugMode.BYPASS_EVERYTHING
+        inside = True
+        if ws is not None and not bypass:
+            temp = plan.memory.temp_bytes if plan.memory is not None else 0
+            inside = ws._admit(plan.out_bytes, temp, self._name, debug is DebugMode.SPILL_EVERYTHING)
+        if inside and not bypass:
+            fun = self._donating
+        else:
+            fun = self._plain()
+            if key not in self._plain_keys:
+                self._plain_keys.add(key)
+                self.compiles += 1
+        try:
+            out = fun(*args, **kwargs)
+        except Exception as e:
+            for i, x in enumerate(leaves):
+                if isinstance(x, jax.Array) and x.is_deleted():
+                    name = self._leaf_names(args, kwargs)[i]
+                    raise DeletedArrayError(self._name, name, str(x.aval)) from e
+            raise
+        if bypass:
+            return out
+        out_leaves = jax.tree.leaves(out)
+        for j, i in plan.inherit:
+            attachment = getattr(leaves[i], _TAG, None)
+            if attachment is not None:
+                attachment.workspace._attach(out_leaves[j], attachment.generation)
+        if ws is not None:
+            generation = ws.generation
+            for j in plan.fresh:
+                ws._attach(out_leaves[j], generation)
+            for j, i in plan.forwarded:  # JAX returns the input object itself, or a copy
+                if out_leaves[j] is not leaves[i]:
+                    ws._attach(out_leaves[j], generation)
+        return out
+
+    def _plain(self) -> Callable:
+        if self._plain_jit is None:
+            self._plain_jit = jax.jit(self._fun, **self._jit_kwargs)
+        return self._plain_jit
+
+    # -- once per signature ----------------------------------------------------------------
+
+    def _make_plan(self, args: tuple, kwargs: dict, leaves: list) -> StepPlan:
+        traced = self._donating.trace(*args, **kwargs)
+        infos = jax.tree.leaves(traced.args_info)
+        outs = jax.tree.leaves(traced.out_info)
+        jaxpr = traced.jaxpr.jaxpr
+        if len(infos) != len(leaves) or len(jaxpr.invars) != len(leaves):
+            raise AssertionError(
+                f"jaxws.jit({self._name}): {len(leaves)} input leaves but JAX traced "
+                f"{len(infos)}; please report this with the call's argument structure."
+            )
+        donated = [i for i, info in enumerate(infos) if info.donated]
+        # outputs that are non-donated inputs come back as the same Array object: keep them
+        position = {id(v): i for i, v in enumerate(jaxpr.invars)}
+        forwarded = {
+            j: position[id(v)] for j, v in enumerate(jaxpr.outvars)
+            if id(v) in position and not infos[position[id(v)]].donated
+        }
+        # XLA aliases each output to the first unused donated input of equal shape and dtype
+        free = collections.defaultdict(collections.deque)
+        for i in donated:
+            aval = infos[i]._aval
+            free[(aval.shape, aval.dtype)].append(i)
+        inherit = []
+        for j, out in enumerate(outs):
+            if j not in forwarded and free.get((out.shape, out.dtype)):
+                inherit.append((j, free[(out.shape, out.dtype)].popleft()))
+        unused = sorted(i for queue in free.values() for i in queue)
+        if unused:
+            self._unusable_donation(args, kwargs, infos, outs, unused)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled = traced.lower().compile()
+        self.compiles += 1
+        for w in caught:
+            if str(w.message).startswith("Some donated buffers were not usable") and not unused:
+                self._unusable_sharding(str(w.message).splitlines()[0])
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        memory = MemoryPlan.from_compiled(compiled)
+        reused = sum(tree_bytes(infos[i]._aval) for _, i in inherit)
+        if memory is not None and memory.alias_bytes < reused and not unused:
+            self._unusable_sharding(
+                f"XLA reuses {format_bytes(memory.alias_bytes)} of the {format_bytes(reused)} donated"
+            )
+        fresh_set = set(range(len(outs))) - set(forwarded) - {j for j, _ in inherit}
+        fresh = tuple(sorted(fresh_set))
+        return StepPlan(
+            inherit=tuple(inherit),
+            fresh=fresh,
+            out_bytes=sum(tree_bytes(outs[j]) for j in fresh),
+            forwarded=tuple(sorted(forwarded.items())),
+            memory=memory,
+        )
+
+    def _unusable_sharding(self, what: str) -> None:
+        message = (
+            f"Op [{self._name}]: {what}: some donated buffers match an output's shape and dtype "
+            "but not its sharding or memory layout, so XLA would copy them.\n"
+            "Fix: give the outputs the inputs' shardings (out_shardings= or "
+            "jax.lax.with_sharding_constraint), or stop donating those leaves."
+        )
+        if self._unusable == "raise":
+            raise DonationError(message)
+        warnings.warn(message, DonationWarning, stacklevel=4)
+
+    def _unusable_donation(self, args, kwargs, infos, outs, unused) -> None:
+        names = self._leaf_names(args, kwargs)
+        lines = []
+        for i in unused:
+            aval = infos[i]._aval
+            same_shape = [f"out{j} {o.dtype}{list(o.shape)}" for j, o in enumerate(outs) if o.shape == aval.shape]
+            lines.append(
+                f"  {names[i]}: {aval.str_short()} -> no output of that shape and dtype"
+                + (f" (same shape: {', '.join(same_shape)})" if same_shape else "")
+            )
+        message = (
+            f"Op [{self._name}] cannot reuse {len(unused)} donated buffer(s); XLA would keep "
+            "both the input and the output, silently doubling their memory:\n"
+            + "\n".join(lines)
+            + "\nFix: return each donated leaf with its input's shape and dtype (e.g. "
+            "new.astype(old.dtype): update bf16 params in fp32, store them back as bf16), or "
+            "stop donating it. unusable_donation='warn' accepts the extra copy."
+        )
+        if self._unusable == "raise":
+            raise DonationError(message)
+        warnings.warn(message, DonationWarning, stacklevel=4)
+
+    # -- jax.jit's surface -----------------------------------------------------------------
+
+    def lower(self, *args: Any, **kwargs: Any):
+        """``jax.jit(...).lower`` of the donating step."""
+        return self._donating.lower(*args, **kwargs)
+
+    def trace(self, *args: Any, **kwargs: Any):
+        """``jax.jit(...).trace`` of the donating step."""
+        return self._donating.trace(*args, **kwargs)
+
+    def eval_shape(self, *args: Any, **kwargs: Any):
+        return self._donating.eval_shape(*args, **kwargs)
+
+    def memory_plan(self, *args: Any, **kwargs: Any) -> MemoryPlan | None:
+        """XLA's memory plan of the donating step for these arguments."""
+        return MemoryPlan.from_compiled(self.lower(*args, **kwargs).compile())
+
+    @property
+    def plans(self) -> list[StepPlan]:
+        """The plans made so far, one per input signature."""
+        return list(self._plans.values())
+
+    def __repr__(self) -> str:
+        return f"jaxws.jit({self._name})"
+
+
+def jit(
+    fun: Callable | None = None,
+    *,
+    donate_argnums: int | Sequence[int] = (),
+    donate_argnames: str | Sequence[str] = (),
+    unusable_donation: str = "raise",
+    **jax_jit_kwargs: Any,
+) -> WorkspaceFunction | Callable[[Callable], WorkspaceFunction]:
+    """A drop-in for ``jax.jit`` that keeps workspace discipline.
+
+    * Donated inputs come back in the same buffers; an output that reuses a donated
+      input's buffer inherits that input's workspace attachment (a carry made outside
+      every workspace, or detached, persists across cycles).
+    * Every other output belongs to the innermost open workspace cycle, if any, and dies
+      with it unless detached.
+    * Arrays from ended cycles or destroyed workspaces are refused with
+      LeakedWorkspacePointerError / OutdatedWorkspacePointerError.
+    * Once per input signature, before anything runs, every donated leaf is matched to an
+      output of the same shape and dtype, as XLA does; one that matches none raises
+      DonationError naming the leaf and both avals. No host sync is added per call.
+
+    Args:
+        fun: the step; may be omitted to use ``jit`` as a decorator factory.
+        donate_argnums, donate_argnames: as in ``jax.jit``.
+        unusable_donation: ``"raise"`` (default) or ``"warn"`` for a donated leaf that
+            cannot be reused.
+        **jax_jit_kwargs: passed to ``jax.jit`` (``static_argnums``, shardings, ...).
+
+    Example:
+        >>> import jax.numpy as jnp, jaxws
+        >>> @jaxws.jit(donate_argnums=0)
+        ... def step(w, x):
+        ...     return w - 0.1 * x
+        >>> w = jnp.zeros(3)
+        >>> new_w = step(w, jnp.ones(3))
+        >>> w.is_deleted(), new_w.tolist()
+        (True, [-0.10000000149011612, -0.10000000149011612, -0.10000000149011612])
+    """
+    if fun is None:
+        return functools.partial(
+            jit,
+            donate_argnums=donate_argnums,
+            donate_argnames=donate_argnames,
+            unusable_donation=unusable_donation,
+            **jax_jit_kwargs,
+        )
+    return WorkspaceFunction(
+        fun,
+        donate_argnums=donate_argnums,
+        donate_argnames=donate_argnames,
+        unusable_donation=unusable_donation,
+        **jax_jit_kwargs,
+    )

@@ -1,0 +1,514 @@
+"""Workspaces: cycles that own the arrays made in them, and invalidate them at the end.
+
+A workspace is a host-side object. Arrays returned by jaxws entry points inside a cycle are
+attached to it (a tag on the array) and deleted when the cycle ends, unless detached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxws.configuration import (
+    LearningPolicy,
+    ResetPolicy,
+    SpillPolicy,
+    WorkspaceConfiguration,
+)
+from jaxws.errors import (
+    DeletedArrayError,
+    LeakedWorkspacePointerError,
+    OutdatedWorkspacePointerError,
+    WorkspaceError,
+    WorkspaceFullError,
+)
+
+if TYPE_CHECKING:
+    from jaxws.manager import WorkspaceManager
+    from jaxws.memory import MemoryPlan
+
+__all__ = [
+    "Workspace",
+    "WorkspaceStatistics",
+    "detach",
+    "leverage_to",
+    "is_attached",
+    "check_arrays",
+]
+
+_TAG = "_jaxws_attachment"  # attribute set on every attached jax.Array
+
+
+class _Attachment:
+    """Which workspace cycle an array belongs to."""
+
+    __slots__ = ("workspace", "generation")
+
+    def __init__(self, workspace: Workspace, generation: int):
+        self.workspace = workspace
+        self.generation = generation
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkspaceStatistics:
+    """What a workspace owns and has needed; one row of the allocation statistics."""
+
+    id: str
+    cycles: int
+    generation: int
+    current_size: int
+    peak_size: int
+    spilled_bytes: int
+    spills: int
+    reallocations: int
+    live_arrays: int
+    live_bytes: int
+    compiles: int
+    capacities: dict[str, int]
+    plans: dict[str, MemoryPlan]
+
+
+class Workspace:
+    """A cyclic memory scope; ``with ws:`` is one cycle.
+
+    Arrays that jaxws entry points return inside a cycle belong to it. When the cycle
+    ends they are deleted at once (``ResetPolicy.BLOCK_LEFT``) or after ``steps_number``
+    cycles (``ResetPolicy.ENDOFBUFFER_REACHED``), unless detached. Buffers donated to a
+    step keep their attachment: a carry created outside every workspace (or detached)
+    persists across cycles in the same memory.
+
+    Workspaces are made by the thread's manager and belong to that thread.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxws
+        >>> step = jaxws.jit(lambda p, x: (p - 0.1 * x, (p * x).sum()), donate_argnums=0)
+        >>> params = jnp.ones(4)
+        >>> ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="DOC")
+        >>> for _ in range(3):
+        ...     with ws:
+        ...         params, loss = step(params, jnp.ones(4))
+        ...         kept = jaxws.detach(loss)
+        >>> loss.is_deleted(), round(float(kept), 4), ws.cycles
+        (True, 3.2, 3)
+    """
+
+    def __init__(self, manager: WorkspaceManager, config: WorkspaceConfiguration, id: str):
+        self.id = id
+        self.config = config
+        self._manager = manager
+        self._owner = threading.get_ident()
+        self.generation = 0  # cycles entered; arrays are tagged with it
+        self.cycles = 0  # cycles completed
+        self._depth = 0
+        self._pending_activation = False
+        self._invalid_through = 0  # arrays of generations <= this are invalid
+        self._destroyed = False
+        self._arrays: dict[int, list[weakref.ref]] = {}
+        self.current_size = config.initial_size
+        self._initialized = config.policy_learning is LearningPolicy.NONE
+        self._learned = 0
+        self.peak_size = 0
+        self.spilled_bytes = 0
+        self.spills = 0
+        self.reallocations = 0
+        self.compiles = 0
+        self.plans: dict[str, MemoryPlan] = {}
+        self.capacities: dict[str, int] = {}
+        self._cycle_out = 0  # bytes of outputs made inside the workspace this cycle
+        self._cycle_temp = 0  # largest working memory of a step this cycle
+        self._cycle_need = 0  # what the cycle needed, spilled calls included
+        self._grow_to = 0
+
+    # -- scope -----------------------------------------------------------------------------
+
+    @property
+    def is_scope_active(self) -> bool:
+        """True inside a cycle."""
+        return self._depth > 0
+
+    @property
+    def is_destroyed(self) -> bool:
+        return self._destroyed
+
+    def activate(self) -> Workspace:
+        """Enters a cycle without ``with``; :meth:`close` ends it.
+
+        ``with manager.get_and_activate_workspace(...) as ws:`` uses this: the ``with``
+        statement then owns the cycle that activation opened.
+        """
+        self._enter()
+        self._pending_activation = True
+        return self
+
+    def close(self) -> None:
+        """Leaves one scope level; leaving the outermost one ends the cycle."""
+        self._pending_activation = False
+        self._exit()
+
+    def __enter__(self) -> Workspace:
+        if self._pending_activation:
+            self._pending_activation = False  # the cycle activate() opened
+        else:
+            self._enter()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._exit()
+
+    def _enter(self) -> None:
+        self._check_thread("enter")
+        if self._destroyed:
+            raise WorkspaceError(
+                f"Workspace [{self.id}] was destroyed; get a new one with "
+                "get_workspace_manager().get_workspace_for_current_thread(conf, id)."
+            )
+        self._depth += 1
+        if self._depth == 1:  # re-entering an active workspace nests, as ND4J does
+            self.generation += 1
+            self._manager._scope_entered(self)
+
+    def _exit(self) -> None:
+        self._check_thread("close")
+        if self._depth == 0:
+            raise WorkspaceError(
+                f"Workspace [{self.id}] was closed more often than it was entered."
+            )
+        self._depth -= 1
+        if self._depth == 0:
+            self._end_cycle()
+            self._manager._scope_left(self)
+
+    def _end_cycle(self) -> None:
+        if self.config.policy_reset is ResetPolicy.BLOCK_LEFT:
+            self._invalidate_through(self.generation)
+        else:
+            self._invalidate_through(self.generation - self.config.steps_number + 1)
+        self.peak_size = max(self.peak_size, self._cycle_need)
+        self.cycles += 1
+        if not self._initialized:
+            self._learned = max(self._learned, self._cycle_need)
+            if self.cycles >= self.config.learning_cycles:
+                self.current_size = max(self.current_size, self.config.round_up(self._learned))
+                self._initialized = True
+        if self._grow_to:
+            self.current_size = max(self.current_size, self.config.round_up(self._grow_to))
+            self.reallocations += 1
+        self._cycle_out = self._cycle_temp = self._cycle_need = self._grow_to = 0
+
+    def _invalidate_through(self, generation: int) -> None:
+        for g in range(self._invalid_through + 1, generation + 1):
+            for ref in self._arrays.pop(g, ()):
+                array = ref()
+                if array is None or array.is_deleted():
+                    continue
+                attachment = getattr(array, _TAG)
+                # leverage_to may have moved it to another workspace or a later cycle
+                if attachment.workspace is self and attachment.generation == g:
+                    array.delete()
+        self._invalid_through = max(self._invalid_through, generation)
+
+    def _destroy(self) -> None:
+        self._invalidate_through(self.generation)
+        self._depth = 0
+        self._pending_activation = False
+        self._destroyed = True
+
+    def _check_thread(self, what: str) -> None:
+        if threading.get_ident() != self._owner:
+            raise WorkspaceError(
+                f"Workspace [{self.id}] belongs to thread {self._owner}; thread "
+                f"{threading.get_ident()} tried to {what} it. Workspaces are confined to the "
+                "thread that made them: get one for this thread with "
+                "jaxws.get_workspace_manager().get_workspace_for_current_thread(conf, id)."
+            )
+
+    # -- arrays ----------------------------------------------------------------------------
+
+    def _attach(self, array: jax.Array, generation: int) -> None:
+        setattr(array, _TAG, _Attachment(self, generation))
+        self._arrays.setdefault(generation, []).append(weakref.ref(array))
+
+    def live_arrays(self) -> list[jax.Array]:
+        """The arrays this workspace owns that are still alive."""
+        live = (ref() for refs in self._arrays.values() for ref in refs)
+        found = {id(a): a for a in live if a is not None and not a.is_deleted()}
+        return [a for a in found.values() if getattr(a, _TAG).workspace is self]
+
+    def live_bytes(self) -> int:
+        """Bytes of the arrays this workspace owns that are still alive."""
+        return sum(a.nbytes for a in self.live_arrays())
+
+    # -- sizes and capacities --------------------------------------------------------------
+
+    def _admit(self, out_bytes: int, temp_bytes: int, what: str, spill_all: bool) -> bool:
+        """Decides whether a step runs inside the workspace (donating) or spills."""
+        need = self._cycle_out + out_bytes + max(self._cycle_temp, temp_bytes)
+        self._cycle_need = max(self._cycle_need, need)
+        inside = not spill_all
+        if inside and self._initialized and need > self.current_size:
+            policy = self.config.policy_spill
+            if policy is SpillPolicy.FAIL:
+                raise WorkspaceFullError(self.id, what, need, self.current_size, "bytes")
+            inside = False
+            if policy is SpillPolicy.REALLOCATE:
+                self._grow_to = max(self._grow_to, need)
+        if inside:
+            self._cycle_out += out_bytes
+            self._cycle_temp = max(self._cycle_temp, temp_bytes)
+        else:
+            self.spills += 1
+            self.spilled_bytes += out_bytes + temp_bytes
+        return inside
+
+    def pad(self, tree: Any, axis: int, *, name: str | None = None, fill: Any = 0):
+        """Pads a dynamic axis to the workspace's capacity, so steps do not recompile.
+
+        The capacity of ``name`` (default ``"axis<axis>"``) is learned from the first
+        length seen and rounded up by the allocation policy (OVERALLOCATE with limit 1.0
+        doubles it). While learning, a longer input grows the capacity; afterwards the
+        spill policy applies: EXTERNAL pads nothing and counts the bytes as spilled,
+        REALLOCATE grows the capacity to hold it (one recompile downstream), FAIL raises.
+
+        Args:
+            tree: arrays (numpy or JAX) that share the length of ``axis``.
+            axis: the dynamic axis.
+            name: the capacity's name; arrays padded under one name share it.
+            fill: the padding value.
+
+        Returns:
+            ``(padded_tree, mask)``: the mask is boolean, shaped like the first leaf up to
+            and including ``axis``, True where data is real.
+
+        Raises:
+            WorkspaceFullError: the input is longer than the capacity under FAIL.
+            ValueError: the leaves disagree on the axis length.
+
+        Example:
+            >>> import numpy as np, jaxws
+            >>> ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="PAD")
+            >>> with ws:
+            ...     x, mask = ws.pad(np.ones((2, 3)), axis=1)
+            >>> x.shape, mask.sum(axis=1).tolist(), ws.capacities
+            ((2, 4), [3, 3], {'axis1': 4})
+        """
+        self._check_thread("pad with")
+        leaves, treedef = jax.tree.flatten(tree)
+        if not leaves:
+            raise ValueError(f"Workspace.pad(tree={tree!r}): no arrays to pad.")
+        lengths = {np.shape(x)[axis] for x in leaves}
+        if len(lengths) != 1:
+            raise ValueError(
+                f"Workspace.pad(axis={axis}): the arrays disagree on the axis length "
+                f"({sorted(lengths)}); pad arrays of one length together."
+            )
+        length = lengths.pop()
+        name = name or f"axis{axis}"
+        capacity = self._capacity_for(name, length, leaves)
+        padded = [_pad_to(x, axis, capacity, fill) for x in leaves]
+        first = leaves[0]
+        lead = np.shape(first)[: axis % np.ndim(first)]
+        mask = np.broadcast_to(np.arange(capacity) < length, (*lead, capacity))
+        return jax.tree.unflatten(treedef, padded), mask
+
+    def _capacity_for(self, name: str, length: int, leaves: list) -> int:
+        capacity = self.capacities.get(name)
+        if capacity is None or (not self._initialized and length > capacity):
+            capacity = self.capacities[name] = self.config.allocate(length)
+        elif length > capacity:
+            policy = self.config.policy_spill
+            if policy is SpillPolicy.FAIL:
+                raise WorkspaceFullError(self.id, f"axis {name!r}", length, capacity, "elements")
+            if policy is SpillPolicy.EXTERNAL:
+                self.spills += 1
+                self.spilled_bytes += sum(int(np.size(x)) * np.dtype(x.dtype).itemsize for x in leaves)
+                return length
+            capacity = self.capacities[name] = self.config.allocate(length)
+            self.reallocations += 1
+        return capacity
+
+    def statistics(self) -> WorkspaceStatistics:
+        """A snapshot of what the workspace owns and has needed."""
+        live = self.live_arrays()
+        return WorkspaceStatistics(
+            id=self.id,
+            cycles=self.cycles,
+            generation=self.generation,
+            current_size=self.current_size,
+            peak_size=self.peak_size,
+            spilled_bytes=self.spilled_bytes,
+            spills=self.spills,
+            reallocations=self.reallocations,
+            live_arrays=len(live),
+            live_bytes=sum(a.nbytes for a in live),
+            compiles=self.compiles,
+            capacities=dict(self.capacities),
+            plans=dict(self.plans),
+        )
+
+    def __repr__(self) -> str:
+        state = "destroyed" if self._destroyed else "active" if self._depth else "closed"
+        return f"Workspace(id={self.id!r}, generation={self.generation}, {state})"
+
+
+def _pad_to(x, axis: int, capacity: int, fill):
+    extra = capacity - np.shape(x)[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * np.ndim(x)
+    widths[axis] = (0, extra)
+    if isinstance(x, jax.Array):
+        return jnp.pad(x, widths, constant_values=fill)
+    return np.pad(np.asarray(x), widths, constant_values=fill)
+
+
+# -- checks at every entry point -------------------------------------------------------------
+
+
+def stale_error(op: str, arg: str, array: Any) -> WorkspaceError | None:
+    """The error to raise if ``array`` may not be used any more, else None."""
+    attachment = getattr(array, _TAG, None)
+    if attachment is None:
+        if isinstance(array, jax.Array) and array.is_deleted():
+            return DeletedArrayError(op, arg, str(array.aval))
+        return None
+    ws, generation = attachment.workspace, attachment.generation
+    if not ws._destroyed and generation > ws._invalid_through:
+        return None
+    opened = ws._manager.open_workspace_ids()
+    if ws._destroyed:
+        return LeakedWorkspacePointerError(
+            op, arg, ws.id, generation, ws.generation, "the workspace was destroyed", opened
+        )
+    if generation == ws.generation and not ws.is_scope_active:
+        return LeakedWorkspacePointerError(
+            op, arg, ws.id, generation, ws.generation,
+            "its cycle ended and the workspace is closed", opened,
+        )
+    return OutdatedWorkspacePointerError(
+        op, arg, ws.id, generation, ws.generation,
+        "its cycle ended and the array was invalidated", opened,
+    )
+
+
+def check_arrays(op: str, tree: Any, prefix: str = "") -> None:
+    """Raises if any array in ``tree`` is leaked, outdated or deleted.
+
+    Args:
+        op: the operation's name, for the message.
+        tree: any pytree; non-array leaves are ignored.
+        prefix: what the tree is called, for the argument path (``"args"``).
+
+    Raises:
+        LeakedWorkspacePointerError, OutdatedWorkspacePointerError, DeletedArrayError.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        error = stale_error(op, prefix + jax.tree_util.keystr(path), leaf)
+        if error is not None:
+            raise error
+
+
+def is_attached(x: Any) -> bool:
+    """True if ``x`` belongs to a workspace cycle (and so dies with it).
+
+    Example:
+        >>> import jax.numpy as jnp, jaxws
+        >>> jaxws.is_attached(jnp.ones(2))
+        False
+    """
+    return getattr(x, _TAG, None) is not None
+
+
+_copy_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+
+def detach(tree: Any) -> Any:
+    """An independent copy of ``tree`` that belongs to no workspace and outlives them all.
+
+    JAX arrays are copied into fresh buffers (one dispatch for the whole tree, shardings
+    kept); numpy arrays are copied; other leaves are returned as they are.
+
+    Raises:
+        LeakedWorkspacePointerError, OutdatedWorkspacePointerError: a leaf is already invalid.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxws
+        >>> ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="DETACH")
+        >>> double = jaxws.jit(lambda x: 2 * x)
+        >>> with ws:
+        ...     y = jaxws.detach(double(jnp.ones(2)))
+        >>> y.tolist(), jaxws.is_attached(y)
+        ([2.0, 2.0], False)
+    """
+    check_arrays("detach", tree, "tree")
+    leaves, treedef = jax.tree.flatten(tree)
+    device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+    copies = _copy_tree([leaves[i] for i in device]) if device else []
+    for i, copy in zip(device, copies):
+        leaves[i] = copy
+    leaves = [np.array(x, copy=True) if isinstance(x, np.ndarray) else x for x in leaves]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def leverage_to(target: Workspace | str, tree: Any) -> Any:
+    """Moves the arrays of ``tree`` into ``target``'s current cycle (DL4J ``leverageTo``).
+
+    Arrays attached to a workspace are re-registered with ``target``, so they live as long
+    as its current cycle; nothing is copied. Arrays attached to no workspace are returned
+    as they are (they already outlive every workspace, as in ND4J); numpy and other host
+    leaves are put on the device and attached.
+
+    Args:
+        target: an open workspace of this thread, or its id.
+        tree: arrays to move.
+
+    Returns:
+        ``tree``, its device arrays now owned by ``target``.
+
+    Raises:
+        WorkspaceError: ``target`` is not open on this thread.
+        LeakedWorkspacePointerError, OutdatedWorkspacePointerError: a leaf is already invalid.
+
+    Example:
+        >>> import jax.numpy as jnp, jaxws
+        >>> mgr = jaxws.get_workspace_manager()
+        >>> outer = mgr.get_workspace_for_current_thread(id="OUTER")
+        >>> inner = mgr.get_workspace_for_current_thread(id="INNER")
+        >>> double = jaxws.jit(lambda x: 2 * x)
+        >>> with outer:
+        ...     with inner:
+        ...         y = jaxws.leverage_to("OUTER", double(jnp.ones(2)))
+        ...     print(y.tolist())
+        [2.0, 2.0]
+    """
+    from jaxws.manager import get_workspace_manager
+
+    manager = get_workspace_manager()
+    ws = manager.workspace(target) if isinstance(target, str) else target
+    if not isinstance(ws, Workspace):
+        raise TypeError(f"leverage_to(target={target!r}): expected a Workspace or its id.")
+    ws._check_thread("leverage arrays to")
+    if not ws.is_scope_active:
+        raise WorkspaceError(
+            f"leverage_to(target=[{ws.id}]): the workspace is not open. Leverage inside its "
+            f"`with` block, or keep the arrays with jaxws.detach(tree)."
+        )
+    check_arrays("leverage_to", tree, "tree")
+
+    def move(x):
+        if isinstance(x, jax.Array):
+            if getattr(x, _TAG, None) is not None:
+                ws._attach(x, ws.generation)
+            return x
+        if isinstance(x, np.ndarray):
+            y = jax.device_put(x)
+            ws._attach(y, ws.generation)
+            return y
+        return x
+
+    return jax.tree.map(move, tree)

@@ -1,0 +1,48 @@
+"""Shared fixtures: 8 virtual CPU devices, a fresh workspace manager per test."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+import jaxws  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _clean_workspaces():
+    """Each test starts and ends with no workspaces on the main thread."""
+    manager = jaxws.get_workspace_manager()
+    manager.destroy_all_workspaces_for_current_thread()
+    yield
+    manager.destroy_all_workspaces_for_current_thread()
+    manager.debug_mode = jaxws.DebugMode.DISABLED
+    assert gc.isenabled(), "a workspace loop left Python's gc disabled"
+
+
+class CompileCounter:
+    """Counts XLA backend compiles through jax.monitoring (independent of jaxws)."""
+
+    def __init__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, name, duration, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+    def close(self):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+@pytest.fixture
+def compiles():
+    counter = CompileCounter()
+    yield counter
+    counter.close()

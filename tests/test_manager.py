@@ -1,0 +1,149 @@
+"""Managers: destroy, statistics, gc window."""
+
+import gc
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jaxws
+
+double = jaxws.jit(lambda x: 2.0 * x)
+
+
+def test_destroy_all_returns_live_bytes_to_the_baseline():
+    mgr = jaxws.get_workspace_manager()
+    conf = jaxws.WorkspaceConfiguration(policy_reset=jaxws.ResetPolicy.ENDOFBUFFER_REACHED,
+                                        steps_number=50)
+    x = jnp.ones(1 << 16)
+    baseline = jaxws.memory.live_bytes()
+    held = []  # the user still holds every output: only destroy frees them
+    for id in ("A", "B"):
+        ws = mgr.get_workspace_for_current_thread(conf, id)
+        for _ in range(10):
+            with ws:
+                held.append(double(x))
+    assert jaxws.memory.live_bytes() == baseline + 20 * x.nbytes
+    assert jaxws.memory.live_bytes_by_workspace() == {"A": 10 * x.nbytes, "B": 10 * x.nbytes}
+    mgr.destroy_all_workspaces_for_current_thread()
+    assert jaxws.memory.live_bytes() == baseline
+    assert all(a.is_deleted() for a in held)
+    assert mgr.allocation_statistics() == []
+
+
+def test_destroying_an_open_workspace_closes_it():
+    mgr = jaxws.get_workspace_manager()
+    ws = mgr.get_workspace_for_current_thread(id="OPEN")
+    ws.__enter__()
+    y = double(jnp.ones(2))
+    mgr.destroy_workspace(ws)
+    assert y.is_deleted() and mgr.current_workspace is None and gc.isenabled()
+    mgr.destroy_workspace(ws)  # idempotent
+
+
+def test_same_id_with_another_configuration_is_refused():
+    mgr = jaxws.get_workspace_manager()
+    mgr.get_workspace_for_current_thread(jaxws.WorkspaceConfiguration(), "X")
+    assert mgr.get_workspace_for_current_thread(None, "X").id == "X"
+    with pytest.raises(jaxws.WorkspaceError, match="already exists"):
+        mgr.get_workspace_for_current_thread(jaxws.WorkspaceConfiguration(min_size=1), "X")
+
+
+def test_allocation_statistics_table(capsys):
+    mgr = jaxws.get_workspace_manager()
+    with mgr.get_and_activate_workspace(id="STATS") as ws:
+        double(jnp.ones(64))
+    (stats,) = mgr.allocation_statistics()
+    assert stats.id == "STATS" and stats.cycles == 1 and stats.compiles in (0, 1)
+    assert stats.peak_size >= 256
+    text = jaxws.print_allocation_statistics_for_current_thread()
+    assert "STATS" in capsys.readouterr().out and "peak" in text
+
+
+def _run_cycles(seconds):
+    ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="GC")
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        with ws:
+            assert not gc.isenabled()
+            junk = [[] for _ in range(100)]
+            for j in junk:
+                j.append(j)  # cyclic garbage that would trigger automatic gc
+
+
+@pytest.fixture
+def gc_starts():
+    starts = []
+
+    def callback(phase, info):
+        if phase == "start":
+            starts.append(time.monotonic())
+
+    gc.callbacks.append(callback)
+    memory = jaxws.get_memory_manager()
+    window, periodic = memory.auto_gc_window, memory.periodic_gc_enabled
+    yield starts
+    gc.callbacks.remove(callback)
+    memory.set_auto_gc_window(window)
+    memory.toggle_periodic_gc(periodic)
+
+
+def test_gc_window_allows_one_collection_per_window(gc_starts):
+    memory = jaxws.get_memory_manager()
+    memory.set_auto_gc_window(100)
+    memory.toggle_periodic_gc(True)
+    _run_cycles(0.55)
+    assert 3 <= len(gc_starts) <= 7  # ~0.55 s / 100 ms, and never automatic
+    gaps = [b - a for a, b in zip(gc_starts, gc_starts[1:])]
+    assert min(gaps) >= 0.099
+    assert not gc.isenabled()  # between cycles of the loop too
+    time.sleep(memory.idle_restore_ms / 1000 + 0.3)
+    assert gc.isenabled()  # the loop ended: restored by the jaxws-gc-window thread
+    assert any(t.name == "jaxws-gc-window" and t.daemon for t in threading.enumerate())
+
+
+def test_periodic_gc_off_means_no_collection_in_the_loop(gc_starts):
+    memory = jaxws.get_memory_manager()
+    memory.toggle_periodic_gc(False)
+    _run_cycles(0.2)
+    assert gc_starts == []
+
+
+def test_gc_state_before_the_loop_is_restored(gc_starts):
+    gc.disable()
+    try:
+        _run_cycles(0.01)
+        jaxws.get_memory_manager().end_loop()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    _run_cycles(0.01)
+    jaxws.get_memory_manager().end_loop()
+    assert gc.isenabled()
+
+
+def test_memory_manager_close_joins_its_thread():
+    memory = jaxws.MemoryManager(idle_restore_ms=10_000)
+    memory._loop_entered()
+    memory._loop_exited()
+    assert not gc.isenabled() and memory._thread.is_alive()
+    memory.close()
+    memory.close()
+    assert gc.isenabled() and memory._thread is None
+
+
+def test_bad_gc_window():
+    with pytest.raises(ValueError, match="ms=-5"):
+        jaxws.get_memory_manager().set_auto_gc_window(-5)
+
+
+def test_memory_plan_and_device_stats():
+    plan = jaxws.memory.compiled_plan(jax.jit(lambda x: x + 1, donate_argnums=0), jnp.ones(256))
+    assert plan.alias_bytes == 1024 and plan.peak_bytes == plan.argument_bytes + plan.output_bytes + plan.temp_bytes - 1024
+    assert "alias 1.0 KiB" in str(plan)
+    assert jaxws.memory.device_memory_stats() is None  # CPU
+    assert jaxws.memory.peak_bytes_in_use() is None
+    assert jaxws.memory.tree_bytes({"a": jnp.ones(3), "b": 1}) == 12
+    assert jaxws.memory.format_bytes(1536) == "1.5 KiB"
