@@ -5,6 +5,7 @@ detached, and loud errors on misuse.
 """
 
 from jaxws import memory
+from jaxws.nn.modes import WorkspaceMode
 from jaxws.configuration import AllocationPolicy
 from jaxws.configuration import LearningPolicy
 from jaxws.configuration import ResetPolicy
@@ -34,6 +35,9 @@ from jaxws.workspace import detach
 from jaxws.workspace import is_attached
 from jaxws.workspace import leverage_to
 
+from jaxws import data  # noqa: E402  (subpackages, after the core they build on)
+from jaxws import nn  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -55,6 +59,7 @@ __all__ = [
     "WorkspaceFullError",
     "WorkspaceFunction",
     "WorkspaceManager",
+    "WorkspaceMode",
     "WorkspaceStatistics",
     "WorkspaceValidationError",
     "check_arrays",
@@ -65,5 +70,7 @@ __all__ = [
     "jit",
     "leverage_to",
     "memory",
+    "nn",
+    "data",
     "print_allocation_statistics_for_current_thread",
 ]

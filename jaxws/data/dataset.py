@@ -1,0 +1,121 @@
+"""DataSet and MultiDataSet: features, labels and their masks, as registered pytrees.
+
+They pass through jit, donation and device_put like any pytree; ``merge`` pads
+variable-length sequences and builds their masks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+__all__ = ["DataSet", "MultiDataSet"]
+
+
+def _pad_stack(arrays: Sequence[Any], with_mask: bool):
+    """Concatenates along axis 0, padding axis 1 to the longest; mask [n, time] if asked."""
+    arrays = [np.asarray(a) for a in arrays]
+    if arrays[0].ndim < 2 or len({a.shape[1] for a in arrays}) == 1:
+        return np.concatenate(arrays), None
+    longest = max(a.shape[1] for a in arrays)
+    padded, masks = [], []
+    for a in arrays:
+        widths = [(0, 0)] * a.ndim
+        widths[1] = (0, longest - a.shape[1])
+        padded.append(np.pad(a, widths))
+        masks.append(np.broadcast_to(np.arange(longest) < a.shape[1], (a.shape[0], longest)))
+    return np.concatenate(padded), (np.concatenate(masks).astype(np.float32) if with_mask else None)
+
+
+def _merge_masks(sets, field: str, data_field: str, built):
+    masks = [getattr(s, field) for s in sets]
+    if all(m is None for m in masks):
+        return built
+    longest = max(np.shape(getattr(s, data_field))[1] for s in sets)
+    full = []
+    for s, m in zip(sets, masks):
+        n, t = np.shape(getattr(s, data_field))[:2]
+        m = np.ones((n, t), np.float32) if m is None else np.asarray(m, np.float32)
+        full.append(np.pad(m, [(0, 0), (0, longest - t)]))
+    return np.concatenate(full)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DataSet:
+    """Features and labels of a batch, with optional masks (1 = real data).
+
+    Sequences are ``[batch, time, features]``, their masks ``[batch, time]``.
+
+    Example:
+        >>> import numpy as np
+        >>> from jaxws.data import DataSet
+        >>> a = DataSet(np.ones((2, 3, 1)), np.ones((2, 3, 1)))
+        >>> b = DataSet(np.ones((1, 5, 1)), np.ones((1, 5, 1)))
+        >>> m = DataSet.merge([a, b])
+        >>> m.features.shape, m.features_mask.sum(axis=1).tolist()
+        ((3, 5, 1), [3.0, 3.0, 5.0])
+    """
+
+    features: Any
+    labels: Any = None
+    features_mask: Any = None
+    labels_mask: Any = None
+
+    @property
+    def num_examples(self) -> int:
+        return int(np.shape(self.features)[0])
+
+    def detach(self) -> DataSet:
+        """An independent copy that outlives every workspace (and async ring)."""
+        from jaxws.workspace import detach
+
+        return detach(self)
+
+    def split(self, n: int) -> list[DataSet]:
+        """Batches of ``n`` examples each (the last may be smaller)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"DataSet.split(n={n!r}): expected an int >= 1 (examples per batch).")
+        total = self.num_examples
+        return [jax.tree.map(lambda a, i=i: a[i : i + n], self) for i in range(0, total, n)]
+
+    @staticmethod
+    def merge(sets: Sequence[DataSet]) -> DataSet:
+        """One DataSet of all ``sets``; sequences of different lengths are padded, with masks."""
+        sets = list(sets)
+        if not sets:
+            raise ValueError("DataSet.merge([]): nothing to merge.")
+        features, fmask = _pad_stack([s.features for s in sets], True)
+        labels, lmask = (None, None) if sets[0].labels is None else _pad_stack([s.labels for s in sets], True)
+        fmask = _merge_masks(sets, "features_mask", "features", fmask)
+        if labels is not None:
+            lmask = _merge_masks(sets, "labels_mask", "labels", lmask)
+        return DataSet(features, labels, fmask, lmask)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MultiDataSet:
+    """Several feature and label arrays (and masks) of one batch."""
+
+    features: tuple
+    labels: tuple = ()
+    features_masks: Any = None
+    labels_masks: Any = None
+
+    @property
+    def num_examples(self) -> int:
+        return int(np.shape(self.features[0])[0])
+
+    def detach(self) -> MultiDataSet:
+        from jaxws.workspace import detach
+
+        return detach(self)
+
+    def split(self, n: int) -> list[MultiDataSet]:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"MultiDataSet.split(n={n!r}): expected an int >= 1.")
+        return [jax.tree.map(lambda a, i=i: a[i : i + n], self) for i in range(0, self.num_examples, n)]

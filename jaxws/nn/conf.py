@@ -1,0 +1,143 @@
+"""NeuralNetConfiguration and its DL4J-style fluent builder.
+
+A keyword-only, validated dataclass; the builder has one method per field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import optax
+
+from jaxws.nn.layers import BaseOutputLayer, Layer
+from jaxws.nn.modes import WorkspaceMode
+
+__all__ = ["NeuralNetConfiguration"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NeuralNetConfiguration:
+    """What a MultiLayerNetwork is made of and how it uses memory.
+
+    Args:
+        layers: the layers, input to output; the last is an OutputLayer or RnnOutputLayer.
+        input_shape: the per-example input shape (no batch axis); ``None`` marks a dynamic
+            axis, e.g. ``(None, 8)`` for sequences of any length with 8 features.
+        seed: seeds parameter initialisation (and dropout).
+        updater: an optax GradientTransformation (default ``optax.adam(1e-3)``).
+        training_workspace_mode, inference_workspace_mode: see :class:`WorkspaceMode`.
+        offload_activations: in SEPARATE mode, keep the saved ACTIVATIONS in pinned host
+            memory (where the backend has that memory kind) instead of on the device.
+
+    Example:
+        >>> import optax
+        >>> from jaxws.nn import NeuralNetConfiguration, Dense, OutputLayer
+        >>> from jaxws import WorkspaceMode
+        >>> conf = (NeuralNetConfiguration.builder()
+        ...         .seed(42).updater(optax.sgd(0.1)).input_shape(4)
+        ...         .training_workspace_mode(WorkspaceMode.SEPARATE)
+        ...         .inference_workspace_mode(WorkspaceMode.SINGLE)
+        ...         .list(Dense(8, activation="relu"), OutputLayer(3))
+        ...         .build())
+        >>> len(conf.layers), conf.input_shape
+        (2, (4,))
+    """
+
+    layers: tuple[Layer, ...]
+    input_shape: tuple[int | None, ...]
+    seed: int = 0
+    updater: optax.GradientTransformation = dataclasses.field(default_factory=lambda: optax.adam(1e-3))
+    training_workspace_mode: WorkspaceMode = WorkspaceMode.ENABLED
+    inference_workspace_mode: WorkspaceMode = WorkspaceMode.ENABLED
+    offload_activations: bool = False
+
+    def __post_init__(self):
+        layers = tuple(self.layers) if isinstance(self.layers, (list, tuple)) else self.layers
+        if not isinstance(layers, tuple) or not layers:
+            raise ValueError(
+                f"NeuralNetConfiguration(layers={self.layers!r}): expected a non-empty list of "
+                "layers, e.g. layers=[Dense(64, activation='relu'), OutputLayer(10)]."
+            )
+        for i, layer in enumerate(layers):
+            if not (hasattr(layer, "init") and hasattr(layer, "activate")):
+                raise TypeError(
+                    f"NeuralNetConfiguration: layers[{i}]={layer!r} is not a layer (it needs "
+                    "init(key, input_shape) and activate(params, state, x, training, mgr))."
+                )
+        if not isinstance(layers[-1], BaseOutputLayer):
+            raise ValueError(
+                f"NeuralNetConfiguration: the last layer is {type(layers[-1]).__name__}; a "
+                "network trains against an OutputLayer or RnnOutputLayer, put one last."
+            )
+        object.__setattr__(self, "layers", layers)
+        shape = (self.input_shape,) if isinstance(self.input_shape, int) else self.input_shape
+        if (
+            not isinstance(shape, (tuple, list)) or not shape
+            or not all(d is None or (isinstance(d, int) and d > 0) for d in shape)
+        ):
+            raise ValueError(
+                f"NeuralNetConfiguration(input_shape={self.input_shape!r}): expected the "
+                "per-example shape without the batch axis, e.g. (64,) or (None, 8) for "
+                "sequences of any length."
+            )
+        object.__setattr__(self, "input_shape", tuple(shape))
+        for name in ("training_workspace_mode", "inference_workspace_mode"):
+            if not isinstance(getattr(self, name), WorkspaceMode):
+                raise ValueError(
+                    f"NeuralNetConfiguration({name}={getattr(self, name)!r}): expected "
+                    "WorkspaceMode.NONE, ENABLED, SINGLE or SEPARATE."
+                )
+        if not (hasattr(self.updater, "init") and hasattr(self.updater, "update")):
+            raise TypeError(
+                f"NeuralNetConfiguration(updater={self.updater!r}): expected an optax "
+                "GradientTransformation, e.g. optax.adam(1e-3)."
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"NeuralNetConfiguration(seed={self.seed!r}): expected an int.")
+
+    @staticmethod
+    def builder() -> Builder:
+        """A DL4J-style fluent builder."""
+        return Builder()
+
+
+class Builder:
+    """``NeuralNetConfiguration.builder().seed(1)....list(...).build()``, as in DL4J."""
+
+    def __init__(self):
+        self._fields: dict[str, Any] = {}
+        self._layers: list[Layer] = []
+
+    def _set(self, name: str, value: Any) -> Builder:
+        self._fields[name] = value
+        return self
+
+    def seed(self, seed: int) -> Builder:
+        return self._set("seed", seed)
+
+    def updater(self, updater: optax.GradientTransformation) -> Builder:
+        return self._set("updater", updater)
+
+    def input_shape(self, *shape: int | None) -> Builder:
+        return self._set("input_shape", tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape)
+
+    def training_workspace_mode(self, mode: WorkspaceMode) -> Builder:
+        return self._set("training_workspace_mode", mode)
+
+    def inference_workspace_mode(self, mode: WorkspaceMode) -> Builder:
+        return self._set("inference_workspace_mode", mode)
+
+    def offload_activations(self, flag: bool = True) -> Builder:
+        return self._set("offload_activations", flag)
+
+    def list(self, *layers: Layer) -> Builder:
+        self._layers.extend(layers)
+        return self
+
+    def layer(self, layer: Layer) -> Builder:
+        self._layers.append(layer)
+        return self
+
+    def build(self) -> NeuralNetConfiguration:
+        return NeuralNetConfiguration(layers=tuple(self._layers), **self._fields)

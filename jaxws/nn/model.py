@@ -1,0 +1,401 @@
+"""The training and inference machinery shared by MultiLayerNetwork and user models.
+
+A model is a pure training step ``(carry, batch) -> (carry, loss)`` (so a scan can fuse k
+of them) plus fit / output / score around it: the carry is donated in every mode but
+NONE, each step runs in a workspace cycle, and nothing is read back unless asked.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxws.configuration import SpillPolicy, WorkspaceConfiguration
+from jaxws.data.dataset import DataSet
+from jaxws.errors import WorkspaceError
+from jaxws.manager import get_workspace_manager
+from jaxws.nn.listeners import TrainingListener
+from jaxws.nn.modes import WorkspaceMode
+from jaxws.step import WorkspaceFunction, jit
+from jaxws.workspace import Workspace, check_arrays, detach, leverage_to
+
+__all__ = ["Model", "FunctionalModel", "TrainState", "to_dataset"]
+
+TRAINING_WORKSPACE = "WS_TRAINING"
+TRAINING_CONF = WorkspaceConfiguration(policy_spill=SpillPolicy.REALLOCATE)
+
+
+class TrainState(NamedTuple):
+    """The carry of a training step: donated, and back in the same buffers, every step."""
+
+    params: Any
+    state: Any  # non-trainable layer state (batch-norm statistics, dropout keys)
+    opt_state: Any
+
+
+def to_dataset(item: Any) -> DataSet:
+    """A DataSet from a DataSet, an ``(x, y)`` pair or a dict with features/labels."""
+    if isinstance(item, DataSet):
+        return item
+    if isinstance(item, (tuple, list)) and len(item) in (2, 3, 4):
+        return DataSet(*item)
+    if isinstance(item, dict):
+        keys = {"features": ("features", "x"), "labels": ("labels", "y"),
+                "features_mask": ("features_mask",), "labels_mask": ("labels_mask",)}
+        return DataSet(**{k: next((item[n] for n in names if n in item), None) for k, names in keys.items()})
+    raise TypeError(
+        f"Expected a DataSet, an (x, y) pair or a dict with 'features' and 'labels'; got "
+        f"{type(item).__name__}."
+    )
+
+
+class Model(abc.ABC):
+    """Base class: subclasses define ``_apply`` and ``_loss_of``; the rest is shared."""
+
+    def __init__(
+        self,
+        updater: optax.GradientTransformation,
+        training_workspace_mode: WorkspaceMode,
+        inference_workspace_mode: WorkspaceMode,
+    ):
+        self._updater = updater
+        self.training_workspace_mode = training_workspace_mode
+        self.inference_workspace_mode = inference_workspace_mode
+        self._carry: TrainState | None = None
+        self._steps: dict[WorkspaceMode, WorkspaceFunction] = {}
+        self._infer: dict[bool, WorkspaceFunction] = {}
+        self._score_fn: WorkspaceFunction | None = None
+        self.listeners: list[TrainingListener] = []
+        self.iteration = 0
+        self.epoch = 0
+
+    # -- what subclasses provide -----------------------------------------------------------
+
+    @abc.abstractmethod
+    def _apply(self, params, state, x, mask, training: bool, mode: WorkspaceMode):
+        """``(predictions, loss_input, new_state)``."""
+
+    @abc.abstractmethod
+    def _loss_of(self, loss_input, labels, mask) -> jax.Array:
+        """The mean loss of a batch."""
+
+    def _check_batch(self, ds: DataSet, op: str) -> None:
+        """Raises a clear error for a batch that does not fit the model (host-side)."""
+
+    # -- state -----------------------------------------------------------------------------
+
+    def _require_init(self) -> TrainState:
+        if self._carry is None:
+            raise WorkspaceError(f"{type(self).__name__} is not initialised: call init() first.")
+        return self._carry
+
+    @property
+    def params(self) -> Any:
+        """The live parameters (no copy).
+
+        In ENABLED/SINGLE/SEPARATE the next ``fit`` donates these buffers: keep a copy with
+        ``jaxws.detach(net.params)``. In NONE they stay valid.
+        """
+        return self._require_init().params
+
+    @property
+    def state(self) -> Any:
+        """The live non-trainable state (batch-norm statistics, dropout keys)."""
+        return self._require_init().state
+
+    @property
+    def updater_state(self) -> Any:
+        return self._require_init().opt_state
+
+    def set_params(self, params: Any) -> None:
+        """Replaces the parameters (numpy or JAX arrays of the same structure and shapes).
+
+        They are copied into buffers the model owns, cast to the current dtypes.
+        """
+        carry = self._require_init()
+        check_arrays("set_params", params, "params")
+        paths = jax.tree_util.tree_flatten_with_path(carry.params)[0]
+        try:
+            new = jax.tree.flatten(jax.tree.structure(carry.params).flatten_up_to(params))[0]
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"set_params: the tree does not match the model's parameters "
+                f"{jax.tree.structure(carry.params)}: {e}"
+            ) from None
+        leaves = []
+        for (path, old), value in zip(paths, new):
+            if np.shape(value) != old.shape:
+                raise ValueError(
+                    f"set_params: params{jax.tree_util.keystr(path)} has shape {np.shape(value)}, "
+                    f"expected {old.shape}."
+                )
+            leaves.append(jnp.asarray(value, dtype=old.dtype))
+        fresh = detach(jax.tree.unflatten(jax.tree.structure(carry.params), leaves))
+        self._carry = carry._replace(params=fresh)
+
+    def add_listeners(self, *listeners: TrainingListener) -> None:
+        self.listeners.extend(listeners)
+
+    def set_listeners(self, *listeners: TrainingListener) -> None:
+        self.listeners = list(listeners)
+
+    # -- the pure step ---------------------------------------------------------------------
+
+    def _loss(self, params, state, ds: DataSet, training: bool, mode: WorkspaceMode):
+        _, loss_input, new_state = self._apply(params, state, ds.features, ds.features_mask, training, mode)
+        return self._loss_of(loss_input, ds.labels, ds.labels_mask), new_state
+
+    def train_step(self, mode: WorkspaceMode | None = None) -> Callable:
+        """The pure ``(carry, batch) -> (carry, loss)`` function of ``mode`` (not jitted)."""
+        mode = mode or self.training_workspace_mode
+
+        def step(carry: TrainState, ds: DataSet):
+            (loss, state), grads = jax.value_and_grad(self._loss, has_aux=True)(
+                carry.params, carry.state, ds, True, mode
+            )
+            updates, opt_state = self._updater.update(grads, carry.opt_state, carry.params)
+            return TrainState(optax.apply_updates(carry.params, updates), state, opt_state), loss
+
+        return step
+
+    def compiled_step(self, mode: WorkspaceMode | None = None) -> WorkspaceFunction:
+        """The jitted step of ``mode``: the carry donated unless the mode is NONE."""
+        mode = mode or self.training_workspace_mode
+        if mode not in self._steps:
+            step = self.train_step(mode)
+            step.__name__ = f"{type(self).__name__}.fit[{mode.name}]"
+            self._steps[mode] = jit(step, donate_argnums=0 if mode.donates else ())
+        return self._steps[mode]
+
+    # -- fit / output / score --------------------------------------------------------------
+
+    def _batches(self, data: Any, epochs: int, batch_size: int | None) -> Callable[[], Iterable]:
+        if _is_single_batch(data):
+            ds = to_dataset(data)
+            batches = ds.split(batch_size) if batch_size else [ds]
+            return lambda: batches
+        if batch_size:
+            raise ValueError(
+                f"fit(batch_size={batch_size}): batch_size splits one DataSet or (x, y) pair; "
+                "an iterator already yields batches."
+            )
+        if isinstance(data, (tuple, list)):
+            return lambda: data  # a sequence of batches
+        if hasattr(data, "reset"):
+            def again():
+                if getattr(data, "reset_supported", True):
+                    data.reset()
+                return data
+            return again
+        if isinstance(data, Iterator):
+            if epochs > 1:
+                raise ValueError(
+                    f"fit(epochs={epochs}) got a one-shot iterator; pass something that can be "
+                    "iterated again (a list, an ArrayDataSetIterator, or an iterable)."
+                )
+            return lambda: data
+        return lambda: data  # an iterable: iter() each epoch
+
+    def fit(
+        self,
+        data: Any,
+        epochs: int = 1,
+        *,
+        batch_size: int | None = None,
+        progress: bool = True,
+    ) -> Model:
+        """Trains on ``data``: a DataSet, an ``(x, y)`` pair, or an iterable of those.
+
+        Each step runs in a workspace cycle (except in NONE mode) with the carry donated;
+        nothing is read back from the device unless a listener reads the loss.
+
+        Args:
+            data: the training data.
+            epochs: passes over ``data``.
+            batch_size: split a single DataSet / pair into batches of this size.
+            progress: show tqdm progress bars.
+
+        Returns:
+            self.
+        """
+        from tqdm.auto import tqdm
+
+        carry = self._require_init()
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"fit(epochs={epochs!r}): expected an int >= 1.")
+        del carry
+        batches = self._batches(data, epochs, batch_size)
+        mode = self.training_workspace_mode
+        step = self.compiled_step(mode)
+        manager = get_workspace_manager()
+        epoch_bar = tqdm(range(epochs), desc="epochs", disable=not progress or epochs == 1, leave=False)
+        for _ in epoch_bar:
+            for listener in self.listeners:
+                listener.on_epoch_start(self, self.epoch)
+            source = batches()
+            total = len(source) if hasattr(source, "__len__") else None
+            for item in tqdm(source, total=total, desc=f"epoch {self.epoch}", disable=not progress, leave=False):
+                ds = self._device_batch(to_dataset(item), "fit")
+                if mode.donates:
+                    with manager.get_and_activate_workspace(TRAINING_CONF, TRAINING_WORKSPACE):
+                        self._carry, loss = step(self._carry, ds)
+                        self._after_iteration(loss)
+                else:
+                    self._carry, loss = step(self._carry, ds)
+                    self._after_iteration(loss)
+            for listener in self.listeners:
+                listener.on_epoch_end(self, self.epoch)
+            self.epoch += 1
+        return self
+
+    def _after_iteration(self, loss: jax.Array) -> None:
+        self.iteration += 1
+        for listener in self.listeners:
+            listener.iteration_done(self, self.iteration, self.epoch, loss)
+
+    def _device_batch(self, ds: DataSet, op: str) -> DataSet:
+        check_arrays(op, ds, "data")
+        self._check_batch(ds, op)
+        return jax.tree.map(jnp.asarray, ds)
+
+    def _inference_fn(self, training: bool) -> WorkspaceFunction:
+        if training not in self._infer:
+            def infer(params, state, x, mask):
+                return self._apply(params, state, x, mask, training, WorkspaceMode.SINGLE)[0]
+
+            infer.__name__ = f"{type(self).__name__}.output"
+            self._infer[training] = jit(infer)
+        return self._infer[training]
+
+    def output(
+        self,
+        x: Any,
+        training: bool = False,
+        *,
+        mask: Any = None,
+        workspace: Workspace | str | None = None,
+    ) -> jax.Array:
+        """The network's output for ``x``.
+
+        Without ``workspace`` the result is detached: it belongs to no workspace and
+        survives any later ``fit``. With an open ``workspace`` (or its id) the result is
+        attached to it and dies with its cycle, as DL4J's output into a workspace.
+
+        Raises:
+            WorkspaceError: ``workspace`` given while ``inference_workspace_mode`` is NONE,
+                or not open.
+        """
+        carry = self._require_init()
+        ds = self._device_batch(DataSet(x, None, mask), "output")
+        fn = self._inference_fn(training)
+        manager = get_workspace_manager()
+        if workspace is None:
+            with manager.scope_out_of_workspaces():
+                return fn(carry.params, carry.state, ds.features, ds.features_mask)
+        if self.inference_workspace_mode is WorkspaceMode.NONE:
+            raise WorkspaceError(
+                "output(workspace=...) needs an inference workspace, but "
+                "inference_workspace_mode is WorkspaceMode.NONE. Drop workspace= to get a "
+                "detached array, or configure inference_workspace_mode=WorkspaceMode.ENABLED."
+            )
+        ws = manager.workspace(workspace) if isinstance(workspace, str) else workspace
+        if not ws.is_scope_active:
+            raise WorkspaceError(f"output(workspace=[{ws.id}]): the workspace is not open; call it inside `with ws:`.")
+        return leverage_to(ws, fn(carry.params, carry.state, ds.features, ds.features_mask))
+
+    def score(self, data: Any, *, batch_size: int | None = None) -> float:
+        """The mean loss over ``data`` (inference mode), weighted by examples; one sync."""
+        carry = self._require_init()
+        if self._score_fn is None:
+            def score(params, state, ds):
+                return self._loss(params, state, ds, False, WorkspaceMode.SINGLE)[0]
+
+            score.__name__ = f"{type(self).__name__}.score"
+            self._score_fn = jit(score)
+        total, count = jnp.zeros(()), 0
+        with get_workspace_manager().scope_out_of_workspaces():
+            for item in self._batches(data, 1, batch_size)():
+                ds = self._device_batch(to_dataset(item), "score")
+                total = total + self._score_fn(carry.params, carry.state, ds) * ds.num_examples
+                count += ds.num_examples
+        if count == 0:
+            raise ValueError("score(data): the data has no examples.")
+        return float(total) / count
+
+    def residual_bytes(self, data: Any, mode: WorkspaceMode | None = None) -> int:
+        """Bytes backprop saves for one batch under ``mode`` (the residuals of ``jax.vjp``)."""
+        from jaxws.memory import residual_bytes
+
+        carry = self._require_init()
+        ds = self._device_batch(to_dataset(data), "residual_bytes")
+        mode = mode or self.training_workspace_mode
+        return residual_bytes(lambda p: self._loss(p, carry.state, ds, True, mode)[0], carry.params)
+
+
+def _is_single_batch(data: Any) -> bool:
+    """A DataSet, a dict, or an (x, y[, masks]) tuple of arrays; anything else is batches."""
+    if isinstance(data, (DataSet, dict)):
+        return True
+    return isinstance(data, tuple) and 2 <= len(data) <= 4 and hasattr(data[0], "shape")
+
+
+class FunctionalModel(Model):
+    """Your own model (a pure ``apply`` over a params pytree) under the same machinery.
+
+    ``apply(params, x, training) -> predictions``; with ``state``,
+    ``apply(params, state, x, training) -> (predictions, state)``. ``loss(predictions,
+    labels, mask) -> scalar``. Tag arrays with ``jax.ad_checkpoint.checkpoint_name(a,
+    "ACTIVATIONS")`` to keep them in SEPARATE mode, which recomputes everything else.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> from jaxws.nn import FunctionalModel
+        >>> model = FunctionalModel(
+        ...     lambda p, x, training: x @ p["w"], {"w": jnp.zeros((3, 1))},
+        ...     loss=lambda pred, y, mask: jnp.mean((pred - y) ** 2), updater=optax.sgd(0.1))
+        >>> model.fit((jnp.ones((4, 3)), jnp.ones((4, 1))), epochs=5, progress=False).iteration
+        5
+    """
+
+    def __init__(
+        self,
+        apply: Callable,
+        params: Any,
+        *,
+        loss: Callable[[Any, Any, Any], jax.Array],
+        updater: optax.GradientTransformation | None = None,
+        state: Any = None,
+        training_workspace_mode: WorkspaceMode = WorkspaceMode.ENABLED,
+        inference_workspace_mode: WorkspaceMode = WorkspaceMode.ENABLED,
+    ):
+        if not callable(apply) or not callable(loss):
+            raise TypeError("FunctionalModel(apply, params, loss=...): apply and loss must be callables.")
+        super().__init__(updater or optax.adam(1e-3), training_workspace_mode, inference_workspace_mode)
+        self._user_apply = apply
+        self._user_loss = loss
+        self._stateful = state is not None
+        params = detach(jax.tree.map(jnp.asarray, params))  # buffers the model owns
+        state = detach(jax.tree.map(jnp.asarray, state)) if self._stateful else {}
+        self._carry = TrainState(params, state, self._updater.init(params))
+
+    def init(self) -> FunctionalModel:
+        return self
+
+    def _apply(self, params, state, x, mask, training, mode):
+        def run(params, state, x):
+            if self._stateful:
+                return self._user_apply(params, state, x, training)
+            return self._user_apply(params, x, training), state
+
+        if training and mode is WorkspaceMode.SEPARATE:
+            run = jax.checkpoint(run, policy=jax.checkpoint_policies.save_only_these_names("ACTIVATIONS"))
+        predictions, state = run(params, state, x)
+        return predictions, predictions, state
+
+    def _loss_of(self, loss_input, labels, mask):
+        return self._user_loss(loss_input, labels, mask)

@@ -1,0 +1,277 @@
+"""MultiLayerNetwork: a stack of layers trained and run under workspace modes.
+
+The modes pick donation (all but NONE) and what backprop keeps (SEPARATE: only
+ACTIVATIONS, through a ``jax.checkpoint`` name policy per layer).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxws.data.dataset import DataSet
+from jaxws.manager import get_workspace_manager
+from jaxws.memory import format_bytes
+from jaxws.nn.conf import NeuralNetConfiguration
+from jaxws.nn.functions import activation as get_activation
+from jaxws.nn.layers import LSTM, BaseOutputLayer
+from jaxws.nn.model import Model, TrainState
+from jaxws.nn.modes import WorkspaceMode
+from jaxws.nn.workspace_mgr import ArrayType, LayerWorkspaceMgr, validate_activations
+from jaxws.step import jit
+
+__all__ = ["MultiLayerNetwork"]
+
+_DYNAMIC = 16  # stand-in length of a dynamic (None) axis when shapes are inferred
+
+
+def _policy(choice: str):
+    if choice == "recompute":
+        return jax.checkpoint_policies.save_only_these_names(ArrayType.ACTIVATIONS.value)
+    if choice == "offload":
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[],
+            names_which_can_be_offloaded=[ArrayType.ACTIVATIONS.value],
+            offload_src="device",
+            offload_dst="pinned_host",
+        )
+    return None  # "save": keep what XLA needs
+
+
+@functools.cache
+def _accepts_mask(cls: type) -> bool:
+    return "mask" in inspect.signature(cls.activate).parameters
+
+
+class MultiLayerNetwork(Model):
+    """DL4J's MultiLayerNetwork: layers in sequence, trained with an optax updater.
+
+    Example:
+        >>> import numpy as np, optax, jaxws
+        >>> from jaxws.nn import MultiLayerNetwork, NeuralNetConfiguration, Dense, OutputLayer
+        >>> conf = NeuralNetConfiguration(
+        ...     layers=[Dense(16, activation="tanh"), OutputLayer(2)], input_shape=(4,),
+        ...     updater=optax.adam(1e-2))
+        >>> net = MultiLayerNetwork(conf).init()
+        >>> x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+        >>> y = (x[:, 0] > 0).astype(np.int32)
+        >>> _ = net.fit((x, y), epochs=50, progress=False)
+        >>> bool((net.output(x).argmax(-1) == y).mean() > 0.9)
+        True
+    """
+
+    def __init__(self, conf: NeuralNetConfiguration):
+        if not isinstance(conf, NeuralNetConfiguration):
+            raise TypeError(f"MultiLayerNetwork(conf={conf!r}): expected a NeuralNetConfiguration.")
+        super().__init__(conf.updater, conf.training_workspace_mode, conf.inference_workspace_mode)
+        self.conf = conf
+        self.layers = conf.layers
+        self.layer_input_shapes: list[tuple] = []
+        self.output_shape: tuple = ()
+        self._validated: set = set()
+        self._rnn_state: dict | None = None
+        self._rnn_fn = None
+
+    # -- construction ----------------------------------------------------------------------
+
+    def init(self) -> MultiLayerNetwork:
+        """Initialises parameters and state from ``conf.seed``; returns self."""
+        keys = jax.random.split(jax.random.key(self.conf.seed), len(self.layers))
+        shape = self.conf.input_shape
+        params, states, shapes = [], [], []
+        mgr = LayerWorkspaceMgr.no_workspaces()
+        for i, (layer, key) in enumerate(zip(self.layers, keys)):
+            shapes.append(shape)
+            try:
+                p, s = layer.init(key, shape)
+                x = jax.ShapeDtypeStruct((1, *(d or _DYNAMIC for d in shape)), jnp.float32)
+                out = jax.eval_shape(lambda p, s, x, layer=layer: layer.activate(p, s, x, False, mgr)[0], p, s, x)
+            except (ValueError, TypeError) as e:
+                raise ValueError(
+                    f"Layer {i} ({layer.describe()}, class {type(layer).__name__}) cannot take "
+                    f"per-example input of shape {shape}: {e}"
+                ) from e
+            params.append(p)
+            states.append(s)
+            dims = out.shape[1:]
+            shape = tuple(
+                None if j < len(shape) and shape[j] is None and len(dims) == len(shape) else d
+                for j, d in enumerate(dims)
+            )
+        self.layer_input_shapes, self.output_shape = shapes, shape
+        # buffers the network owns: later fits donate them
+        params, states = jax.tree.map(jnp.copy, (params, states))
+        self._carry = TrainState(params, states, self._updater.init(params))
+        self.rnn_clear_previous_state()
+        return self
+
+    # -- the forward pass ------------------------------------------------------------------
+
+    def _run_layer(self, i: int, params, state, x, mask, training: bool, mgr, mode: WorkspaceMode | None):
+        layer = self.layers[i]
+        kwargs = {"mask": mask} if mask is not None and _accepts_mask(type(layer)) else {}
+
+        def run(p, s, h):
+            return layer.activate(p, s, h, training, mgr, **kwargs)
+
+        if training and mode is not None:
+            choice = layer.remat or ("recompute" if mode is WorkspaceMode.SEPARATE else "save")
+            if choice == "recompute" and self.conf.offload_activations:
+                choice = "offload"
+            policy = _policy(choice)
+            if policy is not None:
+                run = jax.checkpoint(run, policy=policy)
+        return run(params, state, x)
+
+    def _apply(self, params, state, x, mask, training, mode):
+        mgr = LayerWorkspaceMgr()
+        if training:
+            self._validate(params, state, x, mgr)
+        states = []
+        for i in range(len(self.layers) - 1):
+            x, s = self._run_layer(i, params[i], state[i], x, mask, training, mgr, mode)
+            states.append(s)
+        out_layer: BaseOutputLayer = self.layers[-1]
+        z = mgr.leverage_to(ArrayType.FF_WORKING_MEM, out_layer.preoutput(params[-1], x))
+        states.append(state[-1])
+        predictions = mgr.leverage_to(ArrayType.ACTIVATIONS, get_activation(out_layer.activation)(z))
+        return predictions, z, states
+
+    def _loss_of(self, z, labels, mask):
+        return self.layers[-1].compute_loss(z, labels, mask)
+
+    def _validate(self, params, state, x, mgr) -> None:
+        """Once per input shape, at trace time: every layer returns ACTIVATIONS."""
+        key = (x.shape, x.dtype)
+        if key in self._validated:
+            return
+        h = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        for i, layer in enumerate(self.layers):
+            fn = functools.partial(lambda l, p, s, h: l.activate(p, s, h, True, mgr), layer)
+            validate_activations(layer, i, fn, params[i], state[i], h)
+            out = jax.eval_shape(fn, params[i], state[i], h)[0]
+            h = jax.ShapeDtypeStruct(out.shape, out.dtype)
+        self._validated.add(key)
+
+    # -- input checks (host-side, before anything is donated) ------------------------------
+
+    def _check_batch(self, ds: DataSet, op: str) -> None:
+        first = self.layers[0]
+        expected = self.conf.input_shape
+        got = tuple(np.shape(ds.features))
+        fits = len(got) == len(expected) + 1 and all(e is None or e == g for e, g in zip(expected, got[1:]))
+        if not fits:
+            want = ", ".join(["batch", *("time" if d is None else str(d) for d in expected)])
+            raise ValueError(
+                f"{op}: layer 0 ({first.describe()}, class {type(first).__name__}) expects "
+                f"features of shape [{want}], received {list(got)}."
+                + (" Sequences are [batch, time, features]." if len(expected) == 2 else "")
+            )
+        if ds.labels is None:
+            return
+        out: BaseOutputLayer = self.layers[-1]
+        index = len(self.layers) - 1
+        out_shape = (got[0], *got[1 : 1 + len(self.output_shape) - 1], out.n_out)
+        labels = np.shape(ds.labels)
+        sparse = out.loss in ("mcxent", "negativeloglikelihood") and labels == out_shape[:-1]
+        if labels != out_shape and not sparse:
+            raise ValueError(
+                f"{op}: layer {index} ({out.describe()}, class {type(out).__name__}, loss "
+                f"{out.loss}) expects labels of shape {out.labels_shape(out_shape)}, received "
+                f"{list(labels)}."
+            )
+        if sparse and isinstance(ds.labels, np.ndarray) and ds.labels.size:
+            if not np.issubdtype(ds.labels.dtype, np.integer):
+                raise ValueError(
+                    f"{op}: integer class labels for layer {index} ({type(out).__name__}) must "
+                    f"have an integer dtype, got {ds.labels.dtype}."
+                )
+            low, high = int(ds.labels.min()), int(ds.labels.max())
+            if low < 0 or high >= out.n_out:
+                raise ValueError(
+                    f"{op}: labels out of range for loss {out.loss} of layer {index} "
+                    f"({type(out).__name__}, n_out={out.n_out}): found classes {low}..{high}, "
+                    f"expected 0..{out.n_out - 1}."
+                )
+
+    # -- stateful step-by-step inference ---------------------------------------------------
+
+    def rnn_clear_previous_state(self) -> None:
+        """Forgets the RNN state that ``rnn_time_step`` carries."""
+        self._rnn_state = None
+
+    def rnn_time_step(self, x: Any) -> jax.Array:
+        """Runs ``x`` from the RNN state of the previous call and keeps the new state.
+
+        ``x`` is one step ``[batch, features]`` (returns ``[batch, n_out]``) or a chunk
+        ``[batch, time, features]``. The state is carried in buffers donated to each call
+        (unless ``inference_workspace_mode`` is NONE); the output is detached.
+        """
+        carry = self._require_init()
+        x = jnp.asarray(x)
+        single = x.ndim == len(self.conf.input_shape)
+        seq = x[:, None] if single else x
+        self._check_batch(DataSet(seq), "rnn_time_step")
+        lstms = [i for i, layer in enumerate(self.layers) if isinstance(layer, LSTM)]
+        batch = seq.shape[0]
+        if self._rnn_state is None or next(iter(self._rnn_state.values()), (jnp.zeros((batch,)),))[0].shape[0] != batch:
+            self._rnn_state = {str(i): self.layers[i].initial_carry(batch) for i in lstms}
+        if self._rnn_fn is None:
+            def rnn_step(rnn_state, params, state, x):
+                mgr = LayerWorkspaceMgr.no_workspaces()
+                new = {}
+                for i, layer in enumerate(self.layers[:-1]):
+                    if isinstance(layer, LSTM):
+                        x, new[str(i)] = layer.scan(params[i], x, rnn_state[str(i)], mgr)
+                    else:
+                        x, _ = layer.activate(params[i], state[i], x, False, mgr)
+                out = self.layers[-1]
+                return get_activation(out.activation)(out.preoutput(params[-1], x)), new
+
+            rnn_step.__name__ = "MultiLayerNetwork.rnn_time_step"
+            donate = (0,) if self.inference_workspace_mode.donates else ()
+            self._rnn_fn = jit(rnn_step, donate_argnums=donate)
+        with get_workspace_manager().scope_out_of_workspaces():
+            out, self._rnn_state = self._rnn_fn(self._rnn_state, carry.params, carry.state, seq)
+        return out[:, 0] if single else out
+
+    # -- summary ---------------------------------------------------------------------------
+
+    def num_params(self) -> int:
+        return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self._require_init().params))
+
+    def summary(self, batch_size: int = 32) -> str:
+        """Layers, parameter counts, and the compiled memory plans of fit and output.
+
+        Plans are for a batch of ``batch_size`` (dynamic axes at 16); compiling them may
+        take a moment the first time.
+        """
+        carry = self._require_init()
+        rows = [f"{'#':>3}  {'layer':<22} {'input':<16} {'output':<16} {'params':>10}"]
+        rows.append("-" * len(rows[0]))
+        shapes = [*self.layer_input_shapes[1:], self.output_shape]
+        for i, layer in enumerate(self.layers):
+            count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(carry.params[i]))
+            rows.append(
+                f"{i:>3}  {layer.describe()[:22]:<22} {str(self.layer_input_shapes[i]):<16} "
+                f"{str(shapes[i]):<16} {count:>10,}"
+            )
+        rows.append(f"total parameters: {self.num_params():,}")
+        x = jax.ShapeDtypeStruct((batch_size, *(d or _DYNAMIC for d in self.conf.input_shape)), jnp.float32)
+        out = self.layers[-1]
+        y_shape = (batch_size, *x.shape[1 : len(self.output_shape)], out.n_out)
+        ds = DataSet(x, jax.ShapeDtypeStruct(y_shape, jnp.float32))
+        mode = self.training_workspace_mode
+        plan = self.compiled_step(mode).memory_plan(carry, ds)
+        infer = self._inference_fn(False).memory_plan(carry.params, carry.state, x, None)
+        rows.append(f"workspace WS_TRAINING  (fit, {mode.name}, batch {batch_size}): {plan}")
+        rows.append(f"workspace WS_INFERENCE (output, batch {batch_size}): {infer}")
+        rows.append(f"carry (params + updater + state), donated each step: "
+                    f"{format_bytes(sum(a.nbytes for a in jax.tree.leaves(carry)))}")
+        text = "\n".join(rows)
+        return text
