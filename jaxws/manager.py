@@ -96,7 +96,7 @@ class WorkspaceManager:
             WorkspaceError: ``id`` exists with a different configuration.
         """
         ws = self._workspaces.get(id)
-        if ws is not None and conf is not None and conf != ws.config:
+        if ws is not None and conf is not None and conf is not ws.config and conf != ws.config:
             raise WorkspaceError(
                 f"Workspace [{id}] already exists with {ws.config}; asked for {conf}. Use "
                 "another id, or destroy_workspace(ws) first."

@@ -37,9 +37,18 @@ class StepPlan(NamedTuple):
     memory: MemoryPlan | None  # XLA's plan for the donating executable
 
 
+try:  # the concrete array class: an exact type check is the fastest test per leaf
+    from jax._src.array import ArrayImpl as _ArrayImpl
+except ImportError:  # pragma: no cover - a later jax moved it: the slower path still works
+    _ArrayImpl = None
+
+
 def _leaf_key(x: Any) -> Any:
+    """What the plan of a leaf depends on; ``aval`` is a cached attribute of jax arrays."""
+    if type(x) is _ArrayImpl:
+        return x.aval
     if isinstance(x, jax.Array):
-        return (x.shape, x.dtype, x.weak_type, x.sharding)
+        return (x.shape, x.dtype, x.weak_type)
     if isinstance(x, (np.ndarray, np.generic)):
         return (x.shape, x.dtype)
     return type(x)
@@ -132,13 +141,15 @@ class WorkspaceFunction:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         dyn, static = self._split(args, kwargs)
         leaves, treedef = jax.tree.flatten(dyn)
-        for i, x in enumerate(leaves):
-            attachment = getattr(x, _TAG, None)
-            if attachment is not None:
-                ws = attachment.workspace
-                if ws._destroyed or attachment.generation <= ws._invalid_through:
-                    raise stale_error(self._name, self._leaf_names(args, kwargs)[i], x)
-        key = (treedef, static, tuple(map(_leaf_key, leaves)))
+        tags = [getattr(x, _TAG, None) for x in leaves]
+        attached = any(tags)
+        if attached:
+            for i, attachment in enumerate(tags):
+                if attachment is not None:
+                    ws = attachment.workspace
+                    if ws._destroyed or attachment.generation <= ws._invalid_through:
+                        raise stale_error(self._name, self._leaf_names(args, kwargs)[i], leaves[i])
+        key = (treedef, static, tuple([_leaf_key(x) for x in leaves]))
         plan = self._plans.get(key)
         manager = get_workspace_manager()
         ws = manager.current_workspace
@@ -172,10 +183,11 @@ class WorkspaceFunction:
         if bypass:
             return out
         out_leaves = jax.tree.leaves(out)
-        for j, i in plan.inherit:
-            attachment = getattr(leaves[i], _TAG, None)
-            if attachment is not None:
-                attachment.workspace._attach(out_leaves[j], attachment.generation)
+        if attached:  # otherwise every reused buffer stays attached to nothing
+            for j, i in plan.inherit:
+                attachment = tags[i]
+                if attachment is not None:
+                    attachment.workspace._attach(out_leaves[j], attachment.generation)
         if ws is not None:
             generation = ws.generation
             for j in plan.fresh:

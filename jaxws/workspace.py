@@ -407,6 +407,9 @@ def check_arrays(op: str, tree: Any, prefix: str = "") -> None:
     Raises:
         LeakedWorkspacePointerError, OutdatedWorkspacePointerError, DeletedArrayError.
     """
+    leaves = jax.tree.leaves(tree)
+    if not any(getattr(x, _TAG, None) is not None or (isinstance(x, jax.Array) and x.is_deleted()) for x in leaves):
+        return  # the fast path: nothing attached, nothing deleted
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         error = stale_error(op, prefix + jax.tree_util.keystr(path), leaf)
         if error is not None:

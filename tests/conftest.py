@@ -1,18 +1,14 @@
-"""Shared fixtures: 8 virtual CPU devices, a fresh workspace manager per test."""
+"""Shared fixtures: a fresh workspace manager per test, a compile counter.
 
-import os
+The 8 virtual CPU devices are configured by the repository's root conftest.py.
+"""
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import gc
 
-import jax  # noqa: E402
+import jax
+import pytest
 
-jax.config.update("jax_num_cpu_devices", 8)
-
-import gc  # noqa: E402
-
-import pytest  # noqa: E402
-
-import jaxws  # noqa: E402
+import jaxws
 
 
 @pytest.fixture(autouse=True)

@@ -377,6 +377,19 @@ def test_bad_batches_fail_before_donation_and_leave_the_network_usable():
     assert net.iteration == 2
 
 
+def test_stale_batches_are_refused_before_anything_is_donated():
+    x, y = data()
+    net = mlp()
+    ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="DATA")
+    with ws:
+        features = jaxws.jit(lambda a: a * 1.0)(jnp.asarray(x))
+    old = net.params
+    with pytest.raises(jaxws.LeakedWorkspacePointerError, match=r"args\[1\]\.features argument uses leaked"):
+        net.fit((features, y), progress=False)
+    assert not any(a.is_deleted() for a in jax.tree.leaves(old))
+    net.fit((x, y), progress=False)
+
+
 def test_sequence_rank_is_checked():
     conf = NeuralNetConfiguration(layers=[LSTM(4), RnnOutputLayer(2)], input_shape=(None, 3))
     net = MultiLayerNetwork(conf).init()

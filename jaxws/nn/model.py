@@ -242,7 +242,7 @@ class Model(abc.ABC):
             for item in tqdm(source, total=total, desc=f"epoch {self.epoch}", disable=not progress, leave=False):
                 ds = self._device_batch(to_dataset(item), "fit")
                 if mode.donates:
-                    with manager.get_and_activate_workspace(TRAINING_CONF, TRAINING_WORKSPACE):
+                    with manager.get_workspace_for_current_thread(TRAINING_CONF, TRAINING_WORKSPACE):
                         self._carry, loss = step(self._carry, ds)
                         self._after_iteration(loss)
                 else:
@@ -259,9 +259,9 @@ class Model(abc.ABC):
             listener.iteration_done(self, self.iteration, self.epoch, loss)
 
     def _device_batch(self, ds: DataSet, op: str) -> DataSet:
-        check_arrays(op, ds, "data")
+        # stale (leaked, outdated, donated) arrays are refused by the jaxws.jit step itself
         self._check_batch(ds, op)
-        return jax.tree.map(jnp.asarray, ds)
+        return jax.tree.map(_to_device, ds)
 
     def _inference_fn(self, training: bool) -> WorkspaceFunction:
         if training not in self._infer:
@@ -335,6 +335,10 @@ class Model(abc.ABC):
         ds = self._device_batch(to_dataset(data), "residual_bytes")
         mode = mode or self.training_workspace_mode
         return residual_bytes(lambda p: self._loss(p, carry.state, ds, True, mode)[0], carry.params)
+
+
+def _to_device(x: Any) -> Any:
+    return x if isinstance(x, jax.Array) else jnp.asarray(x)
 
 
 def _is_single_batch(data: Any) -> bool:
