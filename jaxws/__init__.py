@@ -11,8 +11,10 @@ from jaxws.configuration import LearningPolicy
 from jaxws.configuration import ResetPolicy
 from jaxws.configuration import SpillPolicy
 from jaxws.configuration import WorkspaceConfiguration
+from jaxws.errors import AsyncIteratorError
 from jaxws.errors import DeletedArrayError
 from jaxws.errors import DonationError
+from jaxws.errors import InvalidBatchError
 from jaxws.errors import LeakedWorkspacePointerError
 from jaxws.errors import OutdatedWorkspacePointerError
 from jaxws.errors import WorkspaceError
@@ -42,10 +44,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AllocationPolicy",
+    "AsyncIteratorError",
     "DebugMode",
     "DeletedArrayError",
     "DonationError",
     "DonationWarning",
+    "InvalidBatchError",
     "LeakedWorkspacePointerError",
     "LearningPolicy",
     "MemoryManager",

@@ -16,6 +16,8 @@ __all__ = [
     "WorkspaceFullError",
     "DonationError",
     "WorkspaceValidationError",
+    "AsyncIteratorError",
+    "InvalidBatchError",
 ]
 
 _FIX = (
@@ -106,3 +108,20 @@ class DonationError(WorkspaceError):
 
 class WorkspaceValidationError(WorkspaceError):
     """A layer returned an array defined in the wrong workspace (ArrayType)."""
+
+
+class AsyncIteratorError(WorkspaceError):
+    """The base iterator of an async iterator raised; the original is the ``__cause__``."""
+
+    def __init__(self, iterator_id: str, batch: int):
+        self.iterator_id = iterator_id
+        self.batch = batch
+        super().__init__(
+            f"The base iterator of [{iterator_id}] raised while producing batch {batch} (counting "
+            "from 0) in the prefetch thread; its exception and traceback are chained below. "
+            "The iterator is closed; fix the loader and create a new one (or reset() it)."
+        )
+
+
+class InvalidBatchError(WorkspaceError, ValueError):
+    """A batch does not fit the model (shapes, ranks, label range); nothing was donated."""

@@ -213,6 +213,21 @@ class Workspace:
                     array.delete()
         self._invalid_through = max(self._invalid_through, generation)
 
+    # a ring (async iterators): one slot per cycle, advanced without opening a scope
+    def _release_slot(self) -> None:
+        """Invalidates the slot handed out last (the consumer asked for the next one)."""
+        self._check_thread("advance")
+        if self.generation > self._invalid_through:
+            self._invalidate_through(self.generation)
+            self.cycles += 1
+
+    def _hold_slot(self, arrays: list) -> None:
+        """Attaches ``arrays`` as the new slot; they stay valid until the next release."""
+        self._check_thread("advance")
+        self.generation += 1
+        for array in arrays:
+            self._attach(array, self.generation)
+
     def _destroy(self) -> None:
         self._invalidate_through(self.generation)
         self._depth = 0

@@ -8,7 +8,7 @@ NONE, each step runs in a workspace cycle, and nothing is read back unless asked
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,14 +17,16 @@ import optax
 
 from jaxws.configuration import SpillPolicy, WorkspaceConfiguration
 from jaxws.data.dataset import DataSet
-from jaxws.errors import WorkspaceError
+from jaxws.data.iterators import ArrayDataSetIterator, as_dataset, from_iterable
+from jaxws.data.prefetch import AsyncDataSetIterator
+from jaxws.errors import AsyncIteratorError, InvalidBatchError, WorkspaceError
 from jaxws.manager import get_workspace_manager
 from jaxws.nn.listeners import TrainingListener
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.step import WorkspaceFunction, jit
 from jaxws.workspace import Workspace, check_arrays, detach, leverage_to
 
-__all__ = ["Model", "FunctionalModel", "TrainState", "to_dataset"]
+__all__ = ["Model", "FunctionalModel", "TrainState"]
 
 TRAINING_WORKSPACE = "WS_TRAINING"
 TRAINING_CONF = WorkspaceConfiguration(policy_spill=SpillPolicy.REALLOCATE)
@@ -36,22 +38,6 @@ class TrainState(NamedTuple):
     params: Any
     state: Any  # non-trainable layer state (batch-norm statistics, dropout keys)
     opt_state: Any
-
-
-def to_dataset(item: Any) -> DataSet:
-    """A DataSet from a DataSet, an ``(x, y)`` pair or a dict with features/labels."""
-    if isinstance(item, DataSet):
-        return item
-    if isinstance(item, (tuple, list)) and len(item) in (2, 3, 4):
-        return DataSet(*item)
-    if isinstance(item, dict):
-        keys = {"features": ("features", "x"), "labels": ("labels", "y"),
-                "features_mask": ("features_mask",), "labels_mask": ("labels_mask",)}
-        return DataSet(**{k: next((item[n] for n in names if n in item), None) for k, names in keys.items()})
-    raise TypeError(
-        f"Expected a DataSet, an (x, y) pair or a dict with 'features' and 'labels'; got "
-        f"{type(item).__name__}."
-    )
 
 
 class Model(abc.ABC):
@@ -174,32 +160,33 @@ class Model(abc.ABC):
 
     # -- fit / output / score --------------------------------------------------------------
 
-    def _batches(self, data: Any, epochs: int, batch_size: int | None) -> Callable[[], Iterable]:
+    def _source(self, data: Any, epochs: int, batch_size: int | None, op: str, prefetch: int):
+        """What one pass iterates: a list of batches, or an iterator (async-wrapped if it may be)."""
         if _is_single_batch(data):
-            ds = to_dataset(data)
-            batches = ds.split(batch_size) if batch_size else [ds]
-            return lambda: batches
-        if batch_size:
+            ds = as_dataset(data)
+            if not batch_size:
+                return [ds]
+            data = ArrayDataSetIterator(ds.features, ds.labels, batch_size,
+                                        features_mask=ds.features_mask, labels_mask=ds.labels_mask)
+        elif batch_size:
             raise ValueError(
-                f"fit(batch_size={batch_size}): batch_size splits one DataSet or (x, y) pair; "
+                f"{op}(batch_size={batch_size}): batch_size splits one DataSet or (x, y) pair; "
                 "an iterator already yields batches."
             )
         if isinstance(data, (tuple, list)):
-            return lambda: data  # a sequence of batches
-        if hasattr(data, "reset"):
-            def again():
-                if getattr(data, "reset_supported", True):
-                    data.reset()
-                return data
-            return again
-        if isinstance(data, Iterator):
+            return data  # batches in memory
+        if not hasattr(data, "__next__"):
+            data = from_iterable(data)  # an iterable: restartable
+        elif not hasattr(data, "reset"):
             if epochs > 1:
                 raise ValueError(
-                    f"fit(epochs={epochs}) got a one-shot iterator; pass something that can be "
-                    "iterated again (a list, an ArrayDataSetIterator, or an iterable)."
+                    f"{op}(epochs={epochs}) got a one-shot iterator; pass something that can be "
+                    "iterated again (a list, an ArrayDataSetIterator, or from_iterable(lambda: ...))."
                 )
-            return lambda: data
-        return lambda: data  # an iterable: iter() each epoch
+            data = from_iterable(data)
+        if prefetch and getattr(data, "async_supported", False):
+            return AsyncDataSetIterator(data, prefetch, callback=lambda ds: self._check_batch(ds, op))
+        return data
 
     def fit(
         self,
@@ -208,10 +195,13 @@ class Model(abc.ABC):
         *,
         batch_size: int | None = None,
         progress: bool = True,
+        prefetch: int = 8,
     ) -> Model:
         """Trains on ``data``: a DataSet, an ``(x, y)`` pair, or an iterable of those.
 
-        Each step runs in a workspace cycle (except in NONE mode) with the carry donated;
+        Iterators that support it (``async_supported``) are wrapped in an
+        AsyncDataSetIterator that prefetches ``prefetch`` batches onto the device. Each
+        step runs in a workspace cycle (except in NONE mode) with the carry donated;
         nothing is read back from the device unless a listener reads the loss.
 
         Args:
@@ -219,38 +209,50 @@ class Model(abc.ABC):
             epochs: passes over ``data``.
             batch_size: split a single DataSet / pair into batches of this size.
             progress: show tqdm progress bars.
+            prefetch: async queue size (0: no background thread).
 
         Returns:
             self.
         """
         from tqdm.auto import tqdm
 
-        carry = self._require_init()
+        self._require_init()
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"fit(epochs={epochs!r}): expected an int >= 1.")
-        del carry
-        batches = self._batches(data, epochs, batch_size)
+        source = self._source(data, epochs, batch_size, "fit", prefetch)
+        checked = isinstance(source, AsyncDataSetIterator)  # its thread ran _check_batch
         mode = self.training_workspace_mode
         step = self.compiled_step(mode)
         manager = get_workspace_manager()
-        epoch_bar = tqdm(range(epochs), desc="epochs", disable=not progress or epochs == 1, leave=False)
-        for _ in epoch_bar:
-            for listener in self.listeners:
-                listener.on_epoch_start(self, self.epoch)
-            source = batches()
-            total = len(source) if hasattr(source, "__len__") else None
-            for item in tqdm(source, total=total, desc=f"epoch {self.epoch}", disable=not progress, leave=False):
-                ds = self._device_batch(to_dataset(item), "fit")
-                if mode.donates:
-                    with manager.get_workspace_for_current_thread(TRAINING_CONF, TRAINING_WORKSPACE):
+        try:
+            for e in tqdm(range(epochs), desc="epochs", disable=not progress or epochs == 1, leave=False):
+                if e and hasattr(source, "reset"):
+                    source.reset()
+                for listener in self.listeners:
+                    listener.on_epoch_start(self, self.epoch)
+                try:
+                    total = len(source)
+                except TypeError:
+                    total = None
+                for item in tqdm(source, total=total, desc=f"epoch {self.epoch}", disable=not progress, leave=False):
+                    ds = self._device_batch(as_dataset(item), "fit", checked)
+                    if mode.donates:
+                        with manager.get_workspace_for_current_thread(TRAINING_CONF, TRAINING_WORKSPACE):
+                            self._carry, loss = step(self._carry, ds)
+                            self._after_iteration(loss)
+                    else:
                         self._carry, loss = step(self._carry, ds)
                         self._after_iteration(loss)
-                else:
-                    self._carry, loss = step(self._carry, ds)
-                    self._after_iteration(loss)
-            for listener in self.listeners:
-                listener.on_epoch_end(self, self.epoch)
-            self.epoch += 1
+                for listener in self.listeners:
+                    listener.on_epoch_end(self, self.epoch)
+                self.epoch += 1
+        except AsyncIteratorError as e:
+            if isinstance(e.__cause__, InvalidBatchError):
+                raise e.__cause__  # our own check, run in the prefetch thread: say it plainly
+            raise
+        finally:
+            if source is not data and isinstance(source, AsyncDataSetIterator):
+                source.close()
         return self
 
     def _after_iteration(self, loss: jax.Array) -> None:
@@ -258,9 +260,10 @@ class Model(abc.ABC):
         for listener in self.listeners:
             listener.iteration_done(self, self.iteration, self.epoch, loss)
 
-    def _device_batch(self, ds: DataSet, op: str) -> DataSet:
+    def _device_batch(self, ds: DataSet, op: str, checked: bool = False) -> DataSet:
         # stale (leaked, outdated, donated) arrays are refused by the jaxws.jit step itself
-        self._check_batch(ds, op)
+        if not checked:
+            self._check_batch(ds, op)
         return jax.tree.map(_to_device, ds)
 
     def _inference_fn(self, training: bool) -> WorkspaceFunction:
@@ -319,8 +322,8 @@ class Model(abc.ABC):
             self._score_fn = jit(score)
         total, count = jnp.zeros(()), 0
         with get_workspace_manager().scope_out_of_workspaces():
-            for item in self._batches(data, 1, batch_size)():
-                ds = self._device_batch(to_dataset(item), "score")
+            for item in self._source(data, 1, batch_size, "score", prefetch=0):
+                ds = self._device_batch(as_dataset(item), "score")
                 total = total + self._score_fn(carry.params, carry.state, ds) * ds.num_examples
                 count += ds.num_examples
         if count == 0:
@@ -332,7 +335,7 @@ class Model(abc.ABC):
         from jaxws.memory import residual_bytes
 
         carry = self._require_init()
-        ds = self._device_batch(to_dataset(data), "residual_bytes")
+        ds = self._device_batch(as_dataset(data), "residual_bytes")
         mode = mode or self.training_workspace_mode
         return residual_bytes(lambda p: self._loss(p, carry.state, ds, True, mode)[0], carry.params)
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxws.data.dataset import DataSet
+from jaxws.errors import InvalidBatchError
 from jaxws.manager import get_workspace_manager
 from jaxws.memory import format_bytes
 from jaxws.nn.conf import NeuralNetConfiguration
@@ -167,7 +168,7 @@ class MultiLayerNetwork(Model):
         fits = len(got) == len(expected) + 1 and all(e is None or e == g for e, g in zip(expected, got[1:]))
         if not fits:
             want = ", ".join(["batch", *("time" if d is None else str(d) for d in expected)])
-            raise ValueError(
+            raise InvalidBatchError(
                 f"{op}: layer 0 ({first.describe()}, class {type(first).__name__}) expects "
                 f"features of shape [{want}], received {list(got)}."
                 + (" Sequences are [batch, time, features]." if len(expected) == 2 else "")
@@ -180,20 +181,20 @@ class MultiLayerNetwork(Model):
         labels = np.shape(ds.labels)
         sparse = out.loss in ("mcxent", "negativeloglikelihood") and labels == out_shape[:-1]
         if labels != out_shape and not sparse:
-            raise ValueError(
+            raise InvalidBatchError(
                 f"{op}: layer {index} ({out.describe()}, class {type(out).__name__}, loss "
                 f"{out.loss}) expects labels of shape {out.labels_shape(out_shape)}, received "
                 f"{list(labels)}."
             )
         if sparse and isinstance(ds.labels, np.ndarray) and ds.labels.size:
             if not np.issubdtype(ds.labels.dtype, np.integer):
-                raise ValueError(
+                raise InvalidBatchError(
                     f"{op}: integer class labels for layer {index} ({type(out).__name__}) must "
                     f"have an integer dtype, got {ds.labels.dtype}."
                 )
             low, high = int(ds.labels.min()), int(ds.labels.max())
             if low < 0 or high >= out.n_out:
-                raise ValueError(
+                raise InvalidBatchError(
                     f"{op}: labels out of range for loss {out.loss} of layer {index} "
                     f"({type(out).__name__}, n_out={out.n_out}): found classes {low}..{high}, "
                     f"expected 0..{out.n_out - 1}."

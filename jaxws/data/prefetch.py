@@ -1,0 +1,353 @@
+"""AsyncDataSetIterator: a prefetch thread filling a bounded ring of device batches.
+
+A named daemon thread pulls from the base iterator, pads dynamic axes to a capacity
+bucket, puts each batch on the device (or shards it), and hands it over through a bounded
+queue as ``(element, exception)``. A yielded batch is valid until the next ``next()``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import weakref
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from jaxws.configuration import ResetPolicy, WorkspaceConfiguration
+from jaxws.data.dataset import DataSet, MultiDataSet
+from jaxws.data.iterators import DataSetIterator, as_dataset, from_iterable
+from jaxws.errors import AsyncIteratorError, WorkspaceError
+from jaxws.manager import get_workspace_manager
+from jaxws.memory import tree_bytes
+from jaxws.workspace import _pad_to
+
+__all__ = [
+    "AsyncDataSetIterator",
+    "AsyncMultiDataSetIterator",
+    "AsyncShieldDataSetIterator",
+    "AsyncShieldMultiDataSetIterator",
+]
+
+log = logging.getLogger("jaxws")
+_END = object()
+_ids = itertools.count()
+_RING_CONF = WorkspaceConfiguration(policy_reset=ResetPolicy.ENDOFBUFFER_REACHED, steps_number=1)
+
+
+class _Preparer:
+    """The worker's half: pad, place on the device, learn the ring's slot size.
+
+    Holds no reference to the iterator, so an abandoned iterator can be collected.
+    """
+
+    def __init__(self, iterator_id, config, device, sharding, callback, pad_axis):
+        self.iterator_id = iterator_id
+        self.config = config
+        self.device = device
+        self.sharding = sharding
+        self.callback = callback
+        self.pad_axis = pad_axis
+        self.slot_bytes = 0
+        self.reallocations = 0
+        self.capacity: int | None = None
+        self.shapes: set = set()
+
+    def __call__(self, item: Any):
+        ds = as_dataset(item)
+        if self.callback is not None:
+            ds = self.callback(ds) or ds
+        if self.pad_axis is not None:
+            ds = self._pad(ds)
+        self._learn(tree_bytes(ds))
+        self.shapes.add(tuple(np.shape(x) for x in jax.tree.leaves(ds)))
+        if self.sharding is not None:
+            return jax.tree.map(
+                lambda x: jax.make_array_from_process_local_data(self.sharding, np.asarray(x)), ds
+            )
+        return jax.device_put(ds, self.device)
+
+    def _learn(self, nbytes: int) -> None:
+        if not self.slot_bytes:
+            self.slot_bytes = self.config.round_up(nbytes)
+        elif nbytes > self.slot_bytes:
+            first = self.reallocations == 0
+            self.slot_bytes = self.config.round_up(nbytes)
+            self.reallocations += 1
+            if first:
+                log.warning(
+                    "[%s]: a batch of %d bytes outgrew the ring slot learned from the first "
+                    "batch; the ring grew to %d bytes per slot. If your iterator builds large "
+                    "objects in its first next() call, build them in its constructor instead.",
+                    self.iterator_id, nbytes, self.slot_bytes,
+                )
+
+    def _pad(self, ds: Any) -> DataSet:
+        if not isinstance(ds, DataSet):
+            raise ValueError(f"[{self.iterator_id}]: pad_axis works on DataSet batches, got {type(ds).__name__}.")
+        axis = self.pad_axis
+        x = np.asarray(ds.features)
+        length = x.shape[axis]
+        if self.capacity is None or length > self.capacity:
+            self.capacity = self.config.allocate(length)
+        cap = self.capacity
+        lead = x.shape[: axis + 1]
+        own = np.broadcast_to(np.arange(lead[-1]) < length, lead).astype(np.float32)
+
+        def mask(existing):
+            m = own if existing is None else np.asarray(existing, np.float32)
+            return _pad_to(m, axis, cap, 0)
+
+        labels, labels_mask = ds.labels, ds.labels_mask
+        if labels is not None and np.ndim(labels) > axis and np.shape(labels)[axis] == length:
+            labels = _pad_to(np.asarray(labels), axis, cap, 0)
+            labels_mask = mask(labels_mask)
+        return DataSet(_pad_to(x, axis, cap, 0), labels, mask(ds.features_mask), labels_mask)
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _produce(base, q: queue.Queue, stop: threading.Event, prepare: Callable) -> None:
+    try:
+        for item in base:
+            if stop.is_set():
+                return
+            if not _put(q, (prepare(item), None), stop):
+                return
+        _put(q, (_END, None), stop)
+    except BaseException as e:  # noqa: BLE001 - every failure crosses to the consumer
+        _put(q, (None, e), stop)
+
+
+def _shutdown(stop: threading.Event, q: queue.Queue, thread: threading.Thread) -> None:
+    stop.set()
+    while True:  # unblock a worker waiting to put
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            break
+    if thread is not threading.current_thread():
+        thread.join()
+
+
+class AsyncDataSetIterator(DataSetIterator):
+    """Prefetches batches onto the device in a background thread (DL4J's async iterator).
+
+    At most ``queue_size + 2`` batches are alive on the device whatever the consumer does:
+    ``queue_size`` in the queue, one being placed, and the one handed out last. With
+    ``use_workspace=True`` a batch belongs to the iterator's ring workspace: the next
+    ``next()`` invalidates it and frees its memory, and passing it to a jaxws entry point
+    afterwards raises OutdatedWorkspacePointerError; ``batch.detach()`` keeps it.
+
+    Args:
+        base: an iterator (or iterable) of DataSets, ``(x, y)`` pairs or dicts.
+        queue_size: batches prefetched; below 2 is raised to 2, as in DL4J.
+        use_workspace: invalidate each batch when the next is taken (the ring).
+        device: the device to put batches on (default: the default device).
+        sharding: a sharding to lay batches out as global arrays (every leaf, with
+            ``jax.make_array_from_process_local_data``, so it works across processes).
+        callback: called with each host batch in the prefetch thread; may return a
+            replacement (validation, transformation).
+        pad_axis: a dynamic axis (1 for the time of ``[batch, time, features]``) padded to a
+            capacity that grows by the allocation policy, with masks built; the number of
+            distinct shapes stays logarithmic in the length range.
+        config: the allocation policy for the slot size and the capacity (default:
+            OVERALLOCATE with limit 1.0, so capacities double).
+
+    Example:
+        >>> import numpy as np
+        >>> from jaxws.data import ArrayDataSetIterator, AsyncDataSetIterator
+        >>> base = ArrayDataSetIterator(np.ones((10, 3)), np.zeros(10), batch_size=4)
+        >>> with AsyncDataSetIterator(base, queue_size=2) as it:
+        ...     print([b.num_examples for b in it])
+        [4, 4, 2]
+    """
+
+    _batch_type = DataSet
+
+    def __init__(
+        self,
+        base: Any,
+        queue_size: int = 8,
+        *,
+        use_workspace: bool = True,
+        device: jax.Device | None = None,
+        sharding: jax.sharding.Sharding | None = None,
+        callback: Callable[[Any], Any] | None = None,
+        pad_axis: int | None = None,
+        config: WorkspaceConfiguration | None = None,
+    ):
+        name = type(self).__name__
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
+            raise ValueError(f"{name}(queue_size={queue_size!r}): expected an int >= 0 (batches to prefetch).")
+        if device is not None and sharding is not None:
+            raise ValueError(f"{name}: pass device= or sharding=, not both.")
+        if pad_axis is not None and (isinstance(pad_axis, bool) or not isinstance(pad_axis, int) or pad_axis < 0):
+            raise ValueError(f"{name}(pad_axis={pad_axis!r}): expected an axis index >= 0 (1 = time).")
+        if not hasattr(base, "__next__"):
+            base = from_iterable(base)
+        self.id = f"ASYNC_ITERATOR_{next(_ids)}"
+        self.base = base
+        self.queue_size = max(2, queue_size)
+        self.use_workspace = use_workspace
+        self.config = config or WorkspaceConfiguration(overallocation_limit=1.0)
+        self._prepare = _Preparer(self.id, self.config, device, sharding, callback, pad_axis)
+        self._ring = None
+        self._closed = False
+        self._exhausted = False
+        self._produced = 0
+        self._start()
+
+    # -- the worker ------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=self.queue_size)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=_produce, args=(self.base, self._queue, self._stop, self._prepare),
+            name=f"jaxws-prefetch-{self.id}", daemon=True,
+        )
+        self._thread.start()
+        self._finalizer = weakref.finalize(self, _shutdown, self._stop, self._queue, self._thread)
+
+    def _stop_worker(self) -> None:
+        self._finalizer()  # idempotent: stop, drain, join
+
+    # -- the consumer ----------------------------------------------------------------------
+
+    def _ring_workspace(self):
+        if self._ring is None or self._ring.is_destroyed:
+            self._ring = get_workspace_manager().get_workspace_for_current_thread(_RING_CONF, self.id)
+        return self._ring
+
+    def __next__(self):
+        if self._closed:
+            raise WorkspaceError(
+                f"[{self.id}] is closed; create a new iterator (or call reset() before close())."
+            )
+        if self._exhausted:
+            raise StopIteration
+        ring = self._ring_workspace() if self.use_workspace else None
+        if ring is not None:
+            ring._release_slot()  # before taking the next: the ring bound holds
+        item, error = self._queue.get()
+        if error is not None:
+            index = self._produced
+            self.close()
+            raise AsyncIteratorError(self.id, index) from error
+        if item is _END:
+            self._exhausted = True
+            raise StopIteration
+        self._produced += 1
+        if ring is not None:
+            ring._hold_slot(jax.tree.leaves(item))
+            ring.current_size = self._prepare.slot_bytes * (self.queue_size + 2)
+            ring.reallocations = self._prepare.reallocations
+        return item
+
+    def reset(self) -> None:
+        """Drains the queue, restarts the base iterator and the prefetch thread."""
+        if self._closed:
+            raise WorkspaceError(f"[{self.id}] is closed; create a new iterator.")
+        if not getattr(self.base, "reset_supported", True):
+            raise ValueError(f"[{self.id}]: the base iterator does not support reset().")
+        self._stop_worker()
+        if self._ring is not None and self.use_workspace:
+            self._ring._release_slot()
+        self.base.reset()
+        self._exhausted = False
+        self._produced = 0
+        self._start()
+
+    def close(self) -> None:
+        """Stops and joins the prefetch thread and frees the ring; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_worker()
+        ring, self._ring = self._ring, None
+        if ring is not None and ring._owner == threading.get_ident():
+            get_workspace_manager().destroy_workspace(ring)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @property
+    def reset_supported(self) -> bool:
+        return getattr(self.base, "reset_supported", True)
+
+    @property
+    def async_supported(self) -> bool:
+        return False  # already asynchronous
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one ring slot, learned from the first batch."""
+        return self._prepare.slot_bytes
+
+    @property
+    def reallocations(self) -> int:
+        """How often a larger batch grew the ring slot."""
+        return self._prepare.reallocations
+
+    @property
+    def capacity(self) -> int | None:
+        """The current capacity of ``pad_axis``."""
+        return self._prepare.capacity
+
+    @property
+    def num_shapes(self) -> int:
+        """Distinct batch shapes produced so far (each one compiles a step once)."""
+        return len(self._prepare.shapes)
+
+    @property
+    def workspace(self):
+        """The ring workspace (None before the first batch or with use_workspace=False)."""
+        return self._ring
+
+
+class AsyncMultiDataSetIterator(AsyncDataSetIterator):
+    """AsyncDataSetIterator for MultiDataSet batches (several inputs and outputs)."""
+
+
+class AsyncShieldDataSetIterator(DataSetIterator):
+    """A pass-through that forbids async wrapping: ``fit`` never prefetches it (debugging)."""
+
+    async_supported = False
+
+    def __init__(self, base: Any):
+        self.base = base if hasattr(base, "__next__") else from_iterable(base)
+
+    def __next__(self):
+        return next(self.base)
+
+    def reset(self) -> None:
+        self.base.reset()
+
+    @property
+    def reset_supported(self) -> bool:
+        return getattr(self.base, "reset_supported", True)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+class AsyncShieldMultiDataSetIterator(AsyncShieldDataSetIterator):
+    """AsyncShieldDataSetIterator for MultiDataSet iterators."""

@@ -1,0 +1,313 @@
+"""DataSet, base iterators, AsyncDataSetIterator: order, ring bound, faults, threads, padding."""
+
+import gc
+import logging
+import math
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxws
+from jaxws.data import (
+    ArrayDataSetIterator,
+    AsyncDataSetIterator,
+    AsyncMultiDataSetIterator,
+    AsyncShieldDataSetIterator,
+    DataSet,
+    MultiDataSet,
+    from_iterable,
+)
+
+
+def prefetch_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("jaxws-prefetch")]
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left_behind():
+    yield
+    gc.collect()
+    deadline = time.monotonic() + 2
+    while prefetch_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert prefetch_threads() == []
+
+
+def arrays(n=50, d=3, seed=0):
+    r = np.random.default_rng(seed)
+    return r.normal(size=(n, d)).astype(np.float32), r.integers(0, 4, n).astype(np.int32)
+
+
+# -- DataSet and base iterators ----------------------------------------------------------
+
+
+def test_dataset_is_a_pytree_with_split_merge_detach():
+    x, y = arrays(10)
+    ds = DataSet(x, y)
+    assert jax.tree.structure(ds).num_leaves == 2 and ds.num_examples == 10
+    parts = ds.split(4)
+    assert [p.num_examples for p in parts] == [4, 4, 2]
+    merged = DataSet.merge(parts)
+    np.testing.assert_array_equal(merged.features, x)
+    assert merged.features_mask is None
+    kept = DataSet(jnp.asarray(x), jnp.asarray(y)).detach()
+    assert not jaxws.is_attached(kept.features)
+    with pytest.raises(ValueError, match="n=0"):
+        ds.split(0)
+
+
+def test_merge_pads_sequences_and_builds_masks():
+    a = DataSet(np.ones((2, 3, 1)), np.ones((2, 3, 2)), labels_mask=np.array([[1, 1, 0], [1, 1, 1]]))
+    b = DataSet(np.ones((1, 5, 1)), np.ones((1, 5, 2)))
+    m = DataSet.merge([a, b])
+    assert m.features.shape == (3, 5, 1) and m.labels.shape == (3, 5, 2)
+    np.testing.assert_array_equal(m.features_mask.sum(1), [3, 3, 5])
+    np.testing.assert_array_equal(m.labels_mask.sum(1), [2, 3, 5])
+    assert (m.features[0, 3:] == 0).all()
+
+
+def test_multidataset():
+    m = MultiDataSet(features=(np.ones((6, 2)), np.ones((6, 4))), labels=(np.zeros(6),))
+    assert m.num_examples == 6 and [p.num_examples for p in m.split(4)] == [4, 2]
+
+
+def test_array_iterator_shuffles_per_epoch_and_drops_last():
+    x, y = arrays(10)
+    it = ArrayDataSetIterator(x, y, 4, shuffle=True, seed=1, drop_last=True)
+    first = np.concatenate([b.labels for b in it])
+    assert len(first) == 8 and len(it) == 2
+    it.reset()
+    second = np.concatenate([b.labels for b in it])
+    assert not np.array_equal(first, second)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        ArrayDataSetIterator(x, y, 0)
+    with pytest.raises(ValueError, match="x has 10 examples but y has 3"):
+        ArrayDataSetIterator(x, y[:3], 2)
+
+
+def test_from_iterable_accepts_pairs_dicts_and_datasets():
+    x, y = arrays(4)
+    items = [(x, y), {"features": x, "labels": y}, DataSet(x, y), {"x": x, "y": y}]
+    assert all(isinstance(d, DataSet) for d in from_iterable(items))
+    gen = from_iterable((b for b in items))
+    assert not gen.reset_supported
+    list(gen)
+    with pytest.raises(ValueError, match="cannot restart"):
+        gen.reset()
+    with pytest.raises(ValueError, match="unknown keys"):
+        next(from_iterable([{"inputs": x}]))
+
+
+# -- AsyncDataSetIterator ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("queue_size", [0, 1, 2, 8, 64])
+def test_async_yields_the_base_order_and_contents(queue_size):
+    x, y = arrays(53)
+    expected = [(b.features, b.labels) for b in ArrayDataSetIterator(x, y, 5, shuffle=True, seed=3)]
+    with AsyncDataSetIterator(ArrayDataSetIterator(x, y, 5, shuffle=True, seed=3), queue_size) as it:
+        assert it.queue_size == max(2, queue_size)
+        got = [(np.asarray(b.features), np.asarray(b.labels)) for b in it]
+    assert len(got) == len(expected) == 11
+    for (gx, gy), (ex, ey) in zip(got, expected):
+        np.testing.assert_array_equal(gx, ex)
+        np.testing.assert_array_equal(gy, ey)
+
+
+def live_batches(shape):
+    return sum(1 for a in jax.live_arrays() if a.shape == shape and not a.is_deleted())
+
+
+@pytest.mark.parametrize("queue_size", [2, 5])
+def test_ring_bound_holds_with_a_slow_consumer_that_keeps_everything(queue_size):
+    shape = (7, 11)
+    base = from_iterable(lambda: (np.full(shape, i, np.float32) for i in range(40)))
+    held, peak = [], 0
+    with AsyncDataSetIterator(base, queue_size) as it:
+        for batch in it:
+            held.append(batch)  # the consumer keeps references to every batch
+            time.sleep(0.005)
+            peak = max(peak, live_batches(shape))
+        assert all(b.features.is_deleted() for b in held[:-1])
+    assert 2 < peak <= queue_size + 2
+
+
+def test_stale_batch_raises_outdated_with_the_iterator_workspace():
+    x, y = arrays(20)
+    with AsyncDataSetIterator(ArrayDataSetIterator(x, y, 5), 2) as it:
+        first = next(it)
+        kept = first.detach()
+        second = next(it)
+        with pytest.raises(jaxws.OutdatedWorkspacePointerError) as info:
+            jaxws.detach(first)
+        assert f"workspace [{it.id}]" in str(info.value)
+        np.testing.assert_array_equal(second.features, x[5:10])
+    np.testing.assert_array_equal(kept.features, x[:5])
+    with pytest.raises(jaxws.LeakedWorkspacePointerError):  # closed: the ring is destroyed
+        jaxws.detach(second)
+
+
+def test_detached_batch_survives_a_hundred_more():
+    base = from_iterable(lambda: (np.full((3,), i, np.float32) for i in range(101)))
+    with AsyncDataSetIterator(base) as it:
+        kept = next(it).detach()
+        assert sum(1 for _ in it) == 100
+    np.testing.assert_array_equal(kept.features, 0.0)
+
+
+@pytest.mark.parametrize("k", [0, 1, 5])
+def test_exception_at_batch_k_surfaces_at_batch_k(k):
+    def loader():
+        for i in range(10):
+            if i == k:
+                raise KeyError(f"bad record {i}")
+            yield np.ones((2, 2)), np.zeros(2)
+
+    it = AsyncDataSetIterator(from_iterable(loader), 4)
+    for _ in range(k):
+        next(it)
+    with pytest.raises(jaxws.AsyncIteratorError, match=f"batch {k}") as info:
+        next(it)
+    assert isinstance(info.value.__cause__, KeyError)
+    assert "loader" in "".join(__import__("traceback").format_tb(info.value.__cause__.__traceback__))
+    with pytest.raises(jaxws.WorkspaceError, match="is closed"):
+        next(it)
+
+
+def test_reset_mid_stream_restarts():
+    x, y = arrays(30)
+    with AsyncDataSetIterator(ArrayDataSetIterator(x, y, 4), 3) as it:
+        next(it), next(it)
+        it.reset()
+        got = np.concatenate([np.asarray(b.features) for b in it])
+    np.testing.assert_array_equal(got, x)
+
+
+def test_close_is_idempotent_and_leaves_no_thread():
+    it = AsyncDataSetIterator(from_iterable(lambda: (np.ones(2) for _ in range(1000))), 2)
+    next(it)
+    it.close()
+    it.close()
+    assert prefetch_threads() == []
+    with pytest.raises(jaxws.WorkspaceError, match="closed"):
+        next(it)
+
+
+def test_an_abandoned_iterator_is_collected_and_its_thread_joined():
+    it = AsyncDataSetIterator(from_iterable(lambda: (np.ones(2) for _ in range(1000))), 2)
+    next(it)
+    assert len(prefetch_threads()) == 1
+    del it
+    gc.collect()
+    assert prefetch_threads() == []
+
+
+def test_larger_batch_grows_the_slot_once_with_one_warning(caplog):
+    sizes = [4, 4, 16, 4, 64]  # 48-byte batches learn a 96-byte slot (limit 1.0), then grow twice
+    base = from_iterable([(np.ones((n, 2), np.float32), np.zeros(n, np.float32)) for n in sizes])
+    with caplog.at_level(logging.WARNING, logger="jaxws"):
+        with AsyncDataSetIterator(base) as it:
+            list(it)
+            assert it.reallocations == 2 and it.slot_bytes == 2 * 64 * 12
+    warnings = [r for r in caplog.records if "outgrew the ring slot" in r.message]
+    assert len(warnings) == 1 and "constructor" in warnings[0].message
+
+
+def test_variable_length_series_compile_within_the_bound():
+    r = np.random.default_rng(0)
+    lengths = [5] + list(r.integers(5, 300, size=60))
+    base = from_iterable([(np.ones((2, n, 3), np.float32), np.ones((2, n), np.int32)) for n in lengths])
+    total = jaxws.jit(lambda ds: jnp.sum(ds.features_mask, axis=1))
+    with AsyncDataSetIterator(base, pad_axis=1) as it:
+        for n, ds in zip(lengths, it):
+            assert ds.features.shape[1] == ds.labels.shape[1] >= n  # a capacity bucket
+            np.testing.assert_array_equal(jaxws.detach(total(ds)), [n, n])
+            np.testing.assert_array_equal(ds.labels_mask, ds.features_mask)
+        bound = math.ceil(math.log2(max(lengths) / min(lengths))) + 1
+        assert 1 < it.num_shapes <= bound and total.compiles == it.num_shapes
+
+
+def test_ten_thousand_small_batches_keep_live_bytes_flat():
+    base = from_iterable(lambda: ((np.ones((4, 4), np.float32), np.ones(4, np.int32)) for _ in range(10_000)))
+    samples = []
+    with AsyncDataSetIterator(base, 4) as it:
+        for i, batch in enumerate(it):
+            if i % 1000 == 999:
+                samples.append(jaxws.memory.live_bytes())
+    assert max(samples) - min(samples) <= 6 * 80, samples
+
+
+def test_sharded_prefetch_over_eight_devices():
+    mesh = jax.make_mesh((8,), ("data",))
+    sharding = jax.NamedSharding(mesh, jax.P("data"))
+    x, y = arrays(64)
+    with AsyncDataSetIterator(ArrayDataSetIterator(x, y, 16), sharding=sharding) as it:
+        batch = next(it)
+        assert batch.features.sharding == sharding and batch.labels.sharding == sharding
+        assert len(batch.features.addressable_shards) == 8
+        assert batch.features.addressable_shards[0].data.shape == (2, 3)
+        np.testing.assert_array_equal(batch.features, x[:16])
+
+
+def test_multi_dataset_iterator():
+    m = [MultiDataSet(features=(np.ones((2, 3)), np.zeros((2, 1))), labels=(np.ones(2),)) for _ in range(3)]
+    with AsyncMultiDataSetIterator(from_iterable(m)) as it:
+        got = list(it)
+    assert len(got) == 3 and isinstance(got[0], MultiDataSet)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="queue_size=-1"):
+        AsyncDataSetIterator([], -1)
+    with pytest.raises(ValueError, match="not both"):
+        AsyncDataSetIterator([], device=jax.devices()[0], sharding=jax.NamedSharding(jax.make_mesh((8,), ("d",)), jax.P()))
+    with pytest.raises(ValueError, match="pad_axis=-1"):
+        AsyncDataSetIterator([], pad_axis=-1)
+
+
+# -- fit uses it --------------------------------------------------------------------------
+
+
+def small_net():
+    conf = jaxws.nn.NeuralNetConfiguration(
+        layers=[jaxws.nn.Dense(8, activation="tanh"), jaxws.nn.OutputLayer(4)],
+        input_shape=(3,), updater=optax.sgd(0.1))
+    return jaxws.nn.MultiLayerNetwork(conf).init()
+
+
+def test_fit_prefetches_iterators_and_equals_in_memory_batches():
+    x, y = arrays(40)
+    a, b = small_net(), small_net()
+    a.fit((x, y), epochs=3, batch_size=8, progress=False)  # ArrayDataSetIterator, async
+    b.fit(DataSet(x, y).split(8), epochs=3, progress=False)  # a list: no thread
+    jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-6), a.params, b.params)
+    assert a.iteration == b.iteration == 15
+
+
+def test_fit_reports_bad_batches_from_the_prefetch_thread_plainly():
+    x, y = arrays(40)
+    net = small_net()
+    with pytest.raises(jaxws.InvalidBatchError, match=r"found classes 0\.\.7, expected 0\.\.3"):
+        net.fit((x, np.arange(40, dtype=np.int32) % 10), batch_size=8, progress=False)
+
+
+def test_shield_is_never_wrapped():
+    x, y = arrays(16)
+    seen = []
+
+    def loader():
+        for i in range(2):
+            seen.append(threading.current_thread().name)
+            yield x[i * 8:(i + 1) * 8], y[i * 8:(i + 1) * 8]
+
+    net = small_net()
+    net.fit(AsyncShieldDataSetIterator(from_iterable(loader)), progress=False)
+    assert seen == ["MainThread", "MainThread"]
+    seen.clear()
+    net.fit(from_iterable(loader), progress=False)
+    assert seen and all(name.startswith("jaxws-prefetch") for name in seen)
