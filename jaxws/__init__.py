@@ -14,6 +14,7 @@ from jaxws.configuration import WorkspaceConfiguration
 from jaxws.errors import AsyncIteratorError
 from jaxws.errors import DeletedArrayError
 from jaxws.errors import DonationError
+from jaxws.errors import EvaluationError
 from jaxws.errors import InvalidBatchError
 from jaxws.errors import LeakedWorkspacePointerError
 from jaxws.errors import OutdatedWorkspacePointerError
@@ -38,6 +39,7 @@ from jaxws.workspace import is_attached
 from jaxws.workspace import leverage_to
 
 from jaxws import data  # noqa: E402  (subpackages, after the core they build on)
+from jaxws import eval  # noqa: E402,A004
 from jaxws import nn  # noqa: E402
 
 __version__ = "0.1.0"
@@ -49,6 +51,7 @@ __all__ = [
     "DeletedArrayError",
     "DonationError",
     "DonationWarning",
+    "EvaluationError",
     "InvalidBatchError",
     "LeakedWorkspacePointerError",
     "LearningPolicy",
@@ -76,5 +79,6 @@ __all__ = [
     "memory",
     "nn",
     "data",
+    "eval",
     "print_allocation_statistics_for_current_thread",
 ]

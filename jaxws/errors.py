@@ -18,6 +18,7 @@ __all__ = [
     "WorkspaceValidationError",
     "AsyncIteratorError",
     "InvalidBatchError",
+    "EvaluationError",
 ]
 
 _FIX = (
@@ -125,3 +126,7 @@ class AsyncIteratorError(WorkspaceError):
 
 class InvalidBatchError(WorkspaceError, ValueError):
     """A batch does not fit the model (shapes, ranks, label range); nothing was donated."""
+
+
+class EvaluationError(WorkspaceError, ValueError):
+    """Labels, predictions or an evaluator's configuration do not fit together."""
