@@ -18,6 +18,7 @@ def test_destroy_all_returns_live_bytes_to_the_baseline():
     conf = jaxws.WorkspaceConfiguration(policy_reset=jaxws.ResetPolicy.ENDOFBUFFER_REACHED,
                                         steps_number=50)
     x = jnp.ones(1 << 16)
+    gc.collect()  # earlier tests' garbage must not be freed mid-measurement
     baseline = jaxws.memory.live_bytes()
     held = []  # the user still holds every output: only destroy frees them
     for id in ("A", "B"):
