@@ -140,7 +140,10 @@ class Evaluator(abc.ABC):
                 f"{type(self).__name__} has no data: call eval(labels, predictions) or "
                 "net.do_evaluation(data, evaluator) first."
             )
-        return self.compute(self.state)
+        cached = getattr(self, "_computed", None)
+        if cached is None or cached[0] is not self.state:  # one host read per state
+            self._computed = (self.state, self.compute(self.state))
+        return self._computed[1]
 
     @abc.abstractmethod
     def stats(self) -> str:

@@ -145,18 +145,16 @@ class _ROCFamily(Evaluator):
         self._filled = 0
 
     def compute(self, state) -> dict:
-        return {"curves": [self._curve(state, k) for k in range(self.num_outputs or 1)]}
-
-    def _curve(self, state, k: int):
-        """``(tps, fps, thresholds)`` for output ``k``, thresholds descending."""
+        """``(tps, fps, thresholds)`` per output, thresholds descending; one host read."""
+        k = self.num_outputs or 1
         if self.exact:
             n = int(state.count)
-            s, p, w = (np.asarray(x[:n, k], np.float64) for x in state[:3])
-            return _curves(s, p, w)
-        pos = np.asarray(state.positives[k], np.float64)[::-1].cumsum()
-        neg = np.asarray(state.negatives[k], np.float64)[::-1].cumsum()
+            s, p, w = (np.asarray(x)[:n] for x in state[:3])
+            return {"curves": [_curves(s[:, i], p[:, i], w[:, i]) for i in range(k)]}
+        pos = np.asarray(state.positives, np.float64)[:, ::-1].cumsum(axis=1)
+        neg = np.asarray(state.negatives, np.float64)[:, ::-1].cumsum(axis=1)
         thresholds = np.arange(self.threshold_steps, -1, -1) / self.threshold_steps
-        return pos, neg, thresholds
+        return {"curves": [(pos[i], neg[i], thresholds) for i in range(k)]}
 
     def _load(self, state: Any) -> None:
         if isinstance(state, ExactState):
