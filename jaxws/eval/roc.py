@@ -149,7 +149,7 @@ class _ROCFamily(Evaluator):
         k = self.num_outputs or 1
         if self.exact:
             n = int(state.count)
-            s, p, w = (np.asarray(x)[:n] for x in state[:3])
+            s, p, w = (np.asarray(x, np.float64)[:n] for x in state[:3])
             return {"curves": [_curves(s[:, i], p[:, i], w[:, i]) for i in range(k)]}
         pos = np.asarray(state.positives, np.float64)[:, ::-1].cumsum(axis=1)
         neg = np.asarray(state.negatives, np.float64)[:, ::-1].cumsum(axis=1)
