@@ -41,6 +41,7 @@ from jaxws.workspace import leverage_to
 from jaxws import data  # noqa: E402  (subpackages, after the core they build on)
 from jaxws import eval  # noqa: E402,A004
 from jaxws import nn  # noqa: E402
+from jaxws import parallel  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -80,5 +81,6 @@ __all__ = [
     "nn",
     "data",
     "eval",
+    "parallel",
     "print_allocation_statistics_for_current_thread",
 ]

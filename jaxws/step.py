@@ -54,6 +54,14 @@ def _leaf_key(x: Any) -> Any:
     return type(x)
 
 
+def _device_bytes(leaf: Any, aval: Any) -> int:
+    """Bytes of one device's shard: what XLA's per-device memory plan counts."""
+    if isinstance(leaf, jax.Array):
+        shape = leaf.sharding.shard_shape(leaf.shape)
+        return int(np.prod(shape, dtype=np.int64)) * leaf.dtype.itemsize
+    return tree_bytes(aval)
+
+
 def _as_tuple(value: Any) -> tuple:
     if value is None:
         return ()
@@ -243,7 +251,7 @@ class WorkspaceFunction:
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         memory = MemoryPlan.from_compiled(compiled)
-        reused = sum(tree_bytes(infos[i]._aval) for _, i in inherit)
+        reused = sum(_device_bytes(leaves[i], infos[i]._aval) for _, i in inherit)
         if memory is not None and memory.alias_bytes < reused and not unused:
             self._unusable_sharding(
                 f"XLA reuses {format_bytes(memory.alias_bytes)} of the {format_bytes(reused)} donated"

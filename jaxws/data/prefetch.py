@@ -44,8 +44,9 @@ class _Preparer:
     Holds no reference to the iterator, so an abandoned iterator can be collected.
     """
 
-    def __init__(self, iterator_id, config, device, sharding, callback, pad_axis):
+    def __init__(self, iterator_id, config, device, sharding, callback, pad_axis, collate):
         self.iterator_id = iterator_id
+        self.collate = collate
         self.config = config
         self.device = device
         self.sharding = sharding
@@ -57,7 +58,7 @@ class _Preparer:
         self.shapes: set = set()
 
     def __call__(self, item: Any):
-        ds = as_dataset(item)
+        ds = self.collate(item)
         if self.callback is not None:
             ds = self.callback(ds) or ds
         if self.pad_axis is not None:
@@ -164,6 +165,8 @@ class AsyncDataSetIterator(DataSetIterator):
             distinct shapes stays logarithmic in the length range.
         config: the allocation policy for the slot size and the capacity (default:
             OVERALLOCATE with limit 1.0, so capacities double).
+        collate: turns each item of ``base`` into the pytree placed on the device, in the
+            prefetch thread (default: a DataSet from a DataSet, pair, dict or array).
 
     Example:
         >>> import numpy as np
@@ -187,6 +190,7 @@ class AsyncDataSetIterator(DataSetIterator):
         callback: Callable[[Any], Any] | None = None,
         pad_axis: int | None = None,
         config: WorkspaceConfiguration | None = None,
+        collate: Callable[[Any], Any] = as_dataset,
     ):
         name = type(self).__name__
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
@@ -202,7 +206,7 @@ class AsyncDataSetIterator(DataSetIterator):
         self.queue_size = max(2, queue_size)
         self.use_workspace = use_workspace
         self.config = config or WorkspaceConfiguration(overallocation_limit=1.0)
-        self._prepare = _Preparer(self.id, self.config, device, sharding, callback, pad_axis)
+        self._prepare = _Preparer(self.id, self.config, device, sharding, callback, pad_axis, collate)
         self._ring = None
         self._closed = False
         self._exhausted = False

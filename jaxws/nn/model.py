@@ -138,14 +138,20 @@ class Model(abc.ABC):
         _, loss_input, new_state = self._apply(params, state, ds.features, ds.features_mask, training, mode)
         return self._loss_of(loss_input, ds.labels, ds.labels_mask), new_state
 
-    def train_step(self, mode: WorkspaceMode | None = None) -> Callable:
-        """The pure ``(carry, batch) -> (carry, loss)`` function of ``mode`` (not jitted)."""
+    def train_step(self, mode: WorkspaceMode | None = None, reduce_grads: Callable | None = None) -> Callable:
+        """The pure ``(carry, batch) -> (carry, loss)`` function of ``mode`` (not jitted).
+
+        ``reduce_grads`` (e.g. a cross-device mean) transforms the gradients before the
+        updater sees them.
+        """
         mode = mode or self.training_workspace_mode
 
         def step(carry: TrainState, ds: DataSet):
             (loss, state), grads = jax.value_and_grad(self._loss, has_aux=True)(
                 carry.params, carry.state, ds, True, mode
             )
+            if reduce_grads is not None:
+                grads = reduce_grads(grads)
             updates, opt_state = self._updater.update(grads, carry.opt_state, carry.params)
             return TrainState(optax.apply_updates(carry.params, updates), state, opt_state), loss
 

@@ -1,0 +1,235 @@
+"""ParallelWrapper against a plain-JAX local-SGD reference (numpy averaging)."""
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxws
+from jaxws import WorkspaceMode
+from jaxws.nn import Dense, MultiLayerNetwork, NeuralNetConfiguration, OutputLayer
+from jaxws.parallel import ParallelWrapper, TrainingMode
+
+D, CLASSES = 5, 3
+
+
+def make_batches(n, size=8, seed=0, last=None):
+    r = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        b = last if (last and i == n - 1) else size
+        x = r.normal(size=(b, D)).astype(np.float32)
+        out.append((x, (np.abs(x[:, :CLASSES]).argmax(1)).astype(np.int32)))
+    return out
+
+
+def network(updater):
+    conf = NeuralNetConfiguration(layers=[Dense(8, activation="tanh"), OutputLayer(CLASSES)],
+                                  input_shape=(D,), updater=updater, seed=4)
+    return MultiLayerNetwork(conf).init()
+
+
+def loss(params, x, y):
+    h = jnp.tanh(x @ params[0]["W"] + params[0]["b"])
+    return optax.softmax_cross_entropy_with_integer_labels(h @ params[1]["W"] + params[1]["b"], y).mean()
+
+
+def reference(params, updater, batches, workers, k, average_updaters=True):
+    """Local SGD written out: a loop over workers, optax updates, numpy averaging."""
+    params = [jax.tree.map(np.asarray, params) for _ in range(workers)]
+    states = [updater.init(p) for p in params]
+    rounds = [batches[i:i + workers] for i in range(0, len(batches), workers)]
+    for g in range(0, len(rounds), k):
+        group = rounds[g:g + k]
+        for rnd in group:
+            for w, (x, y) in enumerate(rnd):
+                grads = jax.grad(loss)(params[w], x, y)
+                updates, states[w] = updater.update(grads, states[w], params[w])
+                params[w] = optax.apply_updates(params[w], updates)
+        active = range(len(group[-1]))  # the workers that had data in the last round
+
+        def mean(trees):
+            return jax.tree.map(lambda *xs: np.mean(np.stack([np.asarray(x) for x in xs]), 0).astype(np.asarray(xs[0]).dtype), *trees)
+
+        consensus = mean([params[w] for w in active])
+        params = [consensus] * workers
+        if average_updaters:
+            states = [mean([states[w] for w in active])] * workers
+    return params[0]
+
+
+def assert_tree_close(a, b, tol=1e-5):
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=tol, atol=tol), a, b)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4, 8])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_equals_local_sgd_reference(workers, k):
+    batches = make_batches(13, last=5)  # 13 does not divide; the last batch is smaller too
+    net = network(optax.adam(1e-2))
+    expected = reference(net.params, optax.adam(1e-2), batches, workers, k)
+    ParallelWrapper(net, workers=workers, averaging_frequency=k, prefetch_buffer=2).fit(batches)
+    assert_tree_close(net.params, expected)
+    assert net.iteration == -(-13 // workers)
+
+
+@pytest.mark.parametrize("updater", [optax.sgd(0.1), optax.adam(1e-2)], ids=["sgd", "adam"])
+@pytest.mark.parametrize("average_updaters", [True, False])
+def test_updaters_with_and_without_averaging(updater, average_updaters):
+    batches = make_batches(16)  # divides evenly into rounds of 4 and groups of 2
+    net = network(updater)
+    expected = reference(net.params, updater, batches, 4, 2, average_updaters)
+    ParallelWrapper(net, workers=4, averaging_frequency=2, average_updaters=average_updaters).fit(batches)
+    assert_tree_close(net.params, expected)
+
+
+def test_one_worker_equals_fit():
+    batches = make_batches(7)
+    a, b = network(optax.adam(1e-2)), network(optax.adam(1e-2))
+    a.fit(batches, progress=False)
+    ParallelWrapper(b, workers=1, averaging_frequency=3).fit(batches)
+    assert_tree_close(a.params, b.params, 1e-6)
+
+
+def test_shared_gradients_with_sgd_equals_averaging_every_round():
+    batches = make_batches(12)
+    a, b = network(optax.sgd(0.2)), network(optax.sgd(0.2))
+    ParallelWrapper(a, workers=4, training_mode=TrainingMode.SHARED_GRADIENTS, averaging_frequency=3).fit(batches)
+    ParallelWrapper(b, workers=4, averaging_frequency=1).fit(batches)
+    assert_tree_close(a.params, b.params, 1e-6)
+
+
+def test_pmap_equals_sharding():
+    batches = make_batches(11)
+    a, b = network(optax.adam(1e-2)), network(optax.adam(1e-2))
+    ParallelWrapper(a, workers=4, averaging_frequency=2, backend="pmap").fit(batches)
+    ParallelWrapper(b, workers=4, averaging_frequency=2).fit(batches)
+    assert_tree_close(a.params, b.params, 1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_one_collective_and_one_dispatch_per_k_rounds(k):
+    net = network(optax.adam(1e-2))
+    wrapper = ParallelWrapper(net, workers=4, averaging_frequency=k)
+    wrapper.fit(make_batches(4 * k))
+    program = wrapper._compiled()
+    stacked = wrapper._replicate(net._carry)
+    group = wrapper._groups(make_batches(4 * k))
+    first = next(iter(group))
+    text = program.lower(stacked, first).as_text()
+    group.close()
+    assert text.count("all_reduce") + text.count("all-reduce") == 1
+    assert program.compiles == 1 and wrapper.rounds == k  # one program for k rounds
+
+
+def test_epochs_and_workspace_mode_none():
+    batches = make_batches(8)
+    a, b = network(optax.sgd(0.1)), network(optax.sgd(0.1))
+    expected = reference(a.params, optax.sgd(0.1), batches * 2, 4, 2)
+    ParallelWrapper(a, workers=4, averaging_frequency=2, workspace_mode=WorkspaceMode.NONE).fit(batches, epochs=2)
+    assert_tree_close(a.params, expected)
+    kept = b.params
+    ParallelWrapper(b, workers=4, averaging_frequency=2, workspace_mode=WorkspaceMode.SEPARATE).fit(batches, epochs=2)
+    assert_tree_close(b.params, expected)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(kept))  # the model's own buffers are copied
+
+
+def test_bad_batch_mid_epoch_raises_and_keeps_the_consensus():
+    good = make_batches(8)
+    bad = (np.ones((8, D + 1), np.float32), np.zeros(8, np.int32))
+    net = network(optax.adam(1e-2))
+    expected = reference(net.params, optax.adam(1e-2), good, 4, 2)  # the groups before the failure
+    with pytest.raises(jaxws.InvalidBatchError, match=r"expects features of shape \[batch, 5\], received \[8, 6\]"):
+        ParallelWrapper(net, workers=4, averaging_frequency=2).fit(good + [bad] + good)
+    assert_tree_close(net.params, expected)
+    net.fit(good[:1], progress=False)  # still usable
+
+
+def test_an_exception_in_the_data_surfaces_with_its_cause():
+    def loader():
+        yield from make_batches(4)
+        raise OSError("disk gone")
+
+    net = network(optax.sgd(0.1))
+    with pytest.raises(jaxws.AsyncIteratorError) as info:
+        ParallelWrapper(net, workers=2, averaging_frequency=1).fit(jaxws.data.from_iterable(loader))
+    assert isinstance(info.value.__cause__, OSError)
+    assert net.iteration == 2
+
+
+def test_score_reported_after_averaging(caplog):
+    net = network(optax.sgd(0.1))
+    collect = jaxws.nn.CollectScoresListener(1)
+    net.add_listeners(collect)
+    with caplog.at_level(logging.INFO, logger="jaxws"):
+        ParallelWrapper(net, workers=2, averaging_frequency=2, report_score_after_averaging=True).fit(make_batches(8))
+    assert len([r for r in caplog.records if "score after averaging" in r.message]) == 2
+    assert [i for i, _ in collect.scores] == [2, 4]
+
+
+def test_no_device_to_host_transfer_per_round():
+    net = network(optax.sgd(0.1))
+    batches = make_batches(16)
+    wrapper = ParallelWrapper(net, workers=4, averaging_frequency=2, prefetch_buffer=0)
+    wrapper.fit(batches[:8])  # compile first
+    with jax.transfer_guard_device_to_host("disallow"):
+        wrapper.fit(batches)
+    assert wrapper.rounds == 6
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"workers": 0}, "workers=0"), ({"workers": 9}, "expected 1..8"),
+    ({"averaging_frequency": 0}, "averaging_frequency=0"), ({"prefetch_buffer": -1}, "prefetch_buffer=-1"),
+    ({"backend": "mpi"}, "backend='mpi'"), ({"training_mode": "sync"}, "training_mode='sync'"),
+])
+def test_bad_arguments(kwargs, fragment):
+    with pytest.raises(ValueError) as info:
+        ParallelWrapper(network(optax.sgd(0.1)), **kwargs)
+    assert fragment in str(info.value)
+
+
+def test_builder_mirrors_the_guide():
+    wrapper = (ParallelWrapper.Builder(network(optax.sgd(0.1)))
+               .prefetch_buffer(8).workers(2).averaging_frequency(5)
+               .report_score_after_averaging(False).workspace_mode(WorkspaceMode.SINGLE).build())
+    assert (wrapper.prefetch_buffer, wrapper.workers, wrapper.averaging_frequency) == (8, 2, 5)
+    assert wrapper.workspace_mode is WorkspaceMode.SINGLE and not wrapper.report_score_after_averaging
+
+
+# -- two processes ---------------------------------------------------------------------------
+
+WORKER = Path(__file__).with_name("parallel_process.py")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(port), str(pid), str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for pid in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out
+    batches = make_batches(16, seed=1)
+    net = network(optax.adam(1e-2))
+    ParallelWrapper(net, workers=4, averaging_frequency=2).fit(batches)
+    for pid in range(2):
+        got = np.load(tmp_path / f"params_{pid}.npz")
+        expected = jax.tree.leaves(net.params)
+        for i, leaf in enumerate(expected):
+            np.testing.assert_allclose(got[f"p{i}"], np.asarray(leaf), rtol=1e-5, atol=1e-6)
