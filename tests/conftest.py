@@ -42,3 +42,6 @@ def compiles():
     counter = CompileCounter()
     yield counter
     counter.close()
+
+
+collect_ignore = ["parallel_process.py"]  # a subprocess of test_parallel, not a test module

@@ -6,24 +6,29 @@ Process p supplies the batches of its own workers: global batch j goes to worker
 
 import sys
 
-import jax
 
-jax.config.update("jax_num_cpu_devices", 2)
+def main(port: int, pid: int, out: str) -> None:
+    import jax
 
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+    jax.config.update("jax_num_cpu_devices", 2)
+    import numpy as np
+    import optax
 
-import jaxws  # noqa: E402
+    import jaxws
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from test_parallel import make_batches, network  # noqa: E402
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from test_parallel import make_batches, network
 
-port, pid, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-jaxws.parallel.initialize_distributed(f"127.0.0.1:{port}", 2, pid)
-assert jax.device_count() == 4 and jax.local_device_count() == 2
-batches = make_batches(16, seed=1)
-mine = [b for j, b in enumerate(batches) if (j % 4) // 2 == pid]
-net = network(optax.adam(1e-2))
-jaxws.parallel.ParallelWrapper(net, averaging_frequency=2).fit(mine)
-np.savez(f"{out}/params_{pid}.npz", **{f"p{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(net.params))})
-jax.distributed.shutdown()
+    jaxws.parallel.initialize_distributed(f"127.0.0.1:{port}", 2, pid)
+    assert jax.device_count() == 4 and jax.local_device_count() == 2
+    batches = make_batches(16, seed=1)
+    mine = [b for j, b in enumerate(batches) if (j % 4) // 2 == pid]
+    net = network(optax.adam(1e-2))
+    jaxws.parallel.ParallelWrapper(net, averaging_frequency=2).fit(mine)
+    leaves = jax.tree.leaves(net.params)
+    np.savez(f"{out}/params_{pid}.npz", **{f"p{i}": np.asarray(a) for i, a in enumerate(leaves)})
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
