@@ -1,0 +1,113 @@
+"""ParallelWrapper against a hand-written jax.shard_map local-SGD loop, same k.
+
+8 virtual CPU devices (the GPU when there is one: then the devices present). For k in
+{1, 2, 5, 10}: rounds per second of ``ParallelWrapper.fit`` (batches dealt, stacked and
+prefetched from host numpy) and of a plain loop that stacks the same groups on the host,
+places them with ``make_array_from_process_local_data`` and calls a jitted shard_map
+program (scan over k steps, then ``lax.pmean`` of params and updater state). Both run the
+model's same pure step. Dispatches and collectives per round are read from the programs.
+
+    python benchmarks/parallel.py
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+
+if jax.config.jax_platforms in (None, "", "cpu") and not jax._src.xla_bridge.backends_are_initialized():
+    jax.config.update("jax_num_cpu_devices", 8)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+from jaxws.data import DataSet  # noqa: E402
+from jaxws.nn import Dense, MultiLayerNetwork, NeuralNetConfiguration, OutputLayer  # noqa: E402
+from jaxws.parallel import ParallelWrapper  # noqa: E402
+from jaxws.parallel.groups import stack  # noqa: E402
+
+D, CLASSES, BATCH = 32, 10, 32
+
+
+def network():
+    conf = NeuralNetConfiguration(layers=[Dense(64, activation="relu"), Dense(64, activation="relu"), OutputLayer(CLASSES)],
+                                  input_shape=(D,), updater=optax.adam(1e-3), seed=0)
+    return MultiLayerNetwork(conf).init()
+
+
+def batches(n):
+    r = np.random.default_rng(0)
+    return [(r.normal(size=(BATCH, D)).astype(np.float32), r.integers(0, CLASSES, BATCH).astype(np.int32)) for _ in range(n)]
+
+
+def hand_written(net, data, workers, k):
+    """A plain shard_map local-SGD loop, as a user would write it."""
+    mesh = Mesh(np.array(jax.devices()[:workers]), ("w",))
+    sharding = NamedSharding(mesh, P("w"))
+    step = net.train_step()
+
+    def block(carry, data):
+        carry, data = jax.tree.map(lambda a: a[0], (carry, data))
+        carry, losses = jax.lax.scan(lambda c, ds: step(c, ds), carry, data)
+        carry = carry._replace(params=jax.lax.pmean(carry.params, "w"), opt_state=jax.lax.pmean(carry.opt_state, "w"))
+        return jax.tree.map(lambda a: a[None], carry), jax.lax.pmean(losses.mean(), "w")
+
+    program = jax.jit(jax.shard_map(block, mesh=mesh, in_specs=(P("w"), P("w")), out_specs=(P("w"), P())),
+                      donate_argnums=0)
+    carry = jax.tree.map(lambda a: jax.device_put(jnp.broadcast_to(a, (workers, *a.shape)), sharding), net._carry)
+    per_group = workers * k
+    groups = []
+    for g in range(0, len(data) - per_group + 1, per_group):
+        chunk = data[g:g + per_group]
+        slots = [[DataSet(*chunk[r * workers + w]) for w in range(workers)] for r in range(k)]
+        groups.append(stack(slots).data)
+
+    def run(carry):
+        for group in groups:
+            placed = jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), group)
+            carry, loss = program(carry, placed)
+        return jax.block_until_ready(carry)
+
+    text = program.lower(carry, jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), groups[0])).as_text()
+    return run, carry, text.count("all_reduce") + text.count("all-reduce")
+
+
+def measure(k, workers, rounds=60, repeats=3):
+    data = batches(rounds * workers)
+    net = network()
+    wrapper = ParallelWrapper(net, workers=workers, averaging_frequency=k, prefetch_buffer=4)
+    wrapper.fit(data[: workers * k])  # compile
+    run, carry, hand_collectives = hand_written(network(), data, workers, k)
+    carry = run(carry)  # compile
+    t_wrapper, t_hand = float("inf"), float("inf")
+    for _ in range(repeats):  # interleaved, best of
+        start = time.perf_counter()
+        wrapper.fit(data)
+        jax.block_until_ready(net.params)
+        t_wrapper = min(t_wrapper, time.perf_counter() - start)
+        start = time.perf_counter()
+        carry = run(carry)
+        t_hand = min(t_hand, time.perf_counter() - start)
+    group = next(iter(wrapper._groups(data[: workers * k])))
+    text = wrapper._compiled().lower(wrapper._replicate(net._carry), group).as_text()
+    return {"benchmark": "parallel", "figure": f"k={k}", "workers": workers, "rounds": rounds,
+            "wrapper_rounds_per_s": round(rounds / t_wrapper, 1), "hand_written_rounds_per_s": round(rounds / t_hand, 1),
+            "wrapper_vs_hand_written": round(t_hand / t_wrapper, 3),
+            "dispatches_per_round": round(1 / k, 3),
+            "wrapper_collectives_per_round": round((text.count("all_reduce") + text.count("all-reduce")) / k, 3),
+            "hand_written_collectives_per_round": round(hand_collectives / k, 3),
+            "backend": jax.default_backend(), "devices": jax.device_count()}
+
+
+def main():
+    workers = min(8, jax.device_count())
+    for k in (1, 2, 5, 10):
+        print(json.dumps(measure(k, workers)))
+
+
+if __name__ == "__main__":
+    main()
