@@ -22,7 +22,6 @@ import numpy as np
 import optax
 from sklearn.metrics import confusion_matrix
 
-import jaxws
 from jaxws.eval import Evaluation, ROCMultiClass
 from jaxws.nn import Dense, MultiLayerNetwork, NeuralNetConfiguration, OutputLayer
 

@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jaxws
 from jaxws.data import AsyncDataSetIterator, DataSet, from_iterable
 
 SHAPE = (64, 256)

@@ -5,6 +5,10 @@ detached, and loud errors on misuse.
 """
 
 from jaxws import memory
+from jaxws.arrays import check_arrays
+from jaxws.arrays import detach
+from jaxws.arrays import is_attached
+from jaxws.arrays import leverage_to
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.configuration import AllocationPolicy
 from jaxws.configuration import LearningPolicy
@@ -33,10 +37,6 @@ from jaxws.step import WorkspaceFunction
 from jaxws.step import jit
 from jaxws.workspace import Workspace
 from jaxws.workspace import WorkspaceStatistics
-from jaxws.workspace import check_arrays
-from jaxws.workspace import detach
-from jaxws.workspace import is_attached
-from jaxws.workspace import leverage_to
 
 from jaxws import data  # noqa: E402  (subpackages, after the core they build on)
 from jaxws import eval  # noqa: E402,A004

@@ -18,7 +18,8 @@ import numpy as np
 from jaxws.errors import DeletedArrayError, DonationError
 from jaxws.manager import DebugMode, get_workspace_manager
 from jaxws.memory import MemoryPlan, format_bytes, tree_bytes
-from jaxws.workspace import _TAG, stale_error
+from jaxws.arrays import stale_error
+from jaxws.workspace import _TAG
 
 __all__ = ["jit", "WorkspaceFunction", "DonationWarning", "StepPlan"]
 

@@ -56,6 +56,7 @@ def test_allocation_statistics_table(capsys):
     mgr = jaxws.get_workspace_manager()
     with mgr.get_and_activate_workspace(id="STATS") as ws:
         double(jnp.ones(64))
+    assert ws.cycles == 1
     (stats,) = mgr.allocation_statistics()
     assert stats.id == "STATS" and stats.cycles == 1 and stats.compiles in (0, 1)
     assert stats.peak_size >= 256

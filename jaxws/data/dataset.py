@@ -71,7 +71,7 @@ class DataSet:
 
     def detach(self) -> DataSet:
         """An independent copy that outlives every workspace (and async ring)."""
-        from jaxws.workspace import detach
+        from jaxws.arrays import detach
 
         return detach(self)
 
@@ -111,7 +111,7 @@ class MultiDataSet:
         return int(np.shape(self.features[0])[0])
 
     def detach(self) -> MultiDataSet:
-        from jaxws.workspace import detach
+        from jaxws.arrays import detach
 
         return detach(self)
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from jaxws.configuration import ResetPolicy, WorkspaceConfiguration
-from jaxws.data.dataset import DataSet, MultiDataSet
+from jaxws.data.dataset import DataSet
 from jaxws.data.iterators import DataSetIterator, as_dataset, from_iterable
 from jaxws.errors import AsyncIteratorError, WorkspaceError
 from jaxws.manager import get_workspace_manager

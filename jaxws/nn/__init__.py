@@ -12,7 +12,7 @@ from jaxws.nn.layers import RnnOutputLayer
 from jaxws.nn.listeners import CollectScoresListener
 from jaxws.nn.listeners import ScoreIterationListener
 from jaxws.nn.listeners import TrainingListener
-from jaxws.nn.model import FunctionalModel
+from jaxws.nn.functional import FunctionalModel
 from jaxws.nn.model import Model
 from jaxws.nn.model import TrainState
 from jaxws.nn.modes import WorkspaceMode

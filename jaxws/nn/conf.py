@@ -6,7 +6,7 @@ A keyword-only, validated dataclass; the builder has one method per field.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import optax
 

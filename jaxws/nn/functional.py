@@ -1,0 +1,75 @@
+"""FunctionalModel: your own pure ``apply`` over a params pytree, trained like a network.
+
+It gets the same fit / output / score / do_evaluation, donation and workspace cycles.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxws.arrays import detach
+from jaxws.nn.model import Model, TrainState
+from jaxws.nn.modes import WorkspaceMode
+
+__all__ = ["FunctionalModel"]
+
+
+class FunctionalModel(Model):
+    """Your own model (a pure ``apply`` over a params pytree) under the same machinery.
+
+    ``apply(params, x, training) -> predictions``; with ``state``,
+    ``apply(params, state, x, training) -> (predictions, state)``. ``loss(predictions,
+    labels, mask) -> scalar``. Tag arrays with ``jax.ad_checkpoint.checkpoint_name(a,
+    "ACTIVATIONS")`` to keep them in SEPARATE mode, which recomputes everything else.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> from jaxws.nn import FunctionalModel
+        >>> model = FunctionalModel(
+        ...     lambda p, x, training: x @ p["w"], {"w": jnp.zeros((3, 1))},
+        ...     loss=lambda pred, y, mask: jnp.mean((pred - y) ** 2), updater=optax.sgd(0.1))
+        >>> model.fit((jnp.ones((4, 3)), jnp.ones((4, 1))), epochs=5, progress=False).iteration
+        5
+    """
+
+    def __init__(
+        self,
+        apply: Callable,
+        params: Any,
+        *,
+        loss: Callable[[Any, Any, Any], jax.Array],
+        updater: optax.GradientTransformation | None = None,
+        state: Any = None,
+        training_workspace_mode: WorkspaceMode = WorkspaceMode.ENABLED,
+        inference_workspace_mode: WorkspaceMode = WorkspaceMode.ENABLED,
+    ):
+        if not callable(apply) or not callable(loss):
+            raise TypeError("FunctionalModel(apply, params, loss=...): apply and loss must be callables.")
+        super().__init__(updater or optax.adam(1e-3), training_workspace_mode, inference_workspace_mode)
+        self._user_apply = apply
+        self._user_loss = loss
+        self._stateful = state is not None
+        params = detach(jax.tree.map(jnp.asarray, params))  # buffers the model owns
+        state = detach(jax.tree.map(jnp.asarray, state)) if self._stateful else {}
+        self._carry = TrainState(params, state, self._updater.init(params))
+
+    def init(self) -> FunctionalModel:
+        return self
+
+    def _apply(self, params, state, x, mask, training, mode):
+        def run(params, state, x):
+            if self._stateful:
+                return self._user_apply(params, state, x, training)
+            return self._user_apply(params, x, training), state
+
+        if training and mode is WorkspaceMode.SEPARATE:
+            run = jax.checkpoint(run, policy=jax.checkpoint_policies.save_only_these_names("ACTIVATIONS"))
+        predictions, state = run(params, state, x)
+        return predictions, predictions, state
+
+    def _loss_of(self, loss_input, labels, mask):
+        return self._user_loss(loss_input, labels, mask)
