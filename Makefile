@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/donation.py
+	$(PY) -m jaxws.cli bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -39,7 +39,7 @@ from jaxws.workspace import Workspace
 from jaxws.workspace import WorkspaceStatistics
 
 from jaxws import data  # noqa: E402  (subpackages, after the core they build on)
-from jaxws import eval  # noqa: E402,A004
+from jaxws import eval  # noqa: E402,A004  (not in __all__: a star-import must not shadow eval())
 from jaxws import nn  # noqa: E402
 from jaxws import parallel  # noqa: E402
 
@@ -80,7 +80,6 @@ __all__ = [
     "memory",
     "nn",
     "data",
-    "eval",
     "parallel",
     "print_allocation_statistics_for_current_thread",
 ]
