@@ -441,3 +441,26 @@ def test_digits_reach_95_percent():
     net = MultiLayerNetwork(conf).init()
     net.fit((xtr, ytr), epochs=30, batch_size=32, progress=False)
     assert (np.asarray(net.output(xte)).argmax(-1) == yte).mean() >= 0.95
+
+
+def test_offloaded_activations_train_the_same():
+    x, y = data()
+    layers = [Dense(16, activation="relu"), Dense(8, activation="tanh"), OutputLayer(3)]
+    base = mlp(WorkspaceMode.SEPARATE, layers=layers)
+    offloaded = mlp(WorkspaceMode.SEPARATE, layers=layers, offload_activations=True)
+    per_layer = mlp(WorkspaceMode.ENABLED, layers=[Dense(16, activation="relu", remat="offload"),
+                                                   Dense(8, activation="tanh", remat="recompute"), OutputLayer(3)])
+    for net in (base, offloaded, per_layer):
+        net.fit((x, y), epochs=5, progress=False)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), offloaded.params, base.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), per_layer.params, base.params)
+
+
+def test_functional_model_evaluates_on_the_device():
+    x, y = data()
+    model = FunctionalModel(lambda p, x, training: jax.nn.softmax(x @ p["w"]), {"w": jnp.zeros((6, 3))},
+                            loss=lambda pred, labels, mask: -jnp.mean(jnp.log(pred[jnp.arange(len(labels)), labels])))
+    model.fit((x, y), epochs=20, progress=False)
+    (ev,) = model.do_evaluation((x, y), jaxws.eval.Evaluation(), batch_size=16)
+    assert ev.confusion_matrix().sum() == 64
+    assert ev.accuracy() == pytest.approx(float((np.asarray(model.output(x)).argmax(1) == y).mean()))
