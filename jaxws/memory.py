@@ -135,9 +135,11 @@ def peak_bytes_in_use(device: jax.Device | None = None) -> int | None:
 
 def format_bytes(n: int) -> str:
     """``1536`` -> ``'1.5 KiB'``."""
+    if abs(n) < 1024:
+        return f"{int(n)} B"
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+    for unit in ("KiB", "MiB", "GiB"):
         value /= 1024
-    raise AssertionError("unreachable")
+        if abs(value) < 1024 or unit == "GiB":
+            break
+    return f"{value:.1f} {unit}"

@@ -7,6 +7,7 @@ per-batch host copy) and gives the exact curves.
 
 from __future__ import annotations
 
+import abc
 from typing import Any, NamedTuple
 
 import jax
@@ -82,9 +83,9 @@ class _ROCFamily(Evaluator):
     def _config(self) -> dict:
         return {"threshold_steps": self.threshold_steps}
 
+    @abc.abstractmethod
     def _extract(self, labels, predictions, mask):
         """``(scores [M, K], positive [M, K], weights [M, K])``."""
-        raise AssertionError("subclasses define _extract")
 
     # -- functional core -------------------------------------------------------------------
 
