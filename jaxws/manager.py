@@ -6,6 +6,7 @@ keeps Python's garbage collector out of workspace loops.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import enum
 import gc
@@ -311,6 +312,7 @@ class MemoryManager:
 
 
 _memory_manager = MemoryManager()
+atexit.register(_memory_manager.close)  # restore gc and join the window thread at exit
 _local = threading.local()
 
 

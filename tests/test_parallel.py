@@ -233,3 +233,8 @@ def test_two_processes_equal_one_process(tmp_path):
         expected = jax.tree.leaves(net.params)
         for i, leaf in enumerate(expected):
             np.testing.assert_allclose(got[f"p{i}"], np.asarray(leaf), rtol=1e-5, atol=1e-6)
+
+
+def test_one_shot_iterators_cannot_run_two_epochs():
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        ParallelWrapper(network(optax.sgd(0.1)), workers=2).fit(iter(make_batches(4)), epochs=2)

@@ -247,6 +247,11 @@ class ParallelWrapper:
         """
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"ParallelWrapper.fit(epochs={epochs!r}): expected an int >= 1.")
+        if epochs > 1 and hasattr(data, "__next__") and not hasattr(data, "reset"):
+            raise ValueError(
+                f"ParallelWrapper.fit(epochs={epochs}) got a one-shot iterator; pass a list, an "
+                "ArrayDataSetIterator or from_iterable(lambda: ...), which can restart."
+            )
         model = self.model
         program = self._compiled()
         stacked = self._replicate(model._require_init())
@@ -275,7 +280,8 @@ class ParallelWrapper:
                 raise e.__cause__
             raise
         finally:
-            model._carry = self._consensus(stacked)
+            if not any(a.is_deleted() for a in jax.tree.leaves(stacked)):
+                model._carry = self._consensus(stacked)  # else it keeps its parameters from before fit
         return self
 
     def _averaged(self, score: jax.Array, rounds: int) -> None:
