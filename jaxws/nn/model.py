@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxws.arrays import check_arrays, detach, leverage_to
 from jaxws.configuration import SpillPolicy, WorkspaceConfiguration
 from jaxws.data.dataset import DataSet
 from jaxws.data.iterators import ArrayDataSetIterator, as_dataset, from_iterable
@@ -24,7 +25,6 @@ from jaxws.manager import get_workspace_manager
 from jaxws.nn.listeners import TrainingListener
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.step import WorkspaceFunction, jit
-from jaxws.arrays import check_arrays, detach, leverage_to
 from jaxws.workspace import Workspace
 
 __all__ = ["Model", "TrainState"]
@@ -108,14 +108,11 @@ class Model(abc.ABC):
         """
         carry = self._require_init()
         check_arrays("set_params", params, "params")
-        paths = jax.tree_util.tree_flatten_with_path(carry.params)[0]
+        paths, treedef = jax.tree_util.tree_flatten_with_path(carry.params)
         try:
-            new = jax.tree.flatten(jax.tree.structure(carry.params).flatten_up_to(params))[0]
+            new = treedef.flatten_up_to(params)
         except (ValueError, TypeError) as e:
-            raise ValueError(
-                f"set_params: the tree does not match the model's parameters "
-                f"{jax.tree.structure(carry.params)}: {e}"
-            ) from None
+            raise ValueError(f"set_params: the tree does not match the model's parameters {treedef}: {e}") from None
         leaves = []
         for (path, old), value in zip(paths, new):
             if np.shape(value) != old.shape:
@@ -124,7 +121,7 @@ class Model(abc.ABC):
                     f"expected {old.shape}."
                 )
             leaves.append(jnp.asarray(value, dtype=old.dtype))
-        fresh = detach(jax.tree.unflatten(jax.tree.structure(carry.params), leaves))
+        fresh = detach(jax.tree.unflatten(treedef, leaves))
         self._carry = carry._replace(params=fresh)
 
     def add_listeners(self, *listeners: TrainingListener) -> None:
