@@ -38,7 +38,7 @@ class SpillPolicy(enum.Enum):
     """What a cycle does when it needs more than the workspace holds."""
 
     EXTERNAL = "external"  # run outside the workspace: nothing donated, bytes counted
-    REALLOCATE = "reallocate"  # grow the workspace (one recompile for capacities)
+    REALLOCATE = "reallocate"  # grow the workspace before the call (a new capacity recompiles once)
     FAIL = "fail"  # raise WorkspaceFullError
 
 

@@ -110,7 +110,6 @@ class Workspace:
         self._cycle_out = 0  # bytes of outputs made inside the workspace this cycle
         self._cycle_temp = 0  # largest working memory of a step this cycle
         self._cycle_need = 0  # what the cycle needed, spilled calls included
-        self._grow_to = 0
 
     # -- scope -----------------------------------------------------------------------------
 
@@ -183,10 +182,7 @@ class Workspace:
             if self.cycles >= self.config.learning_cycles:
                 self.current_size = max(self.current_size, self.config.round_up(self._learned))
                 self._initialized = True
-        if self._grow_to:
-            self.current_size = max(self.current_size, self.config.round_up(self._grow_to))
-            self.reallocations += 1
-        self._cycle_out = self._cycle_temp = self._cycle_need = self._grow_to = 0
+        self._cycle_out = self._cycle_temp = self._cycle_need = 0
 
     def _invalidate_through(self, generation: int) -> None:
         for g in range(self._invalid_through + 1, generation + 1):
@@ -257,9 +253,11 @@ class Workspace:
             policy = self.config.policy_spill
             if policy is SpillPolicy.FAIL:
                 raise WorkspaceFullError(self.id, what, need, self.current_size, "bytes")
-            inside = False
             if policy is SpillPolicy.REALLOCATE:
-                self._grow_to = max(self._grow_to, need)
+                # no arena to move in JAX: grow before the call, which then donates as usual
+                self.current_size = max(self.current_size, self.config.round_up(need))
+                self.reallocations += 1
+            inside = need <= self.current_size  # max_size may still be too small: spill
         if inside:
             self._cycle_out += out_bytes
             self._cycle_temp = max(self._cycle_temp, temp_bytes)

@@ -464,3 +464,41 @@ def test_functional_model_evaluates_on_the_device():
     (ev,) = model.do_evaluation((x, y), jaxws.eval.Evaluation(), batch_size=16)
     assert ev.confusion_matrix().sum() == 64
     assert ev.accuracy() == pytest.approx(float((np.asarray(model.output(x)).argmax(1) == y).mean()))
+
+
+@pytest.mark.parametrize("via", ["list", "async"])
+def test_steps_per_execution_equals_one_step_at_a_time(via):
+    x, y = data(n=70)  # batches of 8: 8 full ones and a last of 6, which breaks a group
+    a, b = mlp(), mlp()
+    seen = {net: CollectScoresListener(1) for net in (a, b)}
+    for net in (a, b):
+        net.add_listeners(seen[net])
+    if via == "list":
+        batches = jaxws.data.DataSet(x, y).split(8)
+        a.fit(batches, epochs=2, progress=False)
+        b.fit(batches, epochs=2, progress=False, steps_per_execution=3)
+    else:
+        a.fit((x, y), epochs=2, batch_size=8, progress=False)
+        b.fit((x, y), epochs=2, batch_size=8, progress=False, steps_per_execution=3)
+    jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-6), a.params, b.params)
+    assert a.iteration == b.iteration == 18
+    np.testing.assert_allclose([s for _, s in seen[b].scores], [s for _, s in seen[a].scores], rtol=1e-5)
+    fused = b.compiled_step(fused=True)
+    assert fused.compiles == 3  # [3, 8, ...], and [1, 8, ...] and [1, 6, ...] for the leftovers
+
+
+def test_steps_per_execution_dispatches_once_per_k_steps_without_host_reads():
+    x, y = data(n=64)
+    net = mlp()
+    batches = [(jnp.asarray(x[i:i + 8]), jnp.asarray(y[i:i + 8])) for i in range(0, 64, 8)]
+    net.fit(batches, progress=False, steps_per_execution=4)  # compile
+    calls = []
+    step = net.compiled_step(fused=True)
+    original = step._donating
+    step._donating = lambda *a, **k: calls.append(1) or original(*a, **k)
+    with jax.transfer_guard_device_to_host("disallow"):
+        net.fit(batches, progress=False, steps_per_execution=4)
+    step._donating = original
+    assert len(calls) == 2 and net.iteration == 16
+    with pytest.raises(ValueError, match="steps_per_execution=0"):
+        net.fit(batches, steps_per_execution=0)

@@ -23,6 +23,7 @@ from jaxws.data.prefetch import AsyncDataSetIterator
 from jaxws.errors import AsyncIteratorError, InvalidBatchError, WorkspaceError
 from jaxws.eval.kernel import EvaluationMixin
 from jaxws.manager import get_workspace_manager
+from jaxws.nn.execution import Executions, GroupIterator, StepLoss, stack
 from jaxws.nn.listeners import TrainingListener
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.step import WorkspaceFunction, jit
@@ -55,7 +56,7 @@ class Model(EvaluationMixin, abc.ABC):
         self.training_workspace_mode = training_workspace_mode
         self.inference_workspace_mode = inference_workspace_mode
         self._carry: TrainState | None = None
-        self._steps: dict[WorkspaceMode, WorkspaceFunction] = {}
+        self._steps: dict[tuple[WorkspaceMode, bool], WorkspaceFunction] = {}
         self._infer: dict[bool, WorkspaceFunction] = {}
         self._score_fn: WorkspaceFunction | None = None
         self._eval_fns: dict[tuple, WorkspaceFunction] = {}
@@ -156,19 +157,24 @@ class Model(EvaluationMixin, abc.ABC):
 
         return step
 
-    def compiled_step(self, mode: WorkspaceMode | None = None) -> WorkspaceFunction:
-        """The jitted step of ``mode``: the carry donated unless the mode is NONE."""
+    def compiled_step(self, mode: WorkspaceMode | None = None, fused: bool = False) -> WorkspaceFunction:
+        """The jitted step of ``mode``: the carry donated unless the mode is NONE.
+
+        ``fused``: the program that scans a stack of batches ``[k, batch, ...]`` and returns
+        the k losses (``fit(steps_per_execution=k)``).
+        """
         mode = mode or self.training_workspace_mode
-        if mode not in self._steps:
+        if (mode, fused) not in self._steps:
             step = self.train_step(mode)
-            step.__name__ = f"{type(self).__name__}.fit[{mode.name}]"
-            self._steps[mode] = jit(step, donate_argnums=0 if mode.donates else ())
-        return self._steps[mode]
+            fun = (lambda carry, stacked: jax.lax.scan(step, carry, stacked)) if fused else step
+            fun.__name__ = f"{type(self).__name__}.fit[{mode.name}{', fused' if fused else ''}]"
+            self._steps[mode, fused] = jit(fun, donate_argnums=0 if mode.donates else ())
+        return self._steps[mode, fused]
 
     # -- fit / output / score --------------------------------------------------------------
 
-    def _source(self, data: Any, epochs: int, batch_size: int | None, op: str, prefetch: int):
-        """What one pass iterates: a list of batches, or an iterator (async-wrapped if it may be)."""
+    def _source(self, data: Any, epochs: int, batch_size: int | None, op: str, prefetch: int, steps: int = 1):
+        """What one pass iterates: batches (or stacked groups of ``steps``), async-wrapped if it may be."""
         if _is_single_batch(data):
             ds = as_dataset(data)
             if not batch_size:
@@ -180,8 +186,9 @@ class Model(EvaluationMixin, abc.ABC):
                 f"{op}(batch_size={batch_size}): batch_size splits one DataSet or (x, y) pair; "
                 "an iterator already yields batches."
             )
+        check = lambda ds: self._check_batch(ds, op)  # noqa: E731
         if isinstance(data, (tuple, list)):
-            return data  # batches in memory
+            return Executions(data, steps, check) if steps > 1 else data  # batches in memory
         if not hasattr(data, "__next__"):
             data = from_iterable(data)  # an iterable: restartable
         elif not hasattr(data, "reset"):
@@ -192,8 +199,10 @@ class Model(EvaluationMixin, abc.ABC):
                 )
             data = from_iterable(data)
         if prefetch and getattr(data, "async_supported", False):
-            return AsyncDataSetIterator(data, prefetch, callback=lambda ds: self._check_batch(ds, op))
-        return data
+            if steps > 1:  # the prefetch thread groups, checks and stacks
+                return AsyncDataSetIterator(GroupIterator(data, steps, check), prefetch, collate=stack)
+            return AsyncDataSetIterator(data, prefetch, callback=check)
+        return Executions(data, steps, check) if steps > 1 else data
 
     def fit(
         self,
@@ -203,6 +212,7 @@ class Model(EvaluationMixin, abc.ABC):
         batch_size: int | None = None,
         progress: bool = True,
         prefetch: int = 8,
+        steps_per_execution: int = 1,
     ) -> Model:
         """Trains on ``data``: a DataSet, an ``(x, y)`` pair, or an iterable of those.
 
@@ -217,6 +227,10 @@ class Model(EvaluationMixin, abc.ABC):
             batch_size: split a single DataSet / pair into batches of this size.
             progress: show tqdm progress bars.
             prefetch: async queue size (0: no background thread).
+            steps_per_execution: batches per jitted call: consecutive batches of one shape
+                are stacked and scanned by one program (one dispatch for k steps, as
+                Keras' option of that name). Listeners still see every step, with a
+                :class:`StepLoss` read only when asked.
 
         Returns:
             self.
@@ -226,10 +240,14 @@ class Model(EvaluationMixin, abc.ABC):
         self._require_init()
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"fit(epochs={epochs!r}): expected an int >= 1.")
-        source = self._source(data, epochs, batch_size, "fit", prefetch)
-        checked = isinstance(source, AsyncDataSetIterator)  # its thread ran _check_batch
+        k = steps_per_execution
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"fit(steps_per_execution={k!r}): expected an int >= 1.")
+        source = self._source(data, epochs, batch_size, "fit", prefetch, k)
+        checked = k > 1 or isinstance(source, AsyncDataSetIterator)  # checked where batches were made
         mode = self.training_workspace_mode
-        step = self.compiled_step(mode)
+        step = self.compiled_step(mode, fused=k > 1)
+        after = self._after_execution if k > 1 else self._after_iteration
         manager = get_workspace_manager()
         try:
             for e in tqdm(range(epochs), desc="epochs", disable=not progress or epochs == 1, leave=False):
@@ -246,10 +264,10 @@ class Model(EvaluationMixin, abc.ABC):
                     if mode.donates:
                         with manager.get_workspace_for_current_thread(TRAINING_CONF, TRAINING_WORKSPACE):
                             self._carry, loss = step(self._carry, ds)
-                            self._after_iteration(loss)
+                            after(loss)
                     else:
                         self._carry, loss = step(self._carry, ds)
-                        self._after_iteration(loss)
+                        after(loss)
                 for listener in self.listeners:
                     listener.on_epoch_end(self, self.epoch)
                 self.epoch += 1
@@ -266,6 +284,10 @@ class Model(EvaluationMixin, abc.ABC):
         self.iteration += 1
         for listener in self.listeners:
             listener.iteration_done(self, self.iteration, self.epoch, loss)
+
+    def _after_execution(self, losses: jax.Array) -> None:
+        for i in range(losses.shape[0]):
+            self._after_iteration(StepLoss(losses, i))
 
     def _device_batch(self, ds: DataSet, op: str, checked: bool = False) -> DataSet:
         # stale (leaked, outdated, donated) arrays are refused by the jaxws.jit step itself
