@@ -70,8 +70,8 @@ def batch_for(kind, n):
             jnp.asarray(r.integers(0, 10, (n, 64)), jnp.int32))
 
 
-def time_fit(net, ds, steps):
-    net.fit([ds] * steps, progress=False)
+def time_fit(net, ds, steps, k=1):
+    net.fit([ds] * steps, progress=False, steps_per_execution=k)
     jax.block_until_ready(net.params)
 
 
@@ -109,20 +109,21 @@ def modes_figure(kind, make, n, steps=20, repeats=3):
             "time_ratio": round(t[p] / t[s], 3), "backend": jax.default_backend()}
 
 
-def fit_figure(kind, make, n, steps, repeats=5):
+def fit_figure(kind, make, n, steps, repeats=5, k=1):
     ds = batch_for(kind, n)
     net = MultiLayerNetwork(make(WorkspaceMode.ENABLED)).init()
     plain = jax.jit(net.train_step(WorkspaceMode.ENABLED), donate_argnums=0)
     carry = jaxws.detach(net._carry)
-    time_fit(net, ds, 3)
+    time_fit(net, ds, 3 * k, k)
     carry = time_plain(plain, carry, ds, 3)
     t_fit, t_plain = float("inf"), float("inf")
     for _ in range(repeats):  # interleaved, best of
-        t_fit = min(t_fit, best_of(lambda: time_fit(net, ds, steps), 1))
+        t_fit = min(t_fit, best_of(lambda: time_fit(net, ds, steps, k), 1))
         start = time.perf_counter()
         carry = time_plain(plain, carry, ds, steps)
         t_plain = min(t_plain, time.perf_counter() - start)
-    return {"benchmark": "modes", "figure": f"{kind}: fit vs plain jax.jit loop", "batch": n,
+    label = f"fit(steps_per_execution={k})" if k > 1 else "fit"
+    return {"benchmark": "modes", "figure": f"{kind}: {label} vs plain jax.jit loop", "batch": n,
             "fit_step_us": round(t_fit / steps * 1e6, 1), "plain_step_us": round(t_plain / steps * 1e6, 1),
             "fit_vs_plain": round(t_fit / t_plain, 3), "backend": jax.default_backend()}
 
@@ -132,6 +133,7 @@ def main():
     print(json.dumps(modes_figure("lstm", lstm, 32)))
     small = lambda mode: mlp(mode, width=64, blocks=2)  # noqa: E731 - dispatch dominates
     print(json.dumps(fit_figure("small mlp", small, 8, steps=2000)))
+    print(json.dumps(fit_figure("small mlp", small, 8, steps=2000, k=10)))
     print(json.dumps(fit_figure("mlp", mlp, 8, steps=400)))
     print(json.dumps(fit_figure("mlp", mlp, 1024, steps=20)))
     print(json.dumps(fit_figure("lstm", lstm, 4, steps=100)))
