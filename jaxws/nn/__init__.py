@@ -1,6 +1,7 @@
 """Networks under workspace modes: layers, LayerWorkspaceMgr, MultiLayerNetwork, models."""
 
 from jaxws.nn.conf import NeuralNetConfiguration
+from jaxws.nn.execution import StepLoss
 from jaxws.nn.layers import LSTM
 from jaxws.nn.layers import BaseOutputLayer
 from jaxws.nn.layers import BatchNormalization
@@ -37,6 +38,7 @@ __all__ = [
     "OutputLayer",
     "RnnOutputLayer",
     "ScoreIterationListener",
+    "StepLoss",
     "TrainState",
     "TrainingListener",
     "WorkspaceMode",
