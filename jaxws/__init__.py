@@ -16,6 +16,7 @@ from jaxws.configuration import ResetPolicy
 from jaxws.configuration import SpillPolicy
 from jaxws.configuration import WorkspaceConfiguration
 from jaxws.errors import AsyncIteratorError
+from jaxws.errors import ConfigurationError
 from jaxws.errors import DeletedArrayError
 from jaxws.errors import DonationError
 from jaxws.errors import EvaluationError
@@ -48,6 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AllocationPolicy",
     "AsyncIteratorError",
+    "ConfigurationError",
     "DebugMode",
     "DeletedArrayError",
     "DonationError",

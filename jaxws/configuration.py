@@ -10,6 +10,8 @@ import dataclasses
 import enum
 import math
 
+from jaxws.errors import ConfigurationError
+
 __all__ = [
     "LearningPolicy",
     "AllocationPolicy",
@@ -88,20 +90,20 @@ class WorkspaceConfiguration:
             value = getattr(self, name)
             if not isinstance(value, enum_type):
                 valid = ", ".join(f"{enum_type.__name__}.{m.name}" for m in enum_type)
-                raise ValueError(
+                raise ConfigurationError(
                     f"WorkspaceConfiguration({name}={value!r}): expected one of {valid}."
                 )
         for name in ("initial_size", "min_size", "max_size", "cycles_before_initialization"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(
+                raise ConfigurationError(
                     f"WorkspaceConfiguration({name}={value!r}): expected an int >= 0 (bytes "
                     "for sizes, a count for cycles_before_initialization)."
                 )
         if isinstance(self.steps_number, bool) or not isinstance(self.steps_number, int) or (
             self.steps_number < 1
         ):
-            raise ValueError(
+            raise ConfigurationError(
                 f"WorkspaceConfiguration(steps_number={self.steps_number!r}): expected an int "
                 ">= 1, the number of cycles an array stays valid under ENDOFBUFFER_REACHED."
             )
@@ -109,18 +111,18 @@ class WorkspaceConfiguration:
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not (
             math.isfinite(limit) and limit >= 0
         ):
-            raise ValueError(
+            raise ConfigurationError(
                 f"WorkspaceConfiguration(overallocation_limit={limit!r}): expected a finite "
                 "number >= 0, the fraction added on top of what is needed (0.3 = 30%)."
             )
         if self.max_size and self.max_size < max(self.min_size, self.initial_size):
-            raise ValueError(
+            raise ConfigurationError(
                 f"WorkspaceConfiguration(max_size={self.max_size}) is below min_size="
                 f"{self.min_size} or initial_size={self.initial_size}: raise max_size, or "
                 "set max_size=0 for no bound."
             )
         if self.policy_learning is LearningPolicy.NONE and self.initial_size == 0:
-            raise ValueError(
+            raise ConfigurationError(
                 "WorkspaceConfiguration(policy_learning=LearningPolicy.NONE, initial_size=0): "
                 "a workspace that learns nothing needs its size up front; set initial_size "
                 "(bytes) or learn it with LearningPolicy.FIRST_LOOP."
@@ -128,7 +130,7 @@ class WorkspaceConfiguration:
         if self.policy_learning is LearningPolicy.OVER_TIME and (
             self.cycles_before_initialization < 1
         ):
-            raise ValueError(
+            raise ConfigurationError(
                 "WorkspaceConfiguration(policy_learning=LearningPolicy.OVER_TIME, "
                 f"cycles_before_initialization={self.cycles_before_initialization}): learning "
                 "over time needs the number of cycles to learn from; set it to 1 or more."

@@ -10,6 +10,7 @@ from typing import Sequence
 
 __all__ = [
     "WorkspaceError",
+    "ConfigurationError",
     "LeakedWorkspacePointerError",
     "OutdatedWorkspacePointerError",
     "DeletedArrayError",
@@ -32,6 +33,10 @@ _FIX = (
 
 class WorkspaceError(RuntimeError):
     """Base class of every jaxws error: a workspace was misused."""
+
+
+class ConfigurationError(WorkspaceError, ValueError):
+    """An argument or configuration value is invalid; the message names it and the fix."""
 
 
 class _StalePointerError(WorkspaceError):

@@ -16,7 +16,7 @@ import time
 from typing import Iterator
 
 from jaxws.configuration import WorkspaceConfiguration
-from jaxws.errors import WorkspaceError
+from jaxws.errors import ConfigurationError, WorkspaceError
 from jaxws.workspace import Workspace, WorkspaceStatistics
 
 __all__ = [
@@ -236,7 +236,7 @@ class MemoryManager:
     def set_auto_gc_window(self, ms: int) -> None:
         """At most one collection every ``ms`` milliseconds at cycle boundaries."""
         if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
-            raise ValueError(f"set_auto_gc_window(ms={ms!r}): expected an int >= 0 (milliseconds).")
+            raise ConfigurationError(f"set_auto_gc_window(ms={ms!r}): expected an int >= 0 (milliseconds).")
         self._window_ms = ms
 
     def toggle_periodic_gc(self, enabled: bool) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from jaxws.errors import DeletedArrayError, DonationError
+from jaxws.errors import ConfigurationError, DeletedArrayError, DonationError
 from jaxws.manager import DebugMode, get_workspace_manager
 from jaxws.memory import MemoryPlan, format_bytes, tree_bytes
 from jaxws.arrays import stale_error
@@ -84,7 +84,7 @@ class WorkspaceFunction:
         **jit_kwargs: Any,
     ):
         if unusable_donation not in ("raise", "warn"):
-            raise ValueError(
+            raise ConfigurationError(
                 f"jaxws.jit(unusable_donation={unusable_donation!r}): expected 'raise' (the "
                 "default: an undonatable leaf is an error) or 'warn'."
             )

@@ -21,7 +21,7 @@ from jaxws.configuration import (
     SpillPolicy,
     WorkspaceConfiguration,
 )
-from jaxws.errors import WorkspaceError, WorkspaceFullError
+from jaxws.errors import ConfigurationError, WorkspaceError, WorkspaceFullError
 
 if TYPE_CHECKING:
     from jaxws.manager import WorkspaceManager
@@ -300,10 +300,10 @@ class Workspace:
         self._check_thread("pad with")
         leaves, treedef = jax.tree.flatten(tree)
         if not leaves:
-            raise ValueError(f"Workspace.pad(tree={tree!r}): no arrays to pad.")
+            raise ConfigurationError(f"Workspace.pad(tree={tree!r}): no arrays to pad.")
         lengths = {np.shape(x)[axis] for x in leaves}
         if len(lengths) != 1:
-            raise ValueError(
+            raise ConfigurationError(
                 f"Workspace.pad(axis={axis}): the arrays disagree on the axis length "
                 f"({sorted(lengths)}); pad arrays of one length together."
             )

@@ -65,3 +65,9 @@ def test_learning_cycles():
 def test_policies_are_exported():
     assert jaxws.SpillPolicy.REALLOCATE is SpillPolicy.REALLOCATE
     assert {p.name for p in jaxws.ResetPolicy} == {"BLOCK_LEFT", "ENDOFBUFFER_REACHED"}
+
+
+def test_bad_values_raise_a_jaxws_error_that_is_also_a_value_error():
+    with pytest.raises(jaxws.ConfigurationError) as info:
+        WorkspaceConfiguration(steps_number=0)
+    assert isinstance(info.value, jaxws.WorkspaceError) and isinstance(info.value, ValueError)

@@ -12,6 +12,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from jaxws.errors import ConfigurationError
+
 __all__ = ["DataSet", "MultiDataSet"]
 
 
@@ -78,7 +80,7 @@ class DataSet:
     def split(self, n: int) -> list[DataSet]:
         """Batches of ``n`` examples each (the last may be smaller)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"DataSet.split(n={n!r}): expected an int >= 1 (examples per batch).")
+            raise ConfigurationError(f"DataSet.split(n={n!r}): expected an int >= 1 (examples per batch).")
         total = self.num_examples
         return [jax.tree.map(lambda a, i=i: a[i : i + n], self) for i in range(0, total, n)]
 
@@ -87,7 +89,7 @@ class DataSet:
         """One DataSet of all ``sets``; sequences of different lengths are padded, with masks."""
         sets = list(sets)
         if not sets:
-            raise ValueError("DataSet.merge([]): nothing to merge.")
+            raise ConfigurationError("DataSet.merge([]): nothing to merge.")
         features, fmask = _pad_stack([s.features for s in sets], True)
         labels, lmask = (None, None) if sets[0].labels is None else _pad_stack([s.labels for s in sets], True)
         fmask = _merge_masks(sets, "features_mask", "features", fmask)
@@ -117,5 +119,5 @@ class MultiDataSet:
 
     def split(self, n: int) -> list[MultiDataSet]:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"MultiDataSet.split(n={n!r}): expected an int >= 1.")
+            raise ConfigurationError(f"MultiDataSet.split(n={n!r}): expected an int >= 1.")
         return [jax.tree.map(lambda a, i=i: a[i : i + n], self) for i in range(0, self.num_examples, n)]

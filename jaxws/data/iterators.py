@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from jaxws.data.dataset import DataSet, MultiDataSet
+from jaxws.errors import ConfigurationError
 
 __all__ = ["DataSetIterator", "ArrayDataSetIterator", "IterableDataSetIterator", "from_iterable", "as_dataset"]
 
@@ -29,7 +30,7 @@ def as_dataset(item: Any) -> DataSet | MultiDataSet:
                  "features_mask": ("features_mask",), "labels_mask": ("labels_mask",)}
         unknown = set(item) - {n for group in names.values() for n in group}
         if unknown:
-            raise ValueError(f"A batch dict has unknown keys {sorted(unknown)}; use features/labels/features_mask/labels_mask (or x/y).")
+            raise ConfigurationError(f"A batch dict has unknown keys {sorted(unknown)}; use features/labels/features_mask/labels_mask (or x/y).")
         return DataSet(**{k: next((item[n] for n in group if n in item), None) for k, group in names.items()})
     raise TypeError(
         f"Expected a DataSet, an (x, y) pair or a dict with 'features' and 'labels'; got "
@@ -74,11 +75,11 @@ class ArrayDataSetIterator(DataSetIterator):
         labels_mask: Any = None,
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"ArrayDataSetIterator(batch_size={batch_size!r}): expected an int >= 1.")
+            raise ConfigurationError(f"ArrayDataSetIterator(batch_size={batch_size!r}): expected an int >= 1.")
         n = len(x)
         for name, a in (("y", y), ("features_mask", features_mask), ("labels_mask", labels_mask)):
             if a is not None and len(a) != n:
-                raise ValueError(f"ArrayDataSetIterator: x has {n} examples but {name} has {len(a)}.")
+                raise ConfigurationError(f"ArrayDataSetIterator: x has {n} examples but {name} has {len(a)}.")
         self._data = DataSet(x, y, features_mask, labels_mask)
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -122,7 +123,7 @@ class IterableDataSetIterator(DataSetIterator):
 
     def reset(self) -> None:
         if self._started and not self.reset_supported:
-            raise ValueError(
+            raise ConfigurationError(
                 "This iterator wraps a one-shot iterator (a generator) and cannot restart; "
                 "pass a function that makes a new one: from_iterable(lambda: gen())."
             )

@@ -20,7 +20,7 @@ import numpy as np
 from jaxws.configuration import ResetPolicy, WorkspaceConfiguration
 from jaxws.data.dataset import DataSet
 from jaxws.data.iterators import DataSetIterator, as_dataset, from_iterable
-from jaxws.errors import AsyncIteratorError, WorkspaceError
+from jaxws.errors import AsyncIteratorError, ConfigurationError, WorkspaceError
 from jaxws.manager import get_workspace_manager
 from jaxws.memory import tree_bytes
 from jaxws.workspace import _pad_to
@@ -88,7 +88,7 @@ class _Preparer:
 
     def _pad(self, ds: Any) -> DataSet:
         if not isinstance(ds, DataSet):
-            raise ValueError(f"[{self.iterator_id}]: pad_axis works on DataSet batches, got {type(ds).__name__}.")
+            raise ConfigurationError(f"[{self.iterator_id}]: pad_axis works on DataSet batches, got {type(ds).__name__}.")
         axis = self.pad_axis
         x = np.asarray(ds.features)
         length = x.shape[axis]
@@ -194,11 +194,11 @@ class AsyncDataSetIterator(DataSetIterator):
     ):
         name = type(self).__name__
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
-            raise ValueError(f"{name}(queue_size={queue_size!r}): expected an int >= 0 (batches to prefetch).")
+            raise ConfigurationError(f"{name}(queue_size={queue_size!r}): expected an int >= 0 (batches to prefetch).")
         if device is not None and sharding is not None:
-            raise ValueError(f"{name}: pass device= or sharding=, not both.")
+            raise ConfigurationError(f"{name}: pass device= or sharding=, not both.")
         if pad_axis is not None and (isinstance(pad_axis, bool) or not isinstance(pad_axis, int) or pad_axis < 0):
-            raise ValueError(f"{name}(pad_axis={pad_axis!r}): expected an axis index >= 0 (1 = time).")
+            raise ConfigurationError(f"{name}(pad_axis={pad_axis!r}): expected an axis index >= 0 (1 = time).")
         if not hasattr(base, "__next__"):
             base = from_iterable(base)
         self.id = f"ASYNC_ITERATOR_{next(_ids)}"
@@ -265,7 +265,7 @@ class AsyncDataSetIterator(DataSetIterator):
         if self._closed:
             raise WorkspaceError(f"[{self.id}] is closed; create a new iterator.")
         if not getattr(self.base, "reset_supported", True):
-            raise ValueError(f"[{self.id}]: the base iterator does not support reset().")
+            raise ConfigurationError(f"[{self.id}]: the base iterator does not support reset().")
         self._stop_worker()
         if self._ring is not None and self.use_workspace:
             self._ring._release_slot()

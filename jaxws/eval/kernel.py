@@ -13,7 +13,7 @@ import numpy as np
 
 from jaxws.data.iterators import as_dataset
 from jaxws.data.prefetch import AsyncDataSetIterator
-from jaxws.errors import AsyncIteratorError, InvalidBatchError
+from jaxws.errors import AsyncIteratorError, ConfigurationError, InvalidBatchError
 from jaxws.manager import get_workspace_manager
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.step import WorkspaceFunction, jit
@@ -68,7 +68,7 @@ class EvaluationMixin:
 
         carry = self._require_init()
         if not evaluations:
-            raise ValueError("do_evaluation(data, *evaluations): pass at least one evaluator, e.g. jaxws.eval.Evaluation().")
+            raise ConfigurationError("do_evaluation(data, *evaluations): pass at least one evaluator, e.g. jaxws.eval.Evaluation().")
         for i, ev in enumerate(evaluations):
             if not isinstance(ev, Evaluator):
                 raise TypeError(f"do_evaluation: evaluations[{i}]={ev!r} is not a jaxws.eval.Evaluator.")

@@ -10,6 +10,7 @@ from typing import Any
 
 import optax
 
+from jaxws.errors import ConfigurationError
 from jaxws.nn.layers import BaseOutputLayer, Layer
 from jaxws.nn.modes import WorkspaceMode
 
@@ -55,7 +56,7 @@ class NeuralNetConfiguration:
     def __post_init__(self):
         layers = tuple(self.layers) if isinstance(self.layers, (list, tuple)) else self.layers
         if not isinstance(layers, tuple) or not layers:
-            raise ValueError(
+            raise ConfigurationError(
                 f"NeuralNetConfiguration(layers={self.layers!r}): expected a non-empty list of "
                 "layers, e.g. layers=[Dense(64, activation='relu'), OutputLayer(10)]."
             )
@@ -66,7 +67,7 @@ class NeuralNetConfiguration:
                     "init(key, input_shape) and activate(params, state, x, training, mgr))."
                 )
         if not isinstance(layers[-1], BaseOutputLayer):
-            raise ValueError(
+            raise ConfigurationError(
                 f"NeuralNetConfiguration: the last layer is {type(layers[-1]).__name__}; a "
                 "network trains against an OutputLayer or RnnOutputLayer, put one last."
             )
@@ -76,7 +77,7 @@ class NeuralNetConfiguration:
             not isinstance(shape, (tuple, list)) or not shape
             or not all(d is None or (isinstance(d, int) and d > 0) for d in shape)
         ):
-            raise ValueError(
+            raise ConfigurationError(
                 f"NeuralNetConfiguration(input_shape={self.input_shape!r}): expected the "
                 "per-example shape without the batch axis, e.g. (64,) or (None, 8) for "
                 "sequences of any length."
@@ -84,7 +85,7 @@ class NeuralNetConfiguration:
         object.__setattr__(self, "input_shape", tuple(shape))
         for name in ("training_workspace_mode", "inference_workspace_mode"):
             if not isinstance(getattr(self, name), WorkspaceMode):
-                raise ValueError(
+                raise ConfigurationError(
                     f"NeuralNetConfiguration({name}={getattr(self, name)!r}): expected "
                     "WorkspaceMode.NONE, ENABLED, SINGLE or SEPARATE."
                 )
@@ -94,7 +95,7 @@ class NeuralNetConfiguration:
                 "GradientTransformation, e.g. optax.adam(1e-3)."
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"NeuralNetConfiguration(seed={self.seed!r}): expected an int.")
+            raise ConfigurationError(f"NeuralNetConfiguration(seed={self.seed!r}): expected an int.")
 
     @staticmethod
     def builder() -> Builder:

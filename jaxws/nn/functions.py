@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxws.errors import ConfigurationError
+
 __all__ = ["ACTIVATIONS", "LOSSES", "activation", "loss_from_preoutput"]
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -37,14 +39,14 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     try:
         return ACTIVATIONS[name.lower()]
     except (KeyError, AttributeError):
-        raise ValueError(
+        raise ConfigurationError(
             f"activation={name!r} is unknown; valid names: {', '.join(sorted(ACTIVATIONS))}."
         ) from None
 
 
 def check_loss(name: str) -> str:
     if not isinstance(name, str) or name.lower() not in LOSSES:
-        raise ValueError(f"loss={name!r} is unknown; valid names: {', '.join(LOSSES)}.")
+        raise ConfigurationError(f"loss={name!r} is unknown; valid names: {', '.join(LOSSES)}.")
     return name.lower()
 
 

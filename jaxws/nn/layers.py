@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxws.errors import ConfigurationError
 from jaxws.nn.functions import activation as get_activation
 from jaxws.nn.functions import check_loss, loss_from_preoutput
 from jaxws.nn.workspace_mgr import ArrayType, LayerWorkspaceMgr
@@ -36,7 +37,7 @@ Shape = tuple  # per-example shape: no batch axis; None for a dynamic (time) axi
 
 def _positive_int(layer: str, name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{layer}({name}={value!r}): expected an int >= 1.")
+        raise ConfigurationError(f"{layer}({name}={value!r}): expected an int >= 1.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,7 +57,7 @@ class Layer(abc.ABC):
 
     def __post_init__(self):
         if self.remat not in REMAT_CHOICES:
-            raise ValueError(f"{type(self).__name__}(remat={self.remat!r}): expected one of {REMAT_CHOICES}.")
+            raise ConfigurationError(f"{type(self).__name__}(remat={self.remat!r}): expected one of {REMAT_CHOICES}.")
 
     def init(self, key: jax.Array, input_shape: Shape) -> tuple[Any, Any]:
         """``(params, state)`` for inputs of per-example shape ``input_shape``."""
@@ -126,7 +127,7 @@ class Dropout(Layer):
     def __post_init__(self):
         super().__post_init__()
         if not (isinstance(self.rate, (int, float)) and 0.0 <= self.rate < 1.0):
-            raise ValueError(f"Dropout(rate={self.rate!r}): expected 0 <= rate < 1 (the drop probability).")
+            raise ConfigurationError(f"Dropout(rate={self.rate!r}): expected 0 <= rate < 1 (the drop probability).")
 
     def init(self, key, input_shape):
         return {}, {"key": jax.random.key_data(key)}
@@ -153,7 +154,7 @@ class BatchNormalization(Layer):
     def __post_init__(self):
         super().__post_init__()
         if not (0.0 <= self.decay < 1.0):
-            raise ValueError(f"BatchNormalization(decay={self.decay!r}): expected 0 <= decay < 1.")
+            raise ConfigurationError(f"BatchNormalization(decay={self.decay!r}): expected 0 <= decay < 1.")
 
     def init(self, key, input_shape):
         n = input_shape[-1]
@@ -193,7 +194,7 @@ class LSTM(Layer):
 
     def init(self, key, input_shape):
         if len(input_shape) != 2:
-            raise ValueError(
+            raise ConfigurationError(
                 f"LSTM expects sequences [batch, time, features]; got per-example input shape "
                 f"{tuple(input_shape)} (needs 2 axes: time, features)."
             )
@@ -271,7 +272,7 @@ class RnnOutputLayer(BaseOutputLayer):
 
     def init(self, key, input_shape):
         if len(input_shape) != 2:
-            raise ValueError(
+            raise ConfigurationError(
                 f"RnnOutputLayer expects sequences [batch, time, features]; got per-example "
                 f"input shape {tuple(input_shape)}."
             )

@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 import jax
 
+from jaxws.errors import ConfigurationError
+
 __all__ = ["TrainingListener", "ScoreIterationListener", "CollectScoresListener"]
 
 
@@ -35,7 +37,7 @@ class ScoreIterationListener(TrainingListener):
 
     def __init__(self, print_every: int = 10, printer: Callable[[str], None] = print):
         if isinstance(print_every, bool) or not isinstance(print_every, int) or print_every < 1:
-            raise ValueError(f"ScoreIterationListener(print_every={print_every!r}): expected an int >= 1.")
+            raise ConfigurationError(f"ScoreIterationListener(print_every={print_every!r}): expected an int >= 1.")
         self.print_every = print_every
         self.printer = printer
 
@@ -49,7 +51,7 @@ class CollectScoresListener(TrainingListener):
 
     def __init__(self, frequency: int = 1):
         if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
-            raise ValueError(f"CollectScoresListener(frequency={frequency!r}): expected an int >= 1.")
+            raise ConfigurationError(f"CollectScoresListener(frequency={frequency!r}): expected an int >= 1.")
         self.frequency = frequency
         self.scores: list[tuple[int, float]] = []
 

@@ -20,7 +20,7 @@ from jaxws.configuration import SpillPolicy, WorkspaceConfiguration
 from jaxws.data.dataset import DataSet
 from jaxws.data.iterators import ArrayDataSetIterator, as_dataset, from_iterable
 from jaxws.data.prefetch import AsyncDataSetIterator
-from jaxws.errors import AsyncIteratorError, InvalidBatchError, WorkspaceError
+from jaxws.errors import AsyncIteratorError, ConfigurationError, InvalidBatchError, WorkspaceError
 from jaxws.eval.kernel import EvaluationMixin
 from jaxws.manager import get_workspace_manager
 from jaxws.nn.execution import Executions, GroupIterator, StepLoss, stack
@@ -114,11 +114,11 @@ class Model(EvaluationMixin, abc.ABC):
         try:
             new = treedef.flatten_up_to(params)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"set_params: the tree does not match the model's parameters {treedef}: {e}") from None
+            raise ConfigurationError(f"set_params: the tree does not match the model's parameters {treedef}: {e}") from None
         leaves = []
         for (path, old), value in zip(paths, new):
             if np.shape(value) != old.shape:
-                raise ValueError(
+                raise ConfigurationError(
                     f"set_params: params{jax.tree_util.keystr(path)} has shape {np.shape(value)}, "
                     f"expected {old.shape}."
                 )
@@ -182,7 +182,7 @@ class Model(EvaluationMixin, abc.ABC):
             data = ArrayDataSetIterator(ds.features, ds.labels, batch_size,
                                         features_mask=ds.features_mask, labels_mask=ds.labels_mask)
         elif batch_size:
-            raise ValueError(
+            raise ConfigurationError(
                 f"{op}(batch_size={batch_size}): batch_size splits one DataSet or (x, y) pair; "
                 "an iterator already yields batches."
             )
@@ -193,7 +193,7 @@ class Model(EvaluationMixin, abc.ABC):
             data = from_iterable(data)  # an iterable: restartable
         elif not hasattr(data, "reset"):
             if epochs > 1:
-                raise ValueError(
+                raise ConfigurationError(
                     f"{op}(epochs={epochs}) got a one-shot iterator; pass something that can be "
                     "iterated again (a list, an ArrayDataSetIterator, or from_iterable(lambda: ...))."
                 )
@@ -239,10 +239,10 @@ class Model(EvaluationMixin, abc.ABC):
 
         self._require_init()
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"fit(epochs={epochs!r}): expected an int >= 1.")
+            raise ConfigurationError(f"fit(epochs={epochs!r}): expected an int >= 1.")
         k = steps_per_execution
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"fit(steps_per_execution={k!r}): expected an int >= 1.")
+            raise ConfigurationError(f"fit(steps_per_execution={k!r}): expected an int >= 1.")
         source = self._source(data, epochs, batch_size, "fit", prefetch, k)
         checked = k > 1 or isinstance(source, AsyncDataSetIterator)  # checked where batches were made
         mode = self.training_workspace_mode
@@ -356,7 +356,7 @@ class Model(EvaluationMixin, abc.ABC):
                 total = total + self._score_fn(carry.params, carry.state, ds) * ds.num_examples
                 count += ds.num_examples
         if count == 0:
-            raise ValueError("score(data): the data has no examples.")
+            raise ConfigurationError("score(data): the data has no examples.")
         return float(total) / count
 
     def residual_bytes(self, data: Any, mode: WorkspaceMode | None = None) -> int:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxws.data.dataset import DataSet
-from jaxws.errors import InvalidBatchError
+from jaxws.errors import ConfigurationError, InvalidBatchError
 from jaxws.manager import get_workspace_manager
 from jaxws.memory import format_bytes
 from jaxws.nn.conf import NeuralNetConfiguration
@@ -93,7 +93,7 @@ class MultiLayerNetwork(Model):
                 x = jax.ShapeDtypeStruct((1, *(d or _DYNAMIC for d in shape)), jnp.float32)
                 out = jax.eval_shape(lambda p, s, x, layer=layer: layer.activate(p, s, x, False, mgr)[0], p, s, x)
             except (ValueError, TypeError) as e:
-                raise ValueError(
+                raise ConfigurationError(
                     f"Layer {i} ({layer.describe()}, class {type(layer).__name__}) cannot take "
                     f"per-example input of shape {shape}: {e}"
                 ) from e

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import jax
 
+from jaxws.errors import ConfigurationError
+
 __all__ = ["initialize_distributed", "worker_devices"]
 
 
@@ -19,9 +21,9 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
         jaxws.parallel.initialize_distributed("127.0.0.1:12345", 2, process_id)
     """
     if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
-        raise ValueError(f"initialize_distributed(num_processes={num_processes!r}): expected an int >= 1.")
+        raise ConfigurationError(f"initialize_distributed(num_processes={num_processes!r}): expected an int >= 1.")
     if not (isinstance(process_id, int) and 0 <= process_id < num_processes):
-        raise ValueError(f"initialize_distributed(process_id={process_id!r}): expected 0..{num_processes - 1}.")
+        raise ConfigurationError(f"initialize_distributed(process_id={process_id!r}): expected 0..{num_processes - 1}.")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
 

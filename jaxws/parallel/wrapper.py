@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxws.data.iterators import from_iterable
 from jaxws.data.prefetch import AsyncDataSetIterator
-from jaxws.errors import AsyncIteratorError, InvalidBatchError
+from jaxws.errors import AsyncIteratorError, ConfigurationError, InvalidBatchError
 from jaxws.manager import get_workspace_manager
 from jaxws.nn.model import TRAINING_CONF, TRAINING_WORKSPACE, Model, TrainState
 from jaxws.nn.modes import WorkspaceMode
@@ -110,24 +110,24 @@ class ParallelWrapper:
         model._require_init()
         devices = list(mesh.devices.flat) if mesh is not None else worker_devices()
         if mesh is not None and AXIS not in mesh.axis_names:
-            raise ValueError(f"ParallelWrapper(mesh=...): the mesh needs a {AXIS!r} axis; it has {mesh.axis_names}.")
+            raise ConfigurationError(f"ParallelWrapper(mesh=...): the mesh needs a {AXIS!r} axis; it has {mesh.axis_names}.")
         workers = len(devices) if workers is None else workers
         if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= len(devices):
-            raise ValueError(
+            raise ConfigurationError(
                 f"ParallelWrapper(workers={workers!r}): expected 1..{len(devices)} (the devices "
                 f"{'of the mesh' if mesh is not None else 'of all processes'})."
             )
         for name, value, low in (("averaging_frequency", averaging_frequency, 1), ("prefetch_buffer", prefetch_buffer, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"ParallelWrapper({name}={value!r}): expected an int >= {low}.")
+                raise ConfigurationError(f"ParallelWrapper({name}={value!r}): expected an int >= {low}.")
         if backend not in ("sharding", "pmap"):
-            raise ValueError(f"ParallelWrapper(backend={backend!r}): expected 'sharding' (default) or 'pmap'.")
+            raise ConfigurationError(f"ParallelWrapper(backend={backend!r}): expected 'sharding' (default) or 'pmap'.")
         if not isinstance(training_mode, TrainingMode):
-            raise ValueError(f"ParallelWrapper(training_mode={training_mode!r}): expected TrainingMode.AVERAGING or SHARED_GRADIENTS.")
+            raise ConfigurationError(f"ParallelWrapper(training_mode={training_mode!r}): expected TrainingMode.AVERAGING or SHARED_GRADIENTS.")
         if not isinstance(workspace_mode, WorkspaceMode):
-            raise ValueError(f"ParallelWrapper(workspace_mode={workspace_mode!r}): expected a WorkspaceMode.")
+            raise ConfigurationError(f"ParallelWrapper(workspace_mode={workspace_mode!r}): expected a WorkspaceMode.")
         if backend == "pmap" and jax.process_count() > 1:
-            raise ValueError("ParallelWrapper(backend='pmap') runs in one process; use backend='sharding' across processes.")
+            raise ConfigurationError("ParallelWrapper(backend='pmap') runs in one process; use backend='sharding' across processes.")
         self.model = model
         self.devices = devices[:workers]
         self.workers = workers
@@ -246,9 +246,9 @@ class ParallelWrapper:
                 consensus parameters.
         """
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"ParallelWrapper.fit(epochs={epochs!r}): expected an int >= 1.")
+            raise ConfigurationError(f"ParallelWrapper.fit(epochs={epochs!r}): expected an int >= 1.")
         if epochs > 1 and hasattr(data, "__next__") and not hasattr(data, "reset"):
-            raise ValueError(
+            raise ConfigurationError(
                 f"ParallelWrapper.fit(epochs={epochs}) got a one-shot iterator; pass a list, an "
                 "ArrayDataSetIterator or from_iterable(lambda: ...), which can restart."
             )
