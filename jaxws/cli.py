@@ -24,7 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         demo()
         return 0
     root = Path(__file__).resolve().parent.parent / "benchmarks"
-    scripts = [root / f"{n}.py" for n in args.names] or sorted(root.glob("*.py"))
+    known = sorted(p.stem for p in root.glob("*.py"))
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    scripts = [root / f"{n}.py" for n in args.names or known]
     for script in scripts:
         code = subprocess.call([sys.executable, str(script)])
         if code:
