@@ -20,6 +20,7 @@ from jaxws.eval.base import Evaluator, flatten_batch
 
 __all__ = ["ROC", "ROCMultiClass", "ROCBinary", "RocCurve", "PrecisionRecallCurve", "ThresholdState", "ExactState"]
 
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 names it trapz
 _BLOCK = 4096
 _GROWTH = WorkspaceConfiguration(policy_spill=SpillPolicy.REALLOCATE, overallocation_limit=1.0)
 
@@ -189,11 +190,11 @@ class _ROCFamily(Evaluator):
 
     def _auc(self, k: int) -> float:
         roc = self._roc(k)
-        return float(np.trapezoid(roc.tpr, roc.fpr))
+        return float(_trapezoid(roc.tpr, roc.fpr))
 
     def _auprc(self, k: int) -> float:
         pr = self._pr(k)
-        return float(np.trapezoid(pr.precision, pr.recall))
+        return float(_trapezoid(pr.precision, pr.recall))
 
     def stats(self) -> str:
         if self.state is None:
