@@ -55,12 +55,12 @@ def _leaf_key(x: Any) -> Any:
     return type(x)
 
 
-def _device_bytes(leaf: Any, aval: Any) -> int:
+def _device_bytes(leaf: Any, info: Any) -> int:
     """Bytes of one device's shard: what XLA's per-device memory plan counts."""
     if isinstance(leaf, jax.Array):
         shape = leaf.sharding.shard_shape(leaf.shape)
         return int(np.prod(shape, dtype=np.int64)) * leaf.dtype.itemsize
-    return tree_bytes(aval)
+    return tree_bytes(info)
 
 
 def _as_tuple(value: Any) -> tuple:
@@ -232,9 +232,8 @@ class WorkspaceFunction:
         }
         # XLA aliases each output to the first unused donated input of equal shape and dtype
         free = collections.defaultdict(collections.deque)
-        for i in donated:
-            aval = infos[i]._aval
-            free[(aval.shape, aval.dtype)].append(i)
+        for i in donated:  # ArgInfo's public shape and dtype
+            free[(infos[i].shape, infos[i].dtype)].append(i)
         inherit = []
         for j, out in enumerate(outs):
             if j not in forwarded and free.get((out.shape, out.dtype)):
@@ -252,7 +251,7 @@ class WorkspaceFunction:
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         memory = MemoryPlan.from_compiled(compiled)
-        reused = sum(_device_bytes(leaves[i], infos[i]._aval) for _, i in inherit)
+        reused = sum(_device_bytes(leaves[i], infos[i]) for _, i in inherit)
         if memory is not None and memory.alias_bytes < reused and not unused:
             self._unusable_sharding(
                 f"XLA reuses {format_bytes(memory.alias_bytes)} of the {format_bytes(reused)} donated"
@@ -282,10 +281,10 @@ class WorkspaceFunction:
         names = self._leaf_names(args, kwargs)
         lines = []
         for i in unused:
-            aval = infos[i]._aval
-            same_shape = [f"out{j} {o.dtype}{list(o.shape)}" for j, o in enumerate(outs) if o.shape == aval.shape]
+            info = infos[i]
+            same_shape = [f"out{j} {o.dtype}{list(o.shape)}" for j, o in enumerate(outs) if o.shape == info.shape]
             lines.append(
-                f"  {names[i]}: {aval.str_short()} -> no output of that shape and dtype"
+                f"  {names[i]}: {info.dtype}{list(info.shape)} -> no output of that shape and dtype"
                 + (f" (same shape: {', '.join(same_shape)})" if same_shape else "")
             )
         message = (
