@@ -502,3 +502,27 @@ def test_steps_per_execution_dispatches_once_per_k_steps_without_host_reads():
     assert len(calls) == 2 and net.iteration == 16
     with pytest.raises(ValueError, match="steps_per_execution=0"):
         net.fit(batches, steps_per_execution=0)
+
+
+def test_an_equinox_module_trains_like_its_optax_loop():
+    eqx = pytest.importorskip("equinox")
+    x, y = data()
+    module = eqx.nn.MLP(6, 3, width_size=16, depth=1, key=jax.random.key(1))
+
+    def loss(pred, labels, mask):
+        return optax.softmax_cross_entropy_with_integer_labels(pred, labels).mean()
+
+    model = FunctionalModel.from_equinox(module, loss=loss, updater=optax.adam(1e-2))
+    model.fit([(x, y)] * 10, progress=False)
+    ref, opt = module, optax.adam(1e-2)
+    state = opt.init(eqx.filter(ref, eqx.is_inexact_array))
+    for _ in range(10):
+        grads = eqx.filter_grad(lambda m: loss(jax.vmap(m)(x), y, None))(ref)
+        updates, state = opt.update(grads, state, eqx.filter(ref, eqx.is_inexact_array))
+        ref = eqx.apply_updates(ref, updates)
+    trained = model.to_equinox()
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 eqx.filter(trained, eqx.is_inexact_array), eqx.filter(ref, eqx.is_inexact_array))
+    np.testing.assert_allclose(model.output(x), jax.vmap(trained)(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(jaxws.ConfigurationError, match="from_equinox"):
+        FunctionalModel(lambda p, x, t: x, {"w": jnp.zeros(1)}, loss=loss).to_equinox()

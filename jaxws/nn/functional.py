@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxws.arrays import detach
+from jaxws.errors import ConfigurationError
 from jaxws.nn.model import Model, TrainState
 from jaxws.nn.modes import WorkspaceMode
 
@@ -59,6 +60,45 @@ class FunctionalModel(Model):
 
     def init(self) -> FunctionalModel:
         return self
+
+    @classmethod
+    def from_equinox(cls, module: Any, *, loss: Callable, batched: bool = False, **kwargs: Any) -> FunctionalModel:
+        """Trains an Equinox module: its floating-point arrays are the parameters.
+
+        The module maps one example and is ``jax.vmap``-ed over the batch, unless
+        ``batched=True``. ``to_equinox()`` gives the trained module back. Modules that
+        need PRNG keys at call time (dropout) are not covered.
+
+        Example:
+            >>> import jax, equinox as eqx, jax.numpy as jnp, optax
+            >>> from jaxws.nn import FunctionalModel
+            >>> mlp = eqx.nn.MLP(3, 1, width_size=8, depth=1, key=jax.random.key(0))
+            >>> model = FunctionalModel.from_equinox(
+            ...     mlp, loss=lambda p, y, m: jnp.mean((p - y) ** 2), updater=optax.sgd(0.1))
+            >>> trained = model.fit((jnp.ones((4, 3)), jnp.zeros((4, 1))), progress=False).to_equinox()
+            >>> type(trained).__name__
+            'MLP'
+        """
+        import equinox as eqx
+
+        params, static = eqx.partition(module, eqx.is_inexact_array)
+
+        def apply(p, x, training):
+            net = eqx.combine(p, static)
+            return net(x) if batched else jax.vmap(net)(x)
+
+        model = cls(apply, params, loss=loss, **kwargs)
+        model._equinox_static = static
+        return model
+
+    def to_equinox(self) -> Any:
+        """The Equinox module with the current parameters (for ``from_equinox`` models)."""
+        import equinox as eqx
+
+        static = getattr(self, "_equinox_static", None)
+        if static is None:
+            raise ConfigurationError("to_equinox(): this model was not made with FunctionalModel.from_equinox.")
+        return eqx.combine(self.params, static)
 
     def _apply(self, params, state, x, mask, training, mode):
         def run(params, state, x):
