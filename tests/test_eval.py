@@ -318,3 +318,12 @@ def test_do_evaluation_needs_evaluators():
         net.do_evaluation((np.ones((2, 5)), np.zeros(2, np.int32)))
     with pytest.raises(TypeError, match="not a jaxws.eval.Evaluator"):
         net.do_evaluation((np.ones((2, 5)), np.zeros(2, np.int32)), "accuracy")
+
+
+def test_evaluate_roc_counts_the_first_batch_of_a_one_shot_iterator():
+    r = np.random.default_rng(0)
+    x = r.normal(size=(40, 5)).astype(np.float32)
+    y = r.integers(0, 4, 40).astype(np.int32)
+    net = network()
+    roc = net.evaluate_roc(iter([(x[i:i + 10], y[i:i + 10]) for i in range(0, 40, 10)]))
+    assert int(roc.state.count) == 40

@@ -7,6 +7,7 @@ queue as ``(element, exception)``. A yielded batch is valid until the next ``nex
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -20,7 +21,7 @@ import numpy as np
 from jaxws.configuration import ResetPolicy, WorkspaceConfiguration
 from jaxws.data.dataset import DataSet
 from jaxws.data.iterators import DataSetIterator, as_dataset, from_iterable
-from jaxws.errors import AsyncIteratorError, ConfigurationError, WorkspaceError
+from jaxws.errors import AsyncIteratorError, ConfigurationError, InvalidBatchError, WorkspaceError
 from jaxws.manager import get_workspace_manager
 from jaxws.memory import tree_bytes
 from jaxws.workspace import _pad_to
@@ -30,6 +31,7 @@ __all__ = [
     "AsyncMultiDataSetIterator",
     "AsyncShieldDataSetIterator",
     "AsyncShieldMultiDataSetIterator",
+    "consuming",
 ]
 
 log = logging.getLogger("jaxws")
@@ -355,3 +357,22 @@ class AsyncShieldDataSetIterator(DataSetIterator):
 
 class AsyncShieldMultiDataSetIterator(AsyncShieldDataSetIterator):
     """AsyncShieldDataSetIterator for MultiDataSet iterators."""
+
+
+@contextlib.contextmanager
+def consuming(source: Any, data: Any):
+    """One use of ``source``, an iterable made from the caller's ``data``.
+
+    Closes ``source`` afterwards when it is an async iterator made here (never the
+    caller's own), and re-raises a batch check that failed in its prefetch thread as that
+    check's own error (InvalidBatchError), not as the thread's AsyncIteratorError.
+    """
+    try:
+        yield source
+    except AsyncIteratorError as e:
+        if isinstance(e.__cause__, InvalidBatchError):
+            raise e.__cause__  # our own check, run in the prefetch thread: say it plainly
+        raise
+    finally:
+        if source is not data and isinstance(source, AsyncDataSetIterator):
+            source.close()

@@ -6,14 +6,15 @@ read back inside the loop.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import jax
 import numpy as np
 
 from jaxws.data.iterators import as_dataset
-from jaxws.data.prefetch import AsyncDataSetIterator
-from jaxws.errors import AsyncIteratorError, ConfigurationError, InvalidBatchError
+from jaxws.data.prefetch import AsyncDataSetIterator, consuming
+from jaxws.errors import ConfigurationError, InvalidBatchError
 from jaxws.manager import get_workspace_manager
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.step import WorkspaceFunction, jit
@@ -75,7 +76,7 @@ class EvaluationMixin:
         source = self._source(data, 1, batch_size, "do_evaluation", prefetch)
         checked = isinstance(source, AsyncDataSetIterator)
         manager = get_workspace_manager()
-        try:
+        with consuming(source, data):
             for item in source:
                 ds = self._device_batch(as_dataset(item), "do_evaluation", checked)
                 if ds.labels is None:
@@ -89,13 +90,6 @@ class EvaluationMixin:
                     states = self._evaluation_fn(evaluations)(states, carry.params, carry.state, ds)
                 for ev, state in zip(evaluations, states):
                     ev.state = state
-        except AsyncIteratorError as e:
-            if isinstance(e.__cause__, InvalidBatchError):
-                raise e.__cause__
-            raise
-        finally:
-            if source is not data and isinstance(source, AsyncDataSetIterator):
-                source.close()
         return evaluations
 
     def _output_shape(self, carry: Any, ds: Any) -> tuple:
@@ -115,10 +109,12 @@ class EvaluationMixin:
         """ROC (one or two outputs) or ROCMultiClass (more), exact by default."""
         from jaxws.eval import ROC, ROCMultiClass
 
-        first = next(iter(self._source(data, 1, batch_size, "evaluate_roc", 0)), None)
+        batches = iter(self._source(data, 1, batch_size, "evaluate_roc", 0))
+        first = next(batches, None)  # its width picks the evaluator; it is evaluated too
         width = None if first is None else self._output_shape(self._require_init(), self._device_batch(as_dataset(first), "evaluate_roc"))[-1]
         roc = ROC(threshold_steps) if width is not None and width <= 2 else ROCMultiClass(threshold_steps)
-        return self.do_evaluation(data, roc, batch_size=batch_size)[0]
+        rest = [] if first is None else itertools.chain([first], batches)
+        return self.do_evaluation(rest, roc)[0]
 
     def evaluate_regression(self, data: Any, *, batch_size: int | None = None):
         """``do_evaluation(data, RegressionEvaluation())``."""

@@ -8,6 +8,7 @@ NONE, each step runs in a workspace cycle, and nothing is read back unless asked
 from __future__ import annotations
 
 import abc
+import contextlib
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -19,8 +20,8 @@ from jaxws.arrays import check_arrays, detach, leverage_to
 from jaxws.configuration import SpillPolicy, WorkspaceConfiguration
 from jaxws.data.dataset import DataSet
 from jaxws.data.iterators import ArrayDataSetIterator, as_dataset, from_iterable
-from jaxws.data.prefetch import AsyncDataSetIterator
-from jaxws.errors import AsyncIteratorError, ConfigurationError, InvalidBatchError, WorkspaceError
+from jaxws.data.prefetch import AsyncDataSetIterator, consuming
+from jaxws.errors import ConfigurationError, WorkspaceError
 from jaxws.eval.kernel import EvaluationMixin
 from jaxws.manager import get_workspace_manager
 from jaxws.nn.execution import Executions, GroupIterator, StepLoss, stack
@@ -248,8 +249,9 @@ class Model(EvaluationMixin, abc.ABC):
         mode = self.training_workspace_mode
         step = self.compiled_step(mode, fused=k > 1)
         after = self._after_execution if k > 1 else self._after_iteration
-        manager = get_workspace_manager()
-        try:
+        cycle = (get_workspace_manager().get_workspace_for_current_thread(TRAINING_CONF, TRAINING_WORKSPACE)
+                 if mode.donates else contextlib.nullcontext())  # NONE: no cycles, nothing invalidated
+        with consuming(source, data):
             for e in tqdm(range(epochs), desc="epochs", disable=not progress or epochs == 1, leave=False):
                 if e and hasattr(source, "reset"):
                     source.reset()
@@ -261,23 +263,12 @@ class Model(EvaluationMixin, abc.ABC):
                     total = None
                 for item in tqdm(source, total=total, desc=f"epoch {self.epoch}", disable=not progress, leave=False):
                     ds = self._device_batch(as_dataset(item), "fit", checked)
-                    if mode.donates:
-                        with manager.get_workspace_for_current_thread(TRAINING_CONF, TRAINING_WORKSPACE):
-                            self._carry, loss = step(self._carry, ds)
-                            after(loss)
-                    else:
+                    with cycle:
                         self._carry, loss = step(self._carry, ds)
                         after(loss)
                 for listener in self.listeners:
                     listener.on_epoch_end(self, self.epoch)
                 self.epoch += 1
-        except AsyncIteratorError as e:
-            if isinstance(e.__cause__, InvalidBatchError):
-                raise e.__cause__  # our own check, run in the prefetch thread: say it plainly
-            raise
-        finally:
-            if source is not data and isinstance(source, AsyncDataSetIterator):
-                source.close()
         return self
 
     def _after_iteration(self, loss: jax.Array) -> None:

@@ -7,6 +7,7 @@ stacked on a ``workers`` mesh axis and donated every program. One program runs k
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 from typing import Any
@@ -17,8 +18,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxws.data.iterators import from_iterable
-from jaxws.data.prefetch import AsyncDataSetIterator
-from jaxws.errors import AsyncIteratorError, ConfigurationError, InvalidBatchError
+from jaxws.data.prefetch import AsyncDataSetIterator, consuming
+from jaxws.errors import ConfigurationError
 from jaxws.manager import get_workspace_manager
 from jaxws.nn.model import TRAINING_CONF, TRAINING_WORKSPACE, Model, TrainState
 from jaxws.nn.modes import WorkspaceMode
@@ -225,7 +226,7 @@ class ParallelWrapper:
     # -- fit -------------------------------------------------------------------------------
 
     def _groups(self, data: Any):
-        base = data if hasattr(data, "__next__") else from_iterable(data) if not isinstance(data, (list, tuple)) else data
+        base = data if isinstance(data, (list, tuple)) or hasattr(data, "__next__") else from_iterable(data)
         check = lambda ds: self.model._check_batch(ds, "ParallelWrapper.fit")  # noqa: E731
         dealt = deal(base, self.local_workers, self.averaging_frequency, check)
         if self.prefetch_buffer:
@@ -255,30 +256,19 @@ class ParallelWrapper:
         model = self.model
         program = self._compiled()
         stacked = self._replicate(model._require_init())
-        manager = get_workspace_manager()
+        cycle = (get_workspace_manager().get_workspace_for_current_thread(TRAINING_CONF, TRAINING_WORKSPACE)
+                 if self.workspace_mode.donates else contextlib.nullcontext())  # NONE: no cycles
         try:
             for epoch in range(epochs):
                 if epoch and hasattr(data, "reset"):
                     data.reset()
                 groups = self._groups(data)
-                try:
+                with consuming(groups, data):
                     for group in groups:
-                        rounds = group.active.shape[1]
-                        if self.workspace_mode.donates:
-                            with manager.get_workspace_for_current_thread(TRAINING_CONF, TRAINING_WORKSPACE):
-                                stacked, score = program(stacked, group)
-                                self._averaged(score, rounds)
-                        else:
+                        with cycle:
                             stacked, score = program(stacked, group)
-                            self._averaged(score, rounds)
-                finally:
-                    if isinstance(groups, AsyncDataSetIterator):
-                        groups.close()
+                            self._averaged(score, group.active.shape[1])
                 model.epoch += 1
-        except AsyncIteratorError as e:
-            if isinstance(e.__cause__, InvalidBatchError):
-                raise e.__cause__
-            raise
         finally:
             if not any(a.is_deleted() for a in jax.tree.leaves(stacked)):
                 model._carry = self._consensus(stacked)  # else it keeps its parameters from before fit
