@@ -31,6 +31,7 @@ class DonationWarning(UserWarning):
 class StepPlan(NamedTuple):
     """What jaxws learned about a step for one input signature."""
 
+    donated: tuple[int, ...]  # input leaves donated
     inherit: tuple[tuple[int, int], ...]  # (output leaf, donated input leaf it reuses)
     fresh: tuple[int, ...]  # output leaves in new buffers: attached to the active cycle
     forwarded: tuple[tuple[int, int], ...]  # (output leaf, the non-donated input it returns)
@@ -181,6 +182,8 @@ class WorkspaceFunction:
             if key not in self._plain_keys:
                 self._plain_keys.add(key)
                 self.compiles += 1
+        if plan.donated and fun is self._donating and len({id(x) for x in leaves}) < len(leaves):
+            self._check_donated_once(args, kwargs, leaves, plan.donated)
         try:
             out = fun(*args, **kwargs)
         except Exception as e:
@@ -188,6 +191,11 @@ class WorkspaceFunction:
                 if isinstance(x, jax.Array) and x.is_deleted():
                     name = self._leaf_names(args, kwargs)[i]
                     raise DeletedArrayError(self._name, name, str(x.aval)) from e
+            if "same buffer twice" in str(e) or "previously donated in the same call" in str(e):
+                raise DonationError(  # two arrays sharing one buffer: XLA refused before running
+                    f"Op [{self._name}]: a donated buffer is passed twice in one call ({str(e).splitlines()[0]}). "
+                    "Pass each donated array once, or a copy (jaxws.detach(x)) for the second use."
+                ) from e
             raise
         if bypass:
             return out
@@ -205,6 +213,26 @@ class WorkspaceFunction:
                 if out_leaves[j] is not leaves[i]:
                     ws._attach(out_leaves[j], generation)
         return out
+
+    def _check_donated_once(self, args: tuple, kwargs: dict, leaves: list, donated: tuple) -> None:
+        """Raises DonationError if a donated array also fills another argument of this call."""
+        where: dict[int, list[int]] = {}
+        for i, x in enumerate(leaves):
+            if isinstance(x, jax.Array):
+                where.setdefault(id(x), []).append(i)
+        for i in donated:
+            uses = where.get(id(leaves[i]), [])
+            if len(uses) > 1:
+                names = self._leaf_names(args, kwargs)
+                listed = ", ".join(names[j] + (" (donated)" if j in donated else "") for j in uses)
+                raise DonationError(
+                    f"Op [{self._name}]: one array is passed {len(uses)} times in this call ({listed}) "
+                    "and donated, so its buffer would be consumed by one use while another still "
+                    "reads it. Nothing ran and the array is intact.\n"
+                    "Fix: pass it once, or pass a copy for the other uses:\n"
+                    "  wrong:  step(params, params)          # donate_argnums=0\n"
+                    "  right:  step(params, jaxws.detach(params))"
+                )
 
     def _plain(self) -> Callable:
         if self._plain_jit is None:
@@ -259,6 +287,7 @@ class WorkspaceFunction:
         fresh_set = set(range(len(outs))) - set(forwarded) - {j for j, _ in inherit}
         fresh = tuple(sorted(fresh_set))
         return StepPlan(
+            donated=tuple(donated),
             inherit=tuple(inherit),
             fresh=fresh,
             out_bytes=sum(tree_bytes(outs[j]) for j in fresh),
