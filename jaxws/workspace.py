@@ -161,6 +161,8 @@ class Workspace:
 
     def _exit(self) -> None:
         self._check_thread("close")
+        if self._destroyed:
+            return  # destroyed inside its cycle (destroy_all from a listener): already closed
         if self._depth == 0:
             raise WorkspaceError(
                 f"Workspace [{self.id}] was closed more often than it was entered."

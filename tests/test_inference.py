@@ -1,7 +1,10 @@
 """ParallelInference: concurrent callers get model.output's answers, merged into few programs."""
 
 import threading
+import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -118,3 +121,119 @@ def test_builder():
           .batch_limit(8).queue_limit(4).workers(2).build())
     assert (pi.inference_mode, pi.batch_limit, pi.queue_limit, len(pi._threads)) == (InferenceMode.SEQUENTIAL, 8, 4, 2)
     pi.close()
+
+
+# -- ownership: replicas, update_model, shapes, close -----------------------------------
+
+
+def test_workers_hold_their_own_replicas_so_training_the_model_is_safe():
+    net = network()
+    x = np.ones((3, 6), np.float32)
+    data = [(np.random.default_rng(i).normal(size=(8, 6)).astype(np.float32), np.zeros(8, np.int32)) for i in range(4)]
+    with ParallelInference(net, workers=2) as pi:
+        before = pi.output(x)
+        for _ in range(3):
+            net.fit(data, progress=False)  # donates the model's own buffers each step
+            for _ in range(4):
+                np.testing.assert_allclose(pi.output(x), before, rtol=1e-6)  # still the version it copied
+        pi.update_model(net)
+        np.testing.assert_allclose(pi.output(x), np.asarray(net.output(x)), rtol=1e-5, atol=1e-6)
+        assert not np.allclose(pi.output(x), before)
+
+
+def test_update_model_swaps_atomically_while_requests_flow():
+    old, new = network(), network()
+    new.set_params(jax.tree.map(lambda a: a + 1.0, jaxws.detach(new.params)))
+    x = np.random.default_rng(0).normal(size=(2, 6)).astype(np.float32)
+    expected = [np.asarray(old.output(x)), np.asarray(new.output(x))]
+    with ParallelInference(old, workers=2, batch_limit=8) as pi:
+        stop = threading.Event()
+        seen, errors = [], []
+
+        def caller():
+            while not stop.is_set():
+                try:
+                    seen.append(pi.output(x))
+                except Exception as e:  # noqa: BLE001
+                    errors.append(e)
+
+        threads = [threading.Thread(target=caller) for _ in range(6)]
+        for t in threads:
+            t.start()
+        swaps, deadline = 0, time.monotonic() + 10
+        while (len(seen) < 200 or swaps < 20) and time.monotonic() < deadline:
+            pi.update_model(new if swaps % 2 == 0 else old)
+            swaps += 1
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == [] and len(seen) >= 200 and swaps >= 20
+    for y in seen:  # every answer is wholly one version's
+        assert any(np.allclose(y, e, rtol=1e-5, atol=1e-6) for e in expected)
+
+
+def test_requests_of_another_shape_never_fail_their_neighbours():
+    from jaxws.nn import LSTM, RnnOutputLayer
+
+    conf = NeuralNetConfiguration(layers=[LSTM(4), RnnOutputLayer(2)], input_shape=(None, 3), seed=0)
+    net = MultiLayerNetwork(conf).init()
+    rng = np.random.default_rng(0)
+    requests = [rng.normal(size=(2, 5 if i % 2 else 7, 3)).astype(np.float32) for i in range(16)]
+    results, errors = {}, []
+    with ParallelInference(net, batch_limit=32) as pi:
+        barrier = threading.Barrier(16)
+
+        def caller(i):
+            barrier.wait()
+            try:
+                results[i] = pi.output(requests[i])
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=caller, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert pi.executions < 16  # requests of one length were merged
+    assert errors == []
+    for i, x in enumerate(requests):
+        np.testing.assert_allclose(results[i], np.asarray(net.output(x)), rtol=1e-5, atol=1e-6)
+
+
+def test_close_while_sixteen_threads_call_leaves_no_caller_blocked():
+    net = network()
+    x = np.ones((1, 6), np.float32)
+    blocked_total = 0
+    for _ in range(50):
+        pi = ParallelInference(net, queue_limit=2, workers=1)
+        outcomes = []
+
+        def caller():
+            try:
+                while True:
+                    pi.output(x)
+            except jaxws.WorkspaceError as e:
+                outcomes.append(str(e))
+
+        threads = [threading.Thread(target=caller, daemon=True) for _ in range(16)]
+        for t in threads:
+            t.start()
+        time.sleep(0.005)
+        pi.close()
+        for t in threads:
+            t.join(timeout=1.0)
+        blocked_total += sum(t.is_alive() for t in threads)
+        assert all("closed" in o for o in outcomes)
+    assert blocked_total == 0
+    assert inference_threads() == []
+
+
+def test_a_dead_input_is_named_before_its_shape():
+    net = network()
+    ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="REQ")
+    with ws:
+        x = jaxws.jit(lambda a: a * 2)(jnp.ones((2, 5)))  # wrong shape and about to die
+    with ParallelInference(net) as pi:
+        with pytest.raises(jaxws.LeakedWorkspacePointerError, match=r"Op \[ParallelInference.output\] x.features"):
+            pi.output(x)

@@ -384,7 +384,7 @@ def test_stale_batches_are_refused_before_anything_is_donated():
     with ws:
         features = jaxws.jit(lambda a: a * 1.0)(jnp.asarray(x))
     old = net.params
-    with pytest.raises(jaxws.LeakedWorkspacePointerError, match=r"args\[1\]\.features argument uses leaked"):
+    with pytest.raises(jaxws.LeakedWorkspacePointerError, match=r"Op \[fit\] data\.features argument uses leaked"):
         net.fit((features, y), progress=False)
     assert not any(a.is_deleted() for a in jax.tree.leaves(old))
     net.fit((x, y), progress=False)

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import jaxws
+from jaxws.data import from_iterable
 from jaxws import WorkspaceMode
 from jaxws.nn import Dense, MultiLayerNetwork, NeuralNetConfiguration, OutputLayer
 from jaxws.parallel import ParallelWrapper, TrainingMode
@@ -122,7 +123,7 @@ def test_one_collective_and_one_dispatch_per_k_rounds(k):
     wrapper.fit(make_batches(4 * k))
     program = wrapper._compiled()
     stacked = wrapper._replicate(net._carry)
-    group = wrapper._groups(make_batches(4 * k))
+    group = wrapper._groups(net._feed(make_batches(4 * k), "test", place=False))
     first = next(iter(group))
     text = program.lower(stacked, first).as_text()
     group.close()
@@ -148,9 +149,21 @@ def test_bad_batch_mid_epoch_raises_and_keeps_the_consensus():
     net = network(optax.adam(1e-2))
     expected = reference(net.params, optax.adam(1e-2), good, 4, 2)  # the groups before the failure
     with pytest.raises(jaxws.InvalidBatchError, match=r"expects features of shape \[batch, 5\], received \[8, 6\]"):
-        ParallelWrapper(net, workers=4, averaging_frequency=2).fit(good + [bad] + good)
+        ParallelWrapper(net, workers=4, averaging_frequency=2).fit(from_iterable(lambda: iter(good + [bad] + good)))
     assert_tree_close(net.params, expected)
+    assert net.iteration == 2  # the two rounds of the group before the failure
     net.fit(good[:1], progress=False)  # still usable
+
+
+def test_a_list_with_a_bad_batch_is_refused_before_any_round():
+    good = make_batches(8)
+    bad = (np.ones((8, D + 1), np.float32), np.zeros(8, np.int32))
+    net = network(optax.adam(1e-2))
+    before = jaxws.detach(net.params)
+    with pytest.raises(jaxws.InvalidBatchError, match=r"received \[8, 6\]\. \(in data\[8\], counting from 0\)"):
+        ParallelWrapper(net, workers=4, averaging_frequency=2).fit(good + [bad] + good)
+    assert_tree_close(net.params, before, tol=0)
+    assert net.iteration == 0
 
 
 def test_an_exception_in_the_data_surfaces_with_its_cause():

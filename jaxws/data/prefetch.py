@@ -2,12 +2,12 @@
 
 A named daemon thread pulls from the base iterator, pads dynamic axes to a capacity
 bucket, puts each batch on the device (or shards it), and hands it over through a bounded
-queue as ``(element, exception)``. A yielded batch is valid until the next ``next()``.
+queue as ``(element, exception)``. What the ring placed is valid until the next ``next()``;
+arrays that were on the device already pass through and stay the caller's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import queue
@@ -21,7 +21,8 @@ import numpy as np
 from jaxws.configuration import ResetPolicy, WorkspaceConfiguration
 from jaxws.data.dataset import DataSet
 from jaxws.data.iterators import DataSetIterator, as_dataset, from_iterable
-from jaxws.errors import AsyncIteratorError, ConfigurationError, InvalidBatchError, WorkspaceError
+from jaxws.data.placement import Placement
+from jaxws.errors import AsyncIteratorError, ConfigurationError, WorkspaceError
 from jaxws.manager import get_workspace_manager
 from jaxws.memory import tree_bytes
 from jaxws.workspace import _pad_to
@@ -31,7 +32,6 @@ __all__ = [
     "AsyncMultiDataSetIterator",
     "AsyncShieldDataSetIterator",
     "AsyncShieldMultiDataSetIterator",
-    "consuming",
 ]
 
 log = logging.getLogger("jaxws")
@@ -46,12 +46,11 @@ class _Preparer:
     Holds no reference to the iterator, so an abandoned iterator can be collected.
     """
 
-    def __init__(self, iterator_id, config, device, sharding, callback, pad_axis, collate):
+    def __init__(self, iterator_id, config, placement, callback, pad_axis, collate):
         self.iterator_id = iterator_id
         self.collate = collate
         self.config = config
-        self.device = device
-        self.sharding = sharding
+        self.placement = placement
         self.callback = callback
         self.pad_axis = pad_axis
         self.slot_bytes = 0
@@ -59,7 +58,8 @@ class _Preparer:
         self.capacity: int | None = None
         self.shapes: set = set()
 
-    def __call__(self, item: Any):
+    def __call__(self, item: Any) -> tuple[Any, list]:
+        """``(batch on the device, the arrays the ring placed)``."""
         ds = self.collate(item)
         if self.callback is not None:
             ds = self.callback(ds) or ds
@@ -67,11 +67,7 @@ class _Preparer:
             ds = self._pad(ds)
         self._learn(tree_bytes(ds))
         self.shapes.add(tuple(np.shape(x) for x in jax.tree.leaves(ds)))
-        if self.sharding is not None:
-            return jax.tree.map(
-                lambda x: jax.make_array_from_process_local_data(self.sharding, np.asarray(x)), ds
-            )
-        return jax.device_put(ds, self.device)
+        return self.placement.place(ds)
 
     def _learn(self, nbytes: int) -> None:
         if not self.slot_bytes:
@@ -147,11 +143,13 @@ def _shutdown(stop: threading.Event, q: queue.Queue, thread: threading.Thread) -
 class AsyncDataSetIterator(DataSetIterator):
     """Prefetches batches onto the device in a background thread (DL4J's async iterator).
 
-    At most ``queue_size + 2`` batches are alive on the device whatever the consumer does:
-    ``queue_size`` in the queue, one being placed, and the one handed out last. With
-    ``use_workspace=True`` a batch belongs to the iterator's ring workspace: the next
-    ``next()`` invalidates it and frees its memory, and passing it to a jaxws entry point
-    afterwards raises OutdatedWorkspacePointerError; ``batch.detach()`` keeps it.
+    At most ``queue_size + 2`` batches the ring placed are alive on the device whatever the
+    consumer does: ``queue_size`` in the queue, one being placed, and the one handed out
+    last. With ``use_workspace=True`` such a batch belongs to the iterator's ring workspace:
+    the next ``next()`` invalidates it and frees its memory, and passing it to a jaxws entry
+    point afterwards raises OutdatedWorkspacePointerError; ``batch.detach()`` keeps it.
+    Arrays the base iterator yields already on the device (or already laid out with
+    ``sharding``) pass through uncopied and are never invalidated: they stay yours.
 
     Args:
         base: an iterator (or iterable) of DataSets, ``(x, y)`` pairs or dicts.
@@ -208,7 +206,7 @@ class AsyncDataSetIterator(DataSetIterator):
         self.queue_size = max(2, queue_size)
         self.use_workspace = use_workspace
         self.config = config or WorkspaceConfiguration(overallocation_limit=1.0)
-        self._prepare = _Preparer(self.id, self.config, device, sharding, callback, pad_axis, collate)
+        self._prepare = _Preparer(self.id, self.config, Placement(device, sharding), callback, pad_axis, collate)
         self._ring = None
         self._closed = False
         self._exhausted = False
@@ -256,11 +254,12 @@ class AsyncDataSetIterator(DataSetIterator):
             self._exhausted = True
             raise StopIteration
         self._produced += 1
+        batch, owned = item
         if ring is not None:
-            ring._hold_slot(jax.tree.leaves(item))
+            ring._hold_slot(owned)  # never the caller's arrays that passed through
             ring.current_size = self._prepare.slot_bytes * (self.queue_size + 2)
             ring.reallocations = self._prepare.reallocations
-        return item
+        return batch
 
     def reset(self) -> None:
         """Drains the queue, restarts the base iterator and the prefetch thread."""
@@ -357,22 +356,3 @@ class AsyncShieldDataSetIterator(DataSetIterator):
 
 class AsyncShieldMultiDataSetIterator(AsyncShieldDataSetIterator):
     """AsyncShieldDataSetIterator for MultiDataSet iterators."""
-
-
-@contextlib.contextmanager
-def consuming(source: Any, data: Any):
-    """One use of ``source``, an iterable made from the caller's ``data``.
-
-    Closes ``source`` afterwards when it is an async iterator made here (never the
-    caller's own), and re-raises a batch check that failed in its prefetch thread as that
-    check's own error (InvalidBatchError), not as the thread's AsyncIteratorError.
-    """
-    try:
-        yield source
-    except AsyncIteratorError as e:
-        if isinstance(e.__cause__, InvalidBatchError):
-            raise e.__cause__  # our own check, run in the prefetch thread: say it plainly
-        raise
-    finally:
-        if source is not data and isinstance(source, AsyncDataSetIterator):
-            source.close()

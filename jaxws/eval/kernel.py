@@ -12,9 +12,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxws.data.iterators import as_dataset
-from jaxws.data.prefetch import AsyncDataSetIterator, consuming
 from jaxws.errors import ConfigurationError, InvalidBatchError
+from jaxws.interrupts import guarded
 from jaxws.manager import get_workspace_manager
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.step import WorkspaceFunction, jit
@@ -23,7 +22,7 @@ __all__ = ["EvaluationMixin"]
 
 
 class EvaluationMixin:
-    """``do_evaluation`` and its shortcuts, for models with ``_apply`` and ``_source``."""
+    """``do_evaluation`` and its shortcuts, for models with ``_apply``, ``_feed`` and ``_pinned``."""
 
     def _evaluation_fn(self, evaluations: tuple) -> WorkspaceFunction:
         key = tuple(ev._static_key() for ev in evaluations)
@@ -67,18 +66,28 @@ class EvaluationMixin:
         """
         from jaxws.eval.base import Evaluator
 
-        carry = self._require_init()
+        self._require_init()
         if not evaluations:
             raise ConfigurationError("do_evaluation(data, *evaluations): pass at least one evaluator, e.g. jaxws.eval.Evaluation().")
         for i, ev in enumerate(evaluations):
             if not isinstance(ev, Evaluator):
                 raise TypeError(f"do_evaluation: evaluations[{i}]={ev!r} is not a jaxws.eval.Evaluator.")
-        source = self._source(data, 1, batch_size, "do_evaluation", prefetch)
-        checked = isinstance(source, AsyncDataSetIterator)
+            if any(ev is other for other in evaluations[:i]):
+                raise ConfigurationError(
+                    f"do_evaluation: evaluations[{i}] is the same {type(ev).__name__} object as an "
+                    "earlier one; it would count every batch twice. Pass each evaluator once (or a "
+                    "second instance, e.g. Evaluation() twice)."
+                )
+        feed = self._feed(data, "do_evaluation", batch_size=batch_size, prefetch=prefetch, rewind="always")
+        with feed:
+            return self._evaluate(iter(feed), evaluations)
+
+    def _evaluate(self, batches: Any, evaluations: tuple) -> tuple:
+        """Runs every evaluator over ``batches`` (checked device DataSets)."""
         manager = get_workspace_manager()
-        with consuming(source, data):
-            for item in source:
-                ds = self._device_batch(as_dataset(item), "do_evaluation", checked)
+        fn = self._evaluation_fn(evaluations)
+        with self._pinned() as carry, guarded() as guard:
+            for ds in batches:
                 if ds.labels is None:
                     raise InvalidBatchError("do_evaluation: a batch has no labels to evaluate against.")
                 shape = self._output_shape(carry, ds)
@@ -86,10 +95,10 @@ class EvaluationMixin:
                     ev._ensure_state(shape)
                 rows = int(np.prod(shape[:-1]))
                 states = tuple(ev._reserve(ev.state, rows) for ev in evaluations)
-                with manager.scope_out_of_workspaces():  # evaluator states outlive every cycle
-                    states = self._evaluation_fn(evaluations)(states, carry.params, carry.state, ds)
-                for ev, state in zip(evaluations, states):
-                    ev.state = state
+                with guard, manager.scope_out_of_workspaces():  # states donated and stored in one commit
+                    states = fn(states, carry.params, carry.state, ds)
+                    for ev, state in zip(evaluations, states):
+                        ev.state = state
         return evaluations
 
     def _output_shape(self, carry: Any, ds: Any) -> tuple:
@@ -109,12 +118,14 @@ class EvaluationMixin:
         """ROC (one or two outputs) or ROCMultiClass (more), exact by default."""
         from jaxws.eval import ROC, ROCMultiClass
 
-        batches = iter(self._source(data, 1, batch_size, "evaluate_roc", 0))
-        first = next(batches, None)  # its width picks the evaluator; it is evaluated too
-        width = None if first is None else self._output_shape(self._require_init(), self._device_batch(as_dataset(first), "evaluate_roc"))[-1]
-        roc = ROC(threshold_steps) if width is not None and width <= 2 else ROCMultiClass(threshold_steps)
-        rest = [] if first is None else itertools.chain([first], batches)
-        return self.do_evaluation(rest, roc)[0]
+        self._require_init()
+        with self._feed(data, "evaluate_roc", batch_size=batch_size, rewind="always") as feed:
+            batches = iter(feed)
+            first = next(batches)  # its width picks the evaluator; it is evaluated too
+            with self._pinned() as carry:
+                width = self._output_shape(carry, first)[-1]
+            roc = ROC(threshold_steps) if width <= 2 else ROCMultiClass(threshold_steps)
+            return self._evaluate(itertools.chain([first], batches), (roc,))[0]
 
     def evaluate_regression(self, data: Any, *, batch_size: int | None = None):
         """``do_evaluation(data, RegressionEvaluation())``."""

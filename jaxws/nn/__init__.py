@@ -1,7 +1,7 @@
 """Networks under workspace modes: layers, LayerWorkspaceMgr, MultiLayerNetwork, models."""
 
 from jaxws.nn.conf import NeuralNetConfiguration
-from jaxws.nn.execution import StepLoss
+from jaxws.nn.listeners import StepLoss
 from jaxws.nn.layers import LSTM
 from jaxws.nn.layers import BaseOutputLayer
 from jaxws.nn.layers import BatchNormalization

@@ -92,13 +92,17 @@ class FunctionalModel(Model):
         return model
 
     def to_equinox(self) -> Any:
-        """The Equinox module with the current parameters (for ``from_equinox`` models)."""
+        """The Equinox module with the current parameters (for ``from_equinox`` models).
+
+        Its arrays are detached copies: later ``fit`` calls leave the module intact.
+        """
         import equinox as eqx
 
         static = getattr(self, "_equinox_static", None)
         if static is None:
             raise ConfigurationError("to_equinox(): this model was not made with FunctionalModel.from_equinox.")
-        return eqx.combine(self.params, static)
+        with self._lock:
+            return eqx.combine(detach(self.params), static)
 
     def _apply(self, params, state, x, mask, training, mode):
         def run(params, state, x):

@@ -1,6 +1,6 @@
-"""Training listeners: report scores without a host sync on the other iterations.
+"""Training listeners, and the loss they see: read from the device only when asked.
 
-A listener sees the loss as a device array; only reading it (``float``) syncs.
+A listener gets a :class:`StepLoss` per step; ``float(loss)`` is the only host sync.
 """
 
 from __future__ import annotations
@@ -8,16 +8,62 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
+from jaxws.arrays import stale_error
 from jaxws.errors import ConfigurationError
 
-__all__ = ["TrainingListener", "ScoreIterationListener", "CollectScoresListener"]
+__all__ = ["StepLoss", "TrainingListener", "ScoreIterationListener", "CollectScoresListener"]
+
+
+class StepLoss:
+    """The loss of one training step; read from the device only when asked.
+
+    ``float(loss)``, ``loss.item()`` and ``np.asarray(loss)`` read it (one host sync);
+    ``loss.value`` is the device scalar. It is live, not detached: it belongs to the
+    step's workspace cycle, so keep ``float(loss)`` (or ``jaxws.detach(loss.value)``)
+    to use it later; reading it after its cycle ended raises the cycle's
+    LeakedWorkspacePointerError / OutdatedWorkspacePointerError, naming the fix.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jaxws.nn import StepLoss
+        >>> float(StepLoss(jnp.array([0.5, 0.25]), 1))
+        0.25
+    """
+
+    __slots__ = ("_losses", "_index")
+
+    def __init__(self, losses: jax.Array, index: int | None = None):
+        self._losses = losses
+        self._index = index  # None: ``losses`` is the step's scalar; else its row of a fused run
+
+    @property
+    def value(self) -> jax.Array:
+        """The loss as a device scalar (no host sync)."""
+        error = stale_error("StepLoss", "loss", self._losses)
+        if error is not None:
+            raise error
+        return self._losses if self._index is None else self._losses[self._index]
+
+    def item(self) -> float:
+        return float(self.value)
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.asarray(self.value, dtype=dtype)
+
+    def __repr__(self) -> str:
+        where = "" if self._index is None else f" {self._index} of {self._losses.shape[0]}"
+        return f"StepLoss({where.strip() or 'step'})"
 
 
 class TrainingListener:
-    """Base class: override what you need. ``loss`` is a device scalar (no sync until read)."""
+    """Base class: override what you need. ``loss`` is a :class:`StepLoss` (no sync until read)."""
 
-    def iteration_done(self, model: Any, iteration: int, epoch: int, loss: jax.Array) -> None:
+    def iteration_done(self, model: Any, iteration: int, epoch: int, loss: StepLoss) -> None:
         """After each training iteration, inside its workspace cycle."""
 
     def on_epoch_start(self, model: Any, epoch: int) -> None:
@@ -47,7 +93,7 @@ class ScoreIterationListener(TrainingListener):
 
 
 class CollectScoresListener(TrainingListener):
-    """Keeps ``(iteration, score)`` every ``frequency`` iterations in ``self.scores``."""
+    """Keeps ``(iteration, score)`` every ``frequency`` iterations in ``self.scores`` (floats)."""
 
     def __init__(self, frequency: int = 1):
         if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:

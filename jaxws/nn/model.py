@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Any, Callable, NamedTuple
+import threading
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +20,12 @@ import optax
 from jaxws.arrays import check_arrays, detach, leverage_to
 from jaxws.configuration import SpillPolicy, WorkspaceConfiguration
 from jaxws.data.dataset import DataSet
-from jaxws.data.iterators import ArrayDataSetIterator, as_dataset, from_iterable
-from jaxws.data.prefetch import AsyncDataSetIterator, consuming
+from jaxws.data.feed import Feed, prepare
 from jaxws.errors import ConfigurationError, WorkspaceError
 from jaxws.eval.kernel import EvaluationMixin
+from jaxws.interrupts import guarded
 from jaxws.manager import get_workspace_manager
-from jaxws.nn.execution import Executions, GroupIterator, StepLoss, stack
-from jaxws.nn.listeners import TrainingListener
+from jaxws.nn.listeners import StepLoss, TrainingListener
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.step import WorkspaceFunction, jit
 from jaxws.workspace import Workspace
@@ -45,7 +45,14 @@ class TrainState(NamedTuple):
 
 
 class Model(EvaluationMixin, abc.ABC):
-    """Base class: subclasses define ``_apply`` and ``_loss_of``; the rest is shared."""
+    """Base class: subclasses define ``_apply`` and ``_loss_of``; the rest is shared.
+
+    The model owns its carry (params, layer state, updater state). ``fit`` donates it
+    through every step (all modes but NONE) and stores the new carry in one commit that
+    neither a KeyboardInterrupt nor a reader on another thread can split: a reader
+    (``output``, ``score``, ``do_evaluation``) sees one complete parameter version,
+    the one committed before it started.
+    """
 
     def __init__(
         self,
@@ -57,6 +64,8 @@ class Model(EvaluationMixin, abc.ABC):
         self.training_workspace_mode = training_workspace_mode
         self.inference_workspace_mode = inference_workspace_mode
         self._carry: TrainState | None = None
+        self._lock = threading.RLock()  # held to commit a carry, or to read one and dispatch
+        self._pins: dict[int, int] = {}  # id(params) -> readers on that version
         self._steps: dict[tuple[WorkspaceMode, bool], WorkspaceFunction] = {}
         self._infer: dict[bool, WorkspaceFunction] = {}
         self._score_fn: WorkspaceFunction | None = None
@@ -90,48 +99,82 @@ class Model(EvaluationMixin, abc.ABC):
     def params(self) -> Any:
         """The live parameters (no copy).
 
-        In ENABLED/SINGLE/SEPARATE the next ``fit`` donates these buffers: keep a copy with
-        ``jaxws.detach(net.params)``. In NONE they stay valid.
+        Live, not detached: in ENABLED/SINGLE/SEPARATE the next ``fit`` donates these
+        buffers, after which jaxws calls given them raise DeletedArrayError (and plain JAX
+        "Array has been deleted"). Keep a copy with ``jaxws.detach(net.params)``. In NONE
+        they stay valid.
         """
         return self._require_init().params
 
     @property
     def state(self) -> Any:
-        """The live non-trainable state (batch-norm statistics, dropout keys)."""
+        """The live non-trainable state (batch-norm statistics, dropout keys); live as ``params``."""
         return self._require_init().state
 
     @property
     def updater_state(self) -> Any:
+        """The live updater (optax) state; live as ``params``."""
         return self._require_init().opt_state
 
     def set_params(self, params: Any) -> None:
         """Replaces the parameters (numpy or JAX arrays of the same structure and shapes).
 
-        They are copied into buffers the model owns, cast to the current dtypes.
+        They are copied into buffers the model owns, cast to the current dtypes; the
+        arrays given stay yours, untouched.
         """
-        carry = self._require_init()
         check_arrays("set_params", params, "params")
-        paths, treedef = jax.tree_util.tree_flatten_with_path(carry.params)
-        try:
-            new = treedef.flatten_up_to(params)
-        except (ValueError, TypeError) as e:
-            raise ConfigurationError(f"set_params: the tree does not match the model's parameters {treedef}: {e}") from None
-        leaves = []
-        for (path, old), value in zip(paths, new):
-            if np.shape(value) != old.shape:
-                raise ConfigurationError(
-                    f"set_params: params{jax.tree_util.keystr(path)} has shape {np.shape(value)}, "
-                    f"expected {old.shape}."
-                )
-            leaves.append(jnp.asarray(value, dtype=old.dtype))
-        fresh = detach(jax.tree.unflatten(treedef, leaves))
-        self._carry = carry._replace(params=fresh)
+        with self._lock:
+            carry = self._require_init()
+            paths, treedef = jax.tree_util.tree_flatten_with_path(carry.params)
+            try:
+                new = treedef.flatten_up_to(params)
+            except (ValueError, TypeError) as e:
+                raise ConfigurationError(f"set_params: the tree does not match the model's parameters {treedef}: {e}") from None
+            leaves = []
+            for (path, old), value in zip(paths, new):
+                if np.shape(value) != old.shape:
+                    raise ConfigurationError(
+                        f"set_params: params{jax.tree_util.keystr(path)} has shape {np.shape(value)}, "
+                        f"expected {old.shape}."
+                    )
+                leaves.append(jnp.asarray(value, dtype=old.dtype))
+            self._carry = carry._replace(params=detach(jax.tree.unflatten(treedef, leaves)))
 
     def add_listeners(self, *listeners: TrainingListener) -> None:
         self.listeners.extend(listeners)
 
     def set_listeners(self, *listeners: TrainingListener) -> None:
         self.listeners = list(listeners)
+
+    @contextlib.contextmanager
+    def _pinned(self) -> Iterator[TrainState]:
+        """The current carry, kept valid for a pass of several reads (one version throughout).
+
+        A ``fit`` on another thread that would donate a pinned version trains on a copy of
+        its params and state instead, once; readers on this thread finish before it commits.
+        """
+        with self._lock:
+            carry = self._require_init()
+            key = id(carry.params)
+            self._pins[key] = self._pins.get(key, 0) + 1
+        try:
+            yield carry
+        finally:
+            with self._lock:
+                self._pins[key] -= 1
+                if not self._pins[key]:
+                    del self._pins[key]
+
+    def _commit(self, step: WorkspaceFunction, ds: Any, fused: bool) -> tuple[jax.Array, int]:
+        """Runs ``step`` on the carry and stores the new one with the iteration count."""
+        with self._lock:
+            carry = self._carry
+            if self._pins and id(carry.params) in self._pins:  # a reader holds this version
+                carry = carry._replace(params=detach(carry.params), state=detach(carry.state))
+            self._carry, losses = step(carry, ds)
+            n = int(jax.tree.leaves(ds)[0].shape[0]) if fused else 1
+            self.iteration += n
+        return losses, n
 
     # -- the pure step ---------------------------------------------------------------------
 
@@ -174,36 +217,12 @@ class Model(EvaluationMixin, abc.ABC):
 
     # -- fit / output / score --------------------------------------------------------------
 
-    def _source(self, data: Any, epochs: int, batch_size: int | None, op: str, prefetch: int, steps: int = 1):
-        """What one pass iterates: batches (or stacked groups of ``steps``), async-wrapped if it may be."""
-        if _is_single_batch(data):
-            ds = as_dataset(data)
-            if not batch_size:
-                return [ds]
-            data = ArrayDataSetIterator(ds.features, ds.labels, batch_size,
-                                        features_mask=ds.features_mask, labels_mask=ds.labels_mask)
-        elif batch_size:
-            raise ConfigurationError(
-                f"{op}(batch_size={batch_size}): batch_size splits one DataSet or (x, y) pair; "
-                "an iterator already yields batches."
-            )
-        check = lambda ds: self._check_batch(ds, op)  # noqa: E731
-        if isinstance(data, (tuple, list)):
-            return Executions(data, steps, check) if steps > 1 else data  # batches in memory
-        if not hasattr(data, "__next__"):
-            data = from_iterable(data)  # an iterable: restartable
-        elif not hasattr(data, "reset"):
-            if epochs > 1:
-                raise ConfigurationError(
-                    f"{op}(epochs={epochs}) got a one-shot iterator; pass something that can be "
-                    "iterated again (a list, an ArrayDataSetIterator, or from_iterable(lambda: ...))."
-                )
-            data = from_iterable(data)
-        if prefetch and getattr(data, "async_supported", False):
-            if steps > 1:  # the prefetch thread groups, checks and stacks
-                return AsyncDataSetIterator(GroupIterator(data, steps, check), prefetch, collate=stack)
-            return AsyncDataSetIterator(data, prefetch, callback=check)
-        return Executions(data, steps, check) if steps > 1 else data
+    def _feed(self, data: Any, op: str, **kwargs: Any) -> Feed:
+        return Feed(data, op=op, check=lambda ds: self._check_batch(ds, op), **kwargs)
+
+    def _input(self, ds: Any, op: str) -> Any:
+        """One batch for a single read: checked (dead arrays first), on the device."""
+        return prepare(ds, op, lambda d: self._check_batch(d, op))
 
     def fit(
         self,
@@ -217,17 +236,19 @@ class Model(EvaluationMixin, abc.ABC):
     ) -> Model:
         """Trains on ``data``: a DataSet, an ``(x, y)`` pair, or an iterable of those.
 
-        Iterators that support it (``async_supported``) are wrapped in an
-        AsyncDataSetIterator that prefetches ``prefetch`` batches onto the device. Each
-        step runs in a workspace cycle (except in NONE mode) with the carry donated;
-        nothing is read back from the device unless a listener reads the loss.
+        Host batches from an iterator are prefetched onto the device by an async ring
+        (``prefetch`` batches ahead); batches already on the device are used as they are
+        (never copied, donated or invalidated: they stay yours). Each step runs in a
+        workspace cycle (except in NONE mode) with the carry donated; nothing is read back
+        from the device unless a listener reads the loss. A KeyboardInterrupt stops
+        training between steps: the model keeps the state of the last completed step.
 
         Args:
             data: the training data.
             epochs: passes over ``data``.
             batch_size: split a single DataSet / pair into batches of this size.
             progress: show tqdm progress bars.
-            prefetch: async queue size (0: no background thread).
+            prefetch: async queue size for host batches (0: no background thread).
             steps_per_execution: batches per jitted call: consecutive batches of one shape
                 are stacked and scanned by one program (one dispatch for k steps, as
                 Keras' option of that name). Listeners still see every step, with a
@@ -244,47 +265,40 @@ class Model(EvaluationMixin, abc.ABC):
         k = steps_per_execution
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigurationError(f"fit(steps_per_execution={k!r}): expected an int >= 1.")
-        source = self._source(data, epochs, batch_size, "fit", prefetch, k)
-        checked = k > 1 or isinstance(source, AsyncDataSetIterator)  # checked where batches were made
+        feed = self._feed(data, "fit", batch_size=batch_size, prefetch=prefetch, steps=k, epochs=epochs)
         mode = self.training_workspace_mode
         step = self.compiled_step(mode, fused=k > 1)
-        after = self._after_execution if k > 1 else self._after_iteration
-        cycle = (get_workspace_manager().get_workspace_for_current_thread(TRAINING_CONF, TRAINING_WORKSPACE)
-                 if mode.donates else contextlib.nullcontext())  # NONE: no cycles, nothing invalidated
-        with consuming(source, data):
-            for e in tqdm(range(epochs), desc="epochs", disable=not progress or epochs == 1, leave=False):
-                if e and hasattr(source, "reset"):
-                    source.reset()
+        manager = get_workspace_manager()
+        try:
+            total = len(feed)
+        except TypeError:
+            total = None
+        with feed, guarded() as guard:
+            for _ in tqdm(range(epochs), desc="epochs", disable=not progress or epochs == 1, leave=False):
                 for listener in self.listeners:
                     listener.on_epoch_start(self, self.epoch)
-                try:
-                    total = len(source)
-                except TypeError:
-                    total = None
-                for item in tqdm(source, total=total, desc=f"epoch {self.epoch}", disable=not progress, leave=False):
-                    ds = self._device_batch(as_dataset(item), "fit", checked)
-                    with cycle:
-                        self._carry, loss = step(self._carry, ds)
-                        after(loss)
+                with tqdm(total=total, desc=f"epoch {self.epoch}", disable=not progress, leave=False) as bar:
+                    for ds in feed:
+                        # looked up each step: a listener may have destroyed it
+                        cycle = (manager.get_workspace_for_current_thread(TRAINING_CONF, TRAINING_WORKSPACE)
+                                 if mode.donates else contextlib.nullcontext())  # NONE: nothing invalidated
+                        with guard, cycle:
+                            losses, n = self._commit(step, ds, k > 1)
+                            if self.listeners:
+                                with guard.released():
+                                    self._notify(losses, n, k > 1)
+                        bar.update(n)
                 for listener in self.listeners:
                     listener.on_epoch_end(self, self.epoch)
                 self.epoch += 1
         return self
 
-    def _after_iteration(self, loss: jax.Array) -> None:
-        self.iteration += 1
-        for listener in self.listeners:
-            listener.iteration_done(self, self.iteration, self.epoch, loss)
-
-    def _after_execution(self, losses: jax.Array) -> None:
-        for i in range(losses.shape[0]):
-            self._after_iteration(StepLoss(losses, i))
-
-    def _device_batch(self, ds: DataSet, op: str, checked: bool = False) -> DataSet:
-        # stale (leaked, outdated, donated) arrays are refused by the jaxws.jit step itself
-        if not checked:
-            self._check_batch(ds, op)
-        return jax.tree.map(_to_device, ds)
+    def _notify(self, losses: jax.Array, n: int, fused: bool) -> None:
+        first = self.iteration - n
+        for i in range(n):
+            loss = StepLoss(losses, i if fused else None)
+            for listener in self.listeners:
+                listener.iteration_done(self, first + i + 1, self.epoch, loss)
 
     def _inference_fn(self, training: bool) -> WorkspaceFunction:
         if training not in self._infer:
@@ -303,37 +317,48 @@ class Model(EvaluationMixin, abc.ABC):
         mask: Any = None,
         workspace: Workspace | str | None = None,
     ) -> jax.Array:
-        """The network's output for ``x``.
+        """The network's output for ``x``; safe while another thread runs ``fit``.
 
         Without ``workspace`` the result is detached: it belongs to no workspace and
         survives any later ``fit``. With an open ``workspace`` (or its id) the result is
-        attached to it and dies with its cycle, as DL4J's output into a workspace.
+        attached to it and dies with its cycle, as DL4J's output into a workspace. It is
+        computed from the parameters committed when the call starts.
 
         Raises:
+            LeakedWorkspacePointerError, OutdatedWorkspacePointerError: ``x`` is dead.
+            InvalidBatchError: ``x`` does not fit the model.
             WorkspaceError: ``workspace`` given while ``inference_workspace_mode`` is NONE,
                 or not open.
         """
-        carry = self._require_init()
-        ds = self._device_batch(DataSet(x, None, mask), "output")
+        self._require_init()
+        ds = self._input(DataSet(x, None, mask), "output")
         fn = self._inference_fn(training)
         manager = get_workspace_manager()
-        if workspace is None:
-            with manager.scope_out_of_workspaces():
-                return fn(carry.params, carry.state, ds.features, ds.features_mask)
-        if self.inference_workspace_mode is WorkspaceMode.NONE:
-            raise WorkspaceError(
-                "output(workspace=...) needs an inference workspace, but "
-                "inference_workspace_mode is WorkspaceMode.NONE. Drop workspace= to get a "
-                "detached array, or configure inference_workspace_mode=WorkspaceMode.ENABLED."
-            )
-        ws = manager.workspace(workspace) if isinstance(workspace, str) else workspace
-        if not ws.is_scope_active:
-            raise WorkspaceError(f"output(workspace=[{ws.id}]): the workspace is not open; call it inside `with ws:`.")
-        return leverage_to(ws, fn(carry.params, carry.state, ds.features, ds.features_mask))
+        ws = None
+        if workspace is not None:
+            if self.inference_workspace_mode is WorkspaceMode.NONE:
+                raise WorkspaceError(
+                    "output(workspace=...) needs an inference workspace, but "
+                    "inference_workspace_mode is WorkspaceMode.NONE. Drop workspace= to get a "
+                    "detached array, or configure inference_workspace_mode=WorkspaceMode.ENABLED."
+                )
+            ws = manager.workspace(workspace) if isinstance(workspace, str) else workspace
+            if not ws.is_scope_active:
+                raise WorkspaceError(f"output(workspace=[{ws.id}]): the workspace is not open; call it inside `with ws:`.")
+        # detached: computed outside every workspace; else in the open cycle, then moved to ws
+        scope = manager.scope_out_of_workspaces() if ws is None else contextlib.nullcontext()
+        with scope, self._lock:  # dispatched before any later step can donate the carry
+            carry = self._carry
+            out = fn(carry.params, carry.state, ds.features, ds.features_mask)
+        return out if ws is None else leverage_to(ws, out)
 
     def score(self, data: Any, *, batch_size: int | None = None) -> float:
-        """The mean loss over ``data`` (inference mode), weighted by examples; one sync."""
-        carry = self._require_init()
+        """The mean loss over all of ``data`` (inference mode), weighted by examples; one sync.
+
+        A resettable iterator is reset first, so the whole data is scored; one parameter
+        version scores every batch, even while another thread trains.
+        """
+        self._require_init()
         if self._score_fn is None:
             def score(params, state, ds):
                 return self._loss(params, state, ds, False, WorkspaceMode.SINGLE)[0]
@@ -341,9 +366,9 @@ class Model(EvaluationMixin, abc.ABC):
             score.__name__ = f"{type(self).__name__}.score"
             self._score_fn = jit(score)
         total, count = jnp.zeros(()), 0
-        with get_workspace_manager().scope_out_of_workspaces():
-            for item in self._source(data, 1, batch_size, "score", prefetch=0):
-                ds = self._device_batch(as_dataset(item), "score")
+        feed = self._feed(data, "score", batch_size=batch_size, rewind="always")
+        with feed, self._pinned() as carry, get_workspace_manager().scope_out_of_workspaces():
+            for ds in feed:
                 total = total + self._score_fn(carry.params, carry.state, ds) * ds.num_examples
                 count += ds.num_examples
         if count == 0:
@@ -352,20 +377,10 @@ class Model(EvaluationMixin, abc.ABC):
 
     def residual_bytes(self, data: Any, mode: WorkspaceMode | None = None) -> int:
         """Bytes backprop saves for one batch under ``mode`` (the residuals of ``jax.vjp``)."""
+        from jaxws.data.iterators import as_dataset
         from jaxws.memory import residual_bytes
 
-        carry = self._require_init()
-        ds = self._device_batch(as_dataset(data), "residual_bytes")
+        ds = self._input(as_dataset(data), "residual_bytes")
         mode = mode or self.training_workspace_mode
-        return residual_bytes(lambda p: self._loss(p, carry.state, ds, True, mode)[0], carry.params)
-
-
-def _to_device(x: Any) -> Any:
-    return x if isinstance(x, jax.Array) else jnp.asarray(x)
-
-
-def _is_single_batch(data: Any) -> bool:
-    """A DataSet, a dict, or an (x, y[, masks]) tuple of arrays; anything else is batches."""
-    if isinstance(data, (DataSet, dict)):
-        return True
-    return isinstance(data, tuple) and 2 <= len(data) <= 4 and hasattr(data[0], "shape")
+        with self._pinned() as carry:
+            return residual_bytes(lambda p: self._loss(p, carry.state, ds, True, mode)[0], carry.params)

@@ -6,8 +6,9 @@ A group holds, per worker, k batches ``[workers, k, batch, ...]`` and an ``activ
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
+import jax
 import numpy as np
 
 from jaxws.data.dataset import DataSet
@@ -73,7 +74,7 @@ def stack(slots: list[list[DataSet | None]], batch: int | None = None) -> Group:
     return Group(DataSet(**out), active)
 
 
-def deal(base: Any, workers: int, rounds: int, check: Callable[[DataSet], None]) -> Iterator[list[list[DataSet | None]]]:
+def deal(base: Any, workers: int, rounds: int) -> Iterator[list[list[DataSet | None]]]:
     """Round-robin: batch j to worker j mod workers; ``rounds`` rounds a group.
 
     The last group may have fewer rounds, and its last round fewer batches than workers.
@@ -89,9 +90,7 @@ def deal(base: Any, workers: int, rounds: int, check: Callable[[DataSet], None])
                 if item is None:
                     done = True
                     break
-                ds = as_dataset(item)
-                check(ds)
-                row[w] = ds
+                row[w] = jax.tree.map(np.asarray, as_dataset(item))  # read now: a ring reuses its slots
             if row[0] is not None:
                 slots.append(row)
             if done:

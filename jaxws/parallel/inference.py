@@ -1,23 +1,24 @@
 """ParallelInference: thread-safe inference, concurrent requests merged into bucketed batches.
 
-Callers on any thread submit inputs; named daemon workers (one per device) merge pending
-requests up to ``batch_limit`` examples, pad them to a power-of-two bucket (so a handful
-of programs serve every size), run the model, and hand each caller its rows.
+Callers on any thread submit inputs; named daemon workers (one per device, each with its
+own parameter replica) merge pending requests of one shape up to ``batch_limit`` examples,
+pad them to a power-of-two bucket, run the model, and hand each caller its rows.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import enum
 import itertools
-import queue
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from jaxws.data.dataset import DataSet
+from jaxws.data.feed import validate
 from jaxws.errors import ConfigurationError, WorkspaceError
 from jaxws.manager import get_workspace_manager
 from jaxws.nn.model import Model
@@ -25,14 +26,13 @@ from jaxws.nn.model import Model
 __all__ = ["ParallelInference", "InferenceMode"]
 
 _ids = itertools.count()
-_STOP = object()
 
 
 class InferenceMode(enum.Enum):
     """How requests reach the model."""
 
     SEQUENTIAL = "sequential"  # one request per call of the model
-    BATCHED = "batched"  # pending requests merged, up to batch_limit examples
+    BATCHED = "batched"  # pending requests of one shape merged, up to batch_limit examples
 
 
 def _bucket(n: int, limit: int) -> int:
@@ -40,8 +40,29 @@ def _bucket(n: int, limit: int) -> int:
     return min(limit, 1 << max(0, n - 1).bit_length())
 
 
+class _Request(NamedTuple):
+    x: np.ndarray
+    mask: np.ndarray | None
+    future: concurrent.futures.Future
+    shape: tuple  # what must agree to share a batch: per-example shapes and dtypes
+
+
+class _Serving(NamedTuple):
+    """What the workers run: swapped whole by ``update_model``."""
+
+    model: Model
+    infer: Any
+    replicas: list  # (params, state) per worker, on its device
+
+
 class ParallelInference:
     """DL4J's ParallelInference: ``output(x)`` from any number of threads.
+
+    Each worker holds its own copy of the model's parameters on its device (the model's
+    own buffers are never shared, so training the model meanwhile is safe);
+    :meth:`update_model` swaps in new parameters atomically while requests keep flowing.
+    In BATCHED mode a request is merged only with requests of the same per-example shape
+    and dtype, so one odd request never fails its neighbours.
 
     Args:
         model: an initialised MultiLayerNetwork or FunctionalModel.
@@ -71,32 +92,52 @@ class ParallelInference:
         queue_limit: int = 64,
         workers: int = 1,
     ):
-        if not isinstance(model, Model):
-            raise TypeError(f"ParallelInference(model={model!r}): expected a jaxws.nn Model.")
-        carry = model._require_init()
         if not isinstance(inference_mode, InferenceMode):
             raise ConfigurationError(f"ParallelInference(inference_mode={inference_mode!r}): expected InferenceMode.BATCHED or SEQUENTIAL.")
         for name, value in (("batch_limit", batch_limit), ("queue_limit", queue_limit), ("workers", workers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"ParallelInference({name}={value!r}): expected an int >= 1.")
-        self.model = model
         self.inference_mode = inference_mode
         self.batch_limit = batch_limit
         self.queue_limit = queue_limit
         self.id = f"PARALLEL_INFERENCE_{next(_ids)}"
         self.executions = 0  # model calls made (merged batches)
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_limit)
-        self._closed = False
-        self._lock = threading.Lock()
         devices = jax.local_devices()
-        self._threads = []
-        for i in range(workers):
-            device = devices[i % len(devices)]
-            params, state = jax.device_put((carry.params, carry.state), device)  # this worker's replica
-            thread = threading.Thread(target=self._serve, args=(params, state, device),
-                                      name=f"jaxws-inference-{self.id}-{i}", daemon=True)
+        self._devices = [devices[i % len(devices)] for i in range(workers)]
+        self._serving = self._replicate(model)
+        lock = threading.Lock()
+        self._has_work = threading.Condition(lock)
+        self._has_room = threading.Condition(lock)
+        self._pending: collections.deque[_Request] = collections.deque()
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._serve, args=(i,), name=f"jaxws-inference-{self.id}-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for thread in self._threads:
             thread.start()
-            self._threads.append(thread)
+
+    @property
+    def model(self) -> Model:
+        """The model whose parameters the workers serve."""
+        return self._serving.model
+
+    def _replicate(self, model: Model) -> _Serving:
+        if not isinstance(model, Model):
+            raise TypeError(f"ParallelInference(model={model!r}): expected a jaxws.nn Model (MultiLayerNetwork, FunctionalModel).")
+        with model._lock:  # one committed version, copied before any later step donates it
+            carry = model._require_init()
+            replicas = [jax.device_put((carry.params, carry.state), d, may_alias=False) for d in self._devices]
+        return _Serving(model, model._inference_fn(False), replicas)
+
+    def update_model(self, model: Model) -> None:
+        """Serves ``model``'s current parameters from now on (DL4J's ``updateModel``).
+
+        New replicas are copied first, then swapped in at once: a request runs entirely on
+        the old parameters or entirely on the new ones. ``model`` may be the same network
+        after more training, or another one that accepts the same inputs.
+        """
+        self._serving = self._replicate(model)
 
     # -- callers ---------------------------------------------------------------------------
 
@@ -104,34 +145,48 @@ class ParallelInference:
         """The model's output for ``x`` (``[n, ...]``), as numpy; safe from any thread.
 
         Raises:
+            LeakedWorkspacePointerError, OutdatedWorkspacePointerError: ``x`` is dead.
             InvalidBatchError: ``x`` does not fit the model (raised here, in the caller).
-            WorkspaceError: the instance is closed.
+            WorkspaceError: the instance is closed (also for requests still waiting when
+                :meth:`close` is called).
         """
-        if self._closed:
-            raise WorkspaceError(f"[{self.id}] is closed; create a new ParallelInference.")
-        x = np.asarray(x)
-        self.model._check_batch(DataSet(x, None, mask), "ParallelInference.output")
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put((x, None if mask is None else np.asarray(mask), future))
-        return future.result()
+        op = "ParallelInference.output"
+        ds = validate(DataSet(x, None, mask), op, lambda d: self.model._check_batch(d, op), "x")
+        x = np.asarray(ds.features)  # a host copy: the caller's array is only read
+        mask = None if ds.features_mask is None else np.asarray(ds.features_mask)
+        shape = (x.shape[1:], x.dtype, None if mask is None else (mask.shape[1:], mask.dtype))
+        request = _Request(x, mask, concurrent.futures.Future(), shape)
+        with self._has_room:
+            while len(self._pending) >= self.queue_limit and not self._closed:
+                self._has_room.wait()
+            if self._closed:
+                raise self._closed_error()
+            self._pending.append(request)
+            self._has_work.notify()
+        return request.future.result()
+
+    def _closed_error(self) -> WorkspaceError:
+        return WorkspaceError(f"[{self.id}] is closed; create a new ParallelInference.")
 
     def close(self) -> None:
-        """Stops and joins the workers; pending requests fail; idempotent."""
-        with self._lock:
+        """Stops and joins the workers; waiting requests fail at once; idempotent.
+
+        Requests a worker has already taken complete; every other caller, waiting or new,
+        gets a WorkspaceError saying the instance is closed.
+        """
+        with self._has_work:
             if self._closed:
                 return
             self._closed = True
-        for _ in self._threads:
-            self._queue.put(_STOP)
+            abandoned = list(self._pending)
+            self._pending.clear()
+            self._has_work.notify_all()
+            self._has_room.notify_all()
+        for request in abandoned:
+            request.future.set_exception(WorkspaceError(f"[{self.id}] was closed before this request ran."))
         for thread in self._threads:
-            thread.join()
-        while True:  # requests that arrived after the stop signals
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _STOP:
-                item[2].set_exception(WorkspaceError(f"[{self.id}] was closed before this request ran."))
+            if thread is not threading.current_thread():
+                thread.join()
 
     def __enter__(self) -> ParallelInference:
         return self
@@ -141,38 +196,36 @@ class ParallelInference:
 
     # -- workers ---------------------------------------------------------------------------
 
-    def _take(self, leftover: Any) -> tuple[list | None, Any]:
-        """A request, and in BATCHED mode whatever else waits, up to batch_limit rows.
+    def _take(self) -> list[_Request] | None:
+        """The oldest request and, in BATCHED mode, later ones of its shape up to batch_limit rows."""
+        with self._has_work:
+            while not self._pending and not self._closed:
+                self._has_work.wait()
+            if not self._pending:
+                return None  # closed
+            first = self._pending.popleft()
+            taken, rows = [first], len(first.x)
+            if self.inference_mode is InferenceMode.BATCHED and rows < self.batch_limit:
+                kept = collections.deque()
+                for request in self._pending:
+                    if request.shape == first.shape and rows + len(request.x) <= self.batch_limit:
+                        taken.append(request)
+                        rows += len(request.x)
+                    else:
+                        kept.append(request)
+                self._pending = kept
+            self._has_room.notify(len(taken))
+            return taken
 
-        Returns ``(requests, leftover)``: a request that did not fit starts the next round
-        (kept here, never put back: the queue may be full).
-        """
-        first = self._queue.get() if leftover is None else leftover
-        if first is _STOP:
-            return None, None
-        taken, rows = [first], len(first[0])
-        while self.inference_mode is InferenceMode.BATCHED and rows < self.batch_limit:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP or rows + len(item[0]) > self.batch_limit or (item[1] is None) != (first[1] is None):
-                return taken, item
-            taken.append(item)
-            rows += len(item[0])
-        return taken, None
-
-    def _serve(self, params: Any, state: Any, device: jax.Device) -> None:
-        infer = self.model._inference_fn(False)
+    def _serve(self, index: int) -> None:
         manager = get_workspace_manager()  # this thread's: outputs belong to no workspace
-        leftover = None
-        while True:
-            taken, leftover = self._take(leftover)
-            if taken is None:
-                return
+        device = self._devices[index]
+        while (taken := self._take()) is not None:
             try:
-                x = np.concatenate([t[0] for t in taken])
-                mask = None if taken[0][1] is None else np.concatenate([t[1] for t in taken])
+                serving = self._serving  # one version for the whole batch
+                params, state = serving.replicas[index]
+                x = np.concatenate([t.x for t in taken])
+                mask = None if taken[0].mask is None else np.concatenate([t.mask for t in taken])
                 n = len(x)
                 size = _bucket(n, self.batch_limit) if n <= self.batch_limit else n
                 if size > n:  # pad to the bucket: no new program for this size
@@ -180,17 +233,17 @@ class ParallelInference:
                     if mask is not None:
                         mask = np.concatenate([mask, np.zeros((size - n, *mask.shape[1:]), mask.dtype)])
                 with manager.scope_out_of_workspaces():
-                    out = np.asarray(infer(params, state, jax.device_put(x, device),
-                                           None if mask is None else jax.device_put(mask, device)))
+                    out = np.asarray(serving.infer(params, state, jax.device_put(x, device),
+                                                   None if mask is None else jax.device_put(mask, device)))
                 self.executions += 1
                 start = 0
-                for xi, _, future in taken:
-                    future.set_result(out[start:start + len(xi)])
-                    start += len(xi)
+                for request in taken:
+                    request.future.set_result(out[start:start + len(request.x)])
+                    start += len(request.x)
             except BaseException as e:  # noqa: BLE001 - the callers get it, with its traceback
-                for _, _, future in taken:
-                    if not future.done():
-                        future.set_exception(e)
+                for request in taken:
+                    if not request.future.done():
+                        request.future.set_exception(e)
 
     # -- DL4J's builder --------------------------------------------------------------------
 

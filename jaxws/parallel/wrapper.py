@@ -17,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxws.data.iterators import from_iterable
-from jaxws.data.prefetch import AsyncDataSetIterator, consuming
-from jaxws.errors import ConfigurationError
+from jaxws.data.prefetch import AsyncDataSetIterator
+from jaxws.errors import AsyncIteratorError, ConfigurationError, InvalidBatchError
+from jaxws.interrupts import guarded
 from jaxws.manager import get_workspace_manager
+from jaxws.nn.listeners import StepLoss
 from jaxws.nn.model import TRAINING_CONF, TRAINING_WORKSPACE, Model, TrainState
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.parallel.distributed import worker_devices
@@ -143,7 +144,7 @@ class ParallelWrapper:
         self.sharding = NamedSharding(self.mesh, P(AXIS))
         self.local_workers = sum(d.process_index == jax.process_index() for d in self.devices)
         self.rounds = 0
-        self.scores: list[jax.Array] = []  # averaged score of each program (device scalars)
+        self.scores: list[float] = []  # averaged score of each program, when reported
         self._program = None
 
     # -- the per-worker program ------------------------------------------------------------
@@ -225,11 +226,14 @@ class ParallelWrapper:
 
     # -- fit -------------------------------------------------------------------------------
 
-    def _groups(self, data: Any):
-        base = data if isinstance(data, (list, tuple)) or hasattr(data, "__next__") else from_iterable(data)
-        check = lambda ds: self.model._check_batch(ds, "ParallelWrapper.fit")  # noqa: E731
-        dealt = deal(base, self.local_workers, self.averaging_frequency, check)
-        if self.prefetch_buffer:
+    def _groups(self, feed: Any):
+        """Device groups of k rounds from a pass of checked batches; prefetched if asked.
+
+        A source that is itself asynchronous (an AsyncDataSetIterator) is read on this
+        thread, which owns it.
+        """
+        dealt = deal(iter(feed), self.local_workers, self.averaging_frequency)
+        if self.prefetch_buffer and getattr(feed.source, "async_supported", True):
             sharding = None if self.backend == "pmap" else self.sharding
             return AsyncDataSetIterator(dealt, self.prefetch_buffer, sharding=sharding, collate=stack)
         return (jax.tree.map(lambda a: self._place(a), stack(slots)) for slots in dealt)
@@ -242,46 +246,61 @@ class ParallelWrapper:
     def fit(self, data: Any, epochs: int = 1) -> ParallelWrapper:
         """Trains the wrapped model data-parallel on ``data`` (an iterable of batches).
 
+        The model keeps its parameters until the end, then takes the consensus of the last
+        averaging; a KeyboardInterrupt or an error on the way leaves it the consensus of
+        the last completed program, with ``iteration`` counting exactly those rounds. The
+        batches given are read, never deleted.
+
         Raises:
             InvalidBatchError: a batch does not fit the model; the model keeps the last
                 consensus parameters.
         """
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ConfigurationError(f"ParallelWrapper.fit(epochs={epochs!r}): expected an int >= 1.")
-        if epochs > 1 and hasattr(data, "__next__") and not hasattr(data, "reset"):
-            raise ConfigurationError(
-                f"ParallelWrapper.fit(epochs={epochs}) got a one-shot iterator; pass a list, an "
-                "ArrayDataSetIterator or from_iterable(lambda: ...), which can restart."
-            )
         model = self.model
+        op = "ParallelWrapper.fit"
+        feed = model._feed(data, op, epochs=epochs, place=False)
         program = self._compiled()
-        stacked = self._replicate(model._require_init())
-        cycle = (get_workspace_manager().get_workspace_for_current_thread(TRAINING_CONF, TRAINING_WORKSPACE)
-                 if self.workspace_mode.donates else contextlib.nullcontext())  # NONE: no cycles
-        try:
-            for epoch in range(epochs):
-                if epoch and hasattr(data, "reset"):
-                    data.reset()
-                groups = self._groups(data)
-                with consuming(groups, data):
-                    for group in groups:
-                        with cycle:
-                            stacked, score = program(stacked, group)
-                            self._averaged(score, group.active.shape[1])
-                model.epoch += 1
-        finally:
-            if not any(a.is_deleted() for a in jax.tree.leaves(stacked)):
-                model._carry = self._consensus(stacked)  # else it keeps its parameters from before fit
+        with model._lock:
+            stacked = self._replicate(model._require_init())
+        manager = get_workspace_manager()
+        with guarded() as guard:
+            try:
+                for _ in range(epochs):
+                    groups = self._groups(feed)
+                    try:
+                        for group in groups:
+                            cycle = (manager.get_workspace_for_current_thread(TRAINING_CONF, TRAINING_WORKSPACE)
+                                     if self.workspace_mode.donates else contextlib.nullcontext())  # NONE: no cycles
+                            with guard, cycle:
+                                stacked, score = program(stacked, group)
+                                rounds = group.active.shape[1]
+                                self.rounds += rounds
+                                model.iteration += rounds
+                                with guard.released():
+                                    self._report(score)
+                    except AsyncIteratorError as e:
+                        if isinstance(e.__cause__, (InvalidBatchError, ConfigurationError)):
+                            raise e.__cause__ from None  # our own check, in the prefetch thread
+                        raise
+                    finally:
+                        if isinstance(groups, AsyncDataSetIterator):
+                            groups.close()
+                    model.epoch += 1
+            finally:
+                with guard, model._lock:
+                    if not any(a.is_deleted() for a in jax.tree.leaves(stacked)):
+                        model._carry = self._consensus(stacked)  # else it keeps its parameters from before fit
         return self
 
-    def _averaged(self, score: jax.Array, rounds: int) -> None:
-        self.rounds += rounds
-        self.model.iteration += rounds
+    def _report(self, score: jax.Array) -> None:
         if self.report_score_after_averaging:
-            log.info("ParallelWrapper: score after averaging (round %d): %.6f", self.rounds, float(score))
-            self.scores.append(score)
+            value = float(score)
+            log.info("ParallelWrapper: score after averaging (round %d): %.6f", self.rounds, value)
+            self.scores.append(value)
+        loss = StepLoss(score)
         for listener in self.model.listeners:
-            listener.iteration_done(self.model, self.model.iteration, self.model.epoch, score)
+            listener.iteration_done(self.model, self.model.iteration, self.model.epoch, loss)
 
     # -- DL4J's builder --------------------------------------------------------------------
 

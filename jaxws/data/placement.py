@@ -1,0 +1,80 @@
+"""Putting batches on the device without taking over what the caller already placed.
+
+A leaf already where it should be passes through as the same object; every other leaf
+is copied into a new device buffer, and only those new buffers belong to jaxws.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = ["Placement", "host_leaf"]
+
+
+def host_leaf(x: Any) -> Any:
+    """``x`` unchanged if it is an array (JAX or numpy), else as a numpy array.
+
+    Lists and scalars become arrays here, so a batch given as nested lists works as numpy
+    does; objects numpy can only hold as ``dtype=object`` are refused.
+    """
+    if isinstance(x, (jax.Array, np.ndarray)):
+        return x
+    array = np.asarray(x)
+    if array.dtype == object:
+        raise TypeError(
+            f"A batch leaf of type {type(x).__name__} is not numeric data; pass numpy or JAX "
+            "arrays (or nested lists of numbers)."
+        )
+    return array
+
+
+class Placement:
+    """Where batches go: a device, a sharding (global arrays), or anywhere (None, None).
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from jaxws.data.placement import Placement
+        >>> x = jnp.ones(3)
+        >>> (same, copied), owned = Placement().place((x, np.zeros(2)))
+        >>> same is x, [o is copied for o in owned]
+        (True, [True])
+    """
+
+    __slots__ = ("device", "sharding", "_single")
+
+    def __init__(self, device: jax.Device | None = None, sharding: jax.sharding.Sharding | None = None):
+        self.device = device
+        self.sharding = sharding
+        self._single = None if device is None else jax.sharding.SingleDeviceSharding(device)
+
+    def holds(self, x: Any) -> bool:
+        """True if ``x`` is a JAX array already placed here (it then passes through)."""
+        if not isinstance(x, jax.Array):
+            return False
+        if self.sharding is not None:
+            return x.sharding.is_equivalent_to(self.sharding, x.ndim)
+        return self._single is None or x.sharding == self._single
+
+    def holds_all(self, tree: Any) -> bool:
+        return all(self.holds(x) for x in jax.tree.leaves(tree))
+
+    def place(self, tree: Any) -> tuple[Any, list[jax.Array]]:
+        """``(placed tree, the new device arrays)``; leaves already placed are not copied."""
+        leaves, treedef = jax.tree.flatten(tree)
+        owned = []
+        for i, x in enumerate(leaves):
+            if self.holds(x):
+                continue
+            x = host_leaf(x)
+            if self.sharding is not None:
+                y = jax.make_array_from_process_local_data(self.sharding, np.asarray(x))
+            elif isinstance(x, jax.Array):  # on another device: a copy, never an alias
+                y = jax.device_put(x, self.device, may_alias=False)
+            else:
+                y = jax.device_put(x, self.device)
+            leaves[i] = y
+            owned.append(y)
+        return jax.tree.unflatten(treedef, leaves), owned

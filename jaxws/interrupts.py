@@ -1,0 +1,90 @@
+"""Commits that a KeyboardInterrupt cannot split: the donated carry and its replacement.
+
+A step consumes its donated carry; until the new carry is stored, the model owns nothing.
+Inside a commit an interrupt (SIGINT, ``_thread.interrupt_main()``) waits until it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator
+
+__all__ = ["InterruptGuard", "guarded"]
+
+
+class InterruptGuard:
+    """Defers KeyboardInterrupt while a commit is open; ``with guard:`` is one commit.
+
+    Made by :func:`guarded`. Commits nest; the interrupt is raised when the outermost ends
+    (or at once, outside commits). Off the main thread no interrupt arrives, and the
+    guard only counts.
+    """
+
+    __slots__ = ("_depth", "_pending", "_previous")
+
+    def __init__(self, previous=None):
+        self._depth = 0
+        self._pending = False
+        self._previous = previous
+
+    def __enter__(self) -> InterruptGuard:
+        self._depth += 1
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._pending and exc_type is None:
+            self._pending = False
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def released(self) -> Iterator[None]:
+        """Inside a commit, a stretch that may be interrupted (a listener, a progress bar)."""
+        depth, self._depth = self._depth, 0
+        try:
+            if self._pending:
+                self._pending = False
+                raise KeyboardInterrupt
+            yield
+        finally:
+            self._depth = depth
+
+    def _handle(self, signum, frame) -> None:
+        if self._depth:
+            self._pending = True
+        else:
+            self._previous(signum, frame)
+
+
+@contextlib.contextmanager
+def guarded() -> Iterator[InterruptGuard]:
+    """An :class:`InterruptGuard` for a loop; installs its SIGINT handler on the main thread.
+
+    The handler replaces a Python-level SIGINT handler (normally the one that raises
+    KeyboardInterrupt) for the duration and calls it outside commits; where SIGINT is
+    not handled by Python (SIG_DFL, SIG_IGN), or off the main thread, nothing is installed.
+
+    Example:
+        >>> from jaxws.interrupts import guarded
+        >>> state = {"carry": 1}
+        >>> with guarded() as guard:
+        ...     with guard:                      # a commit: no interrupt splits these
+        ...         state["carry"] = state["carry"] + 1
+        >>> state
+        {'carry': 2}
+    """
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if not callable(previous):
+        yield InterruptGuard()
+        return
+    guard = InterruptGuard(previous)
+    signal.signal(signal.SIGINT, guard._handle)
+    try:
+        yield guard
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if guard._pending:  # arrived in a commit that ended by an exception: deliver it now
+            guard._pending = False
+            raise KeyboardInterrupt

@@ -1,0 +1,234 @@
+"""Interrupts and concurrent readers (DESIGN invariant 10): a model never loses its state.
+
+A KeyboardInterrupt at a random moment of fit / fused fit / do_evaluation /
+ParallelWrapper.fit leaves the model holding exactly the state after some whole number of
+steps, with ``iteration`` saying which; readers on other threads see whole versions.
+"""
+
+import _thread
+import os
+import random
+import signal
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxws
+from jaxws.data import from_iterable
+from jaxws.eval import Evaluation
+from jaxws.interrupts import guarded
+from jaxws.nn import Dense, FunctionalModel, MultiLayerNetwork, NeuralNetConfiguration, OutputLayer, TrainingListener
+from jaxws.parallel import ParallelWrapper
+
+TRIALS = 50
+D, C = 6, 3
+
+
+def network():
+    conf = NeuralNetConfiguration(layers=[Dense(8, activation="tanh"), OutputLayer(C)], input_shape=(D,),
+                                  updater=optax.sgd(0.05), seed=0)
+    return MultiLayerNetwork(conf).init()
+
+
+def batches(n=24, size=8):
+    r = np.random.default_rng(1)
+    return [(r.normal(size=(size, D)).astype(np.float32), r.integers(0, C, size).astype(np.int32)) for _ in range(n)]
+
+
+def interrupted(call, delay, how="interrupt_main"):
+    """Runs ``call`` with an interrupt ``delay`` seconds in; True if it was interrupted."""
+    fire = _thread.interrupt_main if how == "interrupt_main" else (lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer = threading.Timer(delay, fire)
+    hit = False
+    try:
+        timer.start()
+        call()
+        timer.join()  # a late interrupt lands here, inside the try
+        for _ in range(1000):
+            pass
+    except KeyboardInterrupt:
+        hit = True
+    timer.join()
+    return hit
+
+
+class Trajectory:
+    """Parameters after each step of an uninterrupted run: the only states allowed."""
+
+    def __init__(self, data, steps_per_execution=1):
+        net = network()
+        self.initial = jaxws.detach((net.params, net.updater_state))
+        self.params = [jaxws.detach(net.params)]
+        for i in range(len(data)):
+            net.fit(data[i:i + 1], progress=False)
+            self.params.append(jaxws.detach(net.params))
+
+    def reset(self, net):
+        net.set_params(self.initial[0])
+        net.iteration = 0
+
+    def check(self, net):
+        leaves = jax.tree.leaves(net._carry)
+        assert not any(a.is_deleted() for a in leaves), "the interrupt destroyed the model's state"
+        expected = self.params[net.iteration]
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), net.params, expected)
+
+
+def timed(call):
+    call()  # compile
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+@pytest.mark.parametrize("how", ["interrupt_main", "SIGINT"])
+@pytest.mark.parametrize("variant", ["fit", "fit, prefetched", "fit, steps_per_execution=3"])
+def test_fit_interrupted_anywhere_keeps_a_whole_step(variant, how):
+    data = batches()
+    reference = Trajectory(data)
+    net = network()
+    kwargs = {"progress": False}
+    source = lambda: data  # noqa: E731
+    if variant == "fit, prefetched":
+        source = lambda: from_iterable(data)  # noqa: E731
+    if variant.endswith("=3"):
+        kwargs["steps_per_execution"] = 3
+    duration = timed(lambda: (reference.reset(net), net.fit(source(), **kwargs)))
+    rng = random.Random(0)
+    hits = 0
+    trials = TRIALS if how == "interrupt_main" else 10
+    for _ in range(trials):
+        reference.reset(net)
+        hits += interrupted(lambda: net.fit(source(), **kwargs), rng.uniform(0, duration * 1.1), how)
+        reference.check(net)
+        assert 0 <= net.iteration <= len(data)
+    assert hits >= trials // 2  # the interrupts really landed inside fit
+    net.fit(data, progress=False)  # and the model trains on
+    assert net.iteration >= len(data)
+
+
+def test_do_evaluation_interrupted_anywhere_keeps_whole_batches():
+    data = batches(40)
+    net = network()
+    duration = timed(lambda: net.evaluate(data))
+    rng = random.Random(1)
+    for _ in range(TRIALS):
+        ev = Evaluation()
+        interrupted(lambda: net.do_evaluation(data, ev), rng.uniform(0, duration * 1.1))
+        if ev.state is not None:
+            assert not any(a.is_deleted() for a in jax.tree.leaves(ev.state))
+            assert int(ev.confusion_matrix().sum()) % 8 == 0  # whole batches only
+            net.do_evaluation(data[:2], ev)  # the evaluator goes on counting
+    assert not any(a.is_deleted() for a in jax.tree.leaves(net._carry))
+
+
+def test_parallel_wrapper_interrupted_anywhere_keeps_a_consensus():
+    data = batches(32)
+    net = network()
+    initial = jaxws.detach(net.params)
+    wrapper = ParallelWrapper(net, workers=2, averaging_frequency=2, prefetch_buffer=0)
+    consensus = {}  # iteration -> parameters after that many rounds, uninterrupted
+    for rounds in range(0, 17, 2):
+        net.set_params(initial)
+        net.iteration = 0
+        wrapper.fit(data[:2 * rounds])  if rounds else None
+        consensus[net.iteration] = jaxws.detach(net.params)
+    duration = timed(lambda: (net.set_params(initial), wrapper.fit(data)))
+    rng = random.Random(2)
+    for _ in range(TRIALS):
+        net.set_params(initial)
+        net.iteration = 0
+        interrupted(lambda: wrapper.fit(data), rng.uniform(0, duration * 1.1))
+        assert not any(a.is_deleted() for a in jax.tree.leaves(net._carry))
+        assert net.iteration in consensus
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
+                     net.params, consensus[net.iteration])
+
+
+def test_an_interrupt_inside_a_commit_waits_for_it():
+    order = []
+    with guarded() as guard:
+        with pytest.raises(KeyboardInterrupt):
+            with guard:
+                _thread.interrupt_main()
+                for _ in range(10000):  # the interrupt is pending here, not raised
+                    pass
+                order.append("committed")
+    assert order == ["committed"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_a_listener_stays_interruptible():
+    net = network()
+
+    class Slow(TrainingListener):
+        def iteration_done(self, model, iteration, epoch, loss):
+            if iteration == 3:
+                _thread.interrupt_main()
+                time.sleep(5)  # interrupted here, not after
+
+    net.add_listeners(Slow())
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        net.fit(batches(), progress=False)
+    assert time.perf_counter() - start < 4
+    assert net.iteration == 3
+    assert not any(a.is_deleted() for a in jax.tree.leaves(net._carry))
+
+
+# -- concurrent readers ------------------------------------------------------------------
+
+
+def counting_model():
+    """Params a and b both grow by exactly 1 per step; a version is whole iff a == b."""
+    def apply(p, x, training):
+        return jnp.stack([jnp.broadcast_to(p["a"], x.shape[:1]), jnp.broadcast_to(p["b"], x.shape[:1])], -1) + 0 * x[:, :2]
+
+    def loss(pred, y, mask):
+        return -jnp.mean(pred[:, 0] + pred[:, 1])  # d/da = d/db = -1: SGD(1) adds 1 to each
+
+    return FunctionalModel(apply, {"a": jnp.zeros(()), "b": jnp.zeros(())}, loss=loss, updater=optax.sgd(1.0))
+
+
+def test_readers_on_other_threads_see_whole_versions_while_fit_runs():
+    model = counting_model()
+    x = np.ones((4, 3), np.float32)
+    data = [(x, np.zeros(4, np.float32))] * 50
+    model.fit(data[:1], progress=False)
+    model.output(x)
+    model.score(data[:10])
+    stop = threading.Event()
+    errors, outputs, scores = [], [], []
+
+    def reader(kind):
+        while not stop.is_set():
+            try:
+                if kind == "output":
+                    outputs.append(np.asarray(model.output(x)))
+                else:
+                    scores.append(model.score(data[:10]))
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+                return
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in ("output", "output", "score")]
+    for t in threads:
+        t.start()
+    for _ in range(20):
+        model.fit(data, progress=False)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(outputs) > 20 and len(scores) > 5
+    for out in outputs:
+        assert np.all(out[:, 0] == out[:, 1]) and np.all(out == out[0, 0])  # one version per call
+    for s in scores:  # the mean over 10 batches of one version is -2a for an integer a
+        assert s == -2 * round(-s / 2), s
+    assert model.iteration == 1 + 20 * 50
+    np.testing.assert_array_equal(model.output(x)[0], [1001.0, 1001.0])
