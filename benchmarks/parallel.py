@@ -91,7 +91,9 @@ def measure(k, workers, rounds=60, repeats=3):
         start = time.perf_counter()
         carry = run(carry)
         t_hand = min(t_hand, time.perf_counter() - start)
-    group = next(iter(wrapper._groups(data[: workers * k])))
+    groups = wrapper._groups(net._feed(data[: workers * k], "benchmark", place=False))
+    group = next(iter(groups))
+    groups.close()
     text = wrapper._compiled().lower(wrapper._replicate(net._carry), group).as_text()
     return {"benchmark": "parallel", "figure": f"k={k}", "workers": workers, "rounds": rounds,
             "wrapper_rounds_per_s": round(rounds / t_wrapper, 1), "hand_written_rounds_per_s": round(rounds / t_hand, 1),
