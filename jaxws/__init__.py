@@ -19,6 +19,7 @@ from jaxws.errors import AsyncIteratorError
 from jaxws.errors import ConfigurationError
 from jaxws.errors import DeletedArrayError
 from jaxws.errors import DonationError
+from jaxws.errors import DonationWarning
 from jaxws.errors import EvaluationError
 from jaxws.errors import InvalidBatchError
 from jaxws.errors import LeakedWorkspacePointerError
@@ -32,7 +33,6 @@ from jaxws.manager import WorkspaceManager
 from jaxws.manager import get_memory_manager
 from jaxws.manager import get_workspace_manager
 from jaxws.manager import print_allocation_statistics_for_current_thread
-from jaxws.step import DonationWarning
 from jaxws.step import StepPlan
 from jaxws.step import WorkspaceFunction
 from jaxws.step import jit

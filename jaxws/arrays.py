@@ -42,10 +42,14 @@ def stale_error(op: str, arg: str, array: Any) -> WorkspaceError | None:
             op, arg, ws.id, generation, ws.generation,
             "its cycle ended and the workspace is closed", opened,
         )
-    return OutdatedWorkspacePointerError(
-        op, arg, ws.id, generation, ws.generation,
-        "its cycle ended and the array was invalidated", opened,
-    )
+    reason = "its cycle ended and the array was invalidated"
+    if attachment.carried:
+        reason += (
+            ". It is a loop carry (it came back from a donated step) that was first made "
+            "inside a cycle, so it belongs to that cycle; make a carry before the loop, outside "
+            "every workspace, or detach it before its first step: params = jaxws.detach(init())"
+        )
+    return OutdatedWorkspacePointerError(op, arg, ws.id, generation, ws.generation, reason, opened)
 
 
 def check_arrays(op: str, tree: Any, prefix: str = "") -> None:

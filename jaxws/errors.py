@@ -20,6 +20,7 @@ __all__ = [
     "AsyncIteratorError",
     "InvalidBatchError",
     "EvaluationError",
+    "DonationWarning",
 ]
 
 _FIX = (
@@ -110,6 +111,10 @@ class WorkspaceFullError(WorkspaceError):
 
 class DonationError(WorkspaceError):
     """A donated input cannot be reused by any output of the step."""
+
+
+class DonationWarning(UserWarning):
+    """A donated leaf is not reused: ``unusable_donation="warn"``, or a step that spilled."""
 
 
 class WorkspaceValidationError(WorkspaceError):

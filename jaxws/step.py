@@ -9,23 +9,20 @@ from __future__ import annotations
 import collections
 import functools
 import inspect
+import types
 import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
-from jaxws.errors import ConfigurationError, DeletedArrayError, DonationError
+from jaxws.arrays import stale_error
+from jaxws.errors import ConfigurationError, DeletedArrayError, DonationError, DonationWarning
 from jaxws.manager import DebugMode, get_workspace_manager
 from jaxws.memory import MemoryPlan, format_bytes, tree_bytes
-from jaxws.arrays import stale_error
 from jaxws.workspace import _TAG
 
-__all__ = ["jit", "WorkspaceFunction", "DonationWarning", "StepPlan"]
-
-
-class DonationWarning(UserWarning):
-    """A donated leaf cannot be reused (``unusable_donation="warn"``)."""
+__all__ = ["jit", "WorkspaceFunction", "StepPlan", "Lowered", "Compiled"]
 
 
 class StepPlan(NamedTuple):
@@ -33,8 +30,8 @@ class StepPlan(NamedTuple):
 
     donated: tuple[int, ...]  # input leaves donated
     inherit: tuple[tuple[int, int], ...]  # (output leaf, donated input leaf it reuses)
-    fresh: tuple[int, ...]  # output leaves in new buffers: attached to the active cycle
     forwarded: tuple[tuple[int, int], ...]  # (output leaf, the non-donated input it returns)
+    fresh: tuple[int, ...]  # output leaves in new buffers: attached to the active cycle
     out_bytes: int  # bytes of the fresh outputs
     memory: MemoryPlan | None  # XLA's plan for the donating executable
 
@@ -44,23 +41,38 @@ try:  # the concrete array class: an exact type check is the fastest test per le
 except ImportError:  # pragma: no cover - a later jax moved it: the slower path still works
     _ArrayImpl = None
 
+try:  # outside every transformation the current trace is JAX's eval trace
+    from jax.extend.core import find_top_trace as _find_top_trace
+
+    _EVAL_TRACE = _find_top_trace(())
+
+    def _concrete() -> bool:
+        return _find_top_trace(()) is _EVAL_TRACE
+except ImportError:  # pragma: no cover - older jax: tracers among the leaves tell instead
+    _find_top_trace = None
+
+    def _concrete() -> bool:
+        return True
+
 
 def _leaf_key(x: Any) -> Any:
-    """What the plan of a leaf depends on; ``aval`` is a cached attribute of jax arrays."""
+    """What the plan of a leaf depends on: its aval (cached on JAX arrays, typed keys
+    included) and, for arrays committed to a sharding, that sharding."""
     if type(x) is _ArrayImpl:
-        return x.aval
+        return (x.aval, x.sharding) if x.committed else x.aval
     if isinstance(x, jax.Array):
-        return (x.shape, x.dtype, x.weak_type)
+        return x.aval
     if isinstance(x, (np.ndarray, np.generic)):
         return (x.shape, x.dtype)
-    return type(x)
+    return type(x)  # a Python scalar: weakly typed, its value does not matter
 
 
 def _device_bytes(leaf: Any, info: Any) -> int:
     """Bytes of one device's shard: what XLA's per-device memory plan counts."""
     if isinstance(leaf, jax.Array):
-        shape = leaf.sharding.shard_shape(leaf.shape)
-        return int(np.prod(shape, dtype=np.int64)) * leaf.dtype.itemsize
+        size = int(np.prod(leaf.shape, dtype=np.int64))
+        shard = int(np.prod(leaf.sharding.shard_shape(leaf.shape), dtype=np.int64))
+        return leaf.nbytes * shard // size if size else 0
     return tree_bytes(info)
 
 
@@ -72,8 +84,20 @@ def _as_tuple(value: Any) -> tuple:
     return tuple(value)
 
 
+def _twice_donated(e: Exception) -> bool:
+    text = str(e)
+    return "same buffer twice" in text or "previously donated in the same call" in text
+
+
 class WorkspaceFunction:
-    """A jitted step under jaxws; made by :func:`jaxws.jit`."""
+    """A jitted step under jaxws; made by :func:`jaxws.jit`.
+
+    It has ``jax.jit``'s surface: it binds as a method (``self`` static or a pytree),
+    and offers ``lower`` / ``trace`` / ``eval_shape`` / ``clear_cache``. Called under
+    another transformation (``grad``, ``vmap``, ``scan``, an outer ``jit``,
+    ``shard_map``) it is ``jax.jit`` exactly: it inlines, and workspace bookkeeping
+    applies only to concrete arrays.
+    """
 
     def __init__(
         self,
@@ -120,6 +144,10 @@ class WorkspaceFunction:
         names |= {positional[i] for i in nums if 0 <= i < len(positional)}
         return frozenset(nums), frozenset(names)
 
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        """Binds as a method, as ``jax.jit`` does: ``obj.step(x)`` calls ``step(obj, x)``."""
+        return self if obj is None else types.MethodType(self, obj)
+
     # -- the call --------------------------------------------------------------------------
 
     def _split(self, args: tuple, kwargs: dict) -> tuple[tuple, Any]:
@@ -135,16 +163,17 @@ class WorkspaceFunction:
         )
         return (dyn_args, dyn_kwargs), static
 
-    def _leaf_names(self, args: tuple, kwargs: dict) -> list[str]:
+    def _leaf_names(self, args: tuple, kwargs: dict, static: bool = True) -> list[str]:
+        """The argument path of every dynamic leaf (``static=False``: no static args given)."""
         keystr = jax.tree_util.keystr
         n = len(args)
-        nums = {i % n if i < 0 else i for i in self._static_nums if -n <= i < n}
+        nums = {i % n if i < 0 else i for i in self._static_nums if -n <= i < n} if static else set()
         names = []
         for i, a in enumerate(args):
             if i not in nums:
                 names += [f"args[{i}]{keystr(p)}" for p, _ in jax.tree_util.tree_flatten_with_path(a)[0]]
         for k in sorted(kwargs):
-            if k not in self._static_names:
+            if not static or k not in self._static_names:
                 names += [f"{k}{keystr(p)}" for p, _ in jax.tree_util.tree_flatten_with_path(kwargs[k])[0]]
         return names
 
@@ -154,11 +183,9 @@ class WorkspaceFunction:
         tags = [getattr(x, _TAG, None) for x in leaves]
         attached = any(tags)
         if attached:
-            for i, attachment in enumerate(tags):
-                if attachment is not None:
-                    ws = attachment.workspace
-                    if ws._destroyed or attachment.generation <= ws._invalid_through:
-                        raise stale_error(self._name, self._leaf_names(args, kwargs)[i], leaves[i])
+            self._check_alive(lambda: self._leaf_names(args, kwargs), leaves, tags)
+        if not _concrete():  # under grad / vmap / scan / an outer jit: jax.jit's behaviour
+            return self._donating(*args, **kwargs)
         key = (treedef, static, tuple([_leaf_key(x) for x in leaves]))
         plan = self._plans.get(key)
         manager = get_workspace_manager()
@@ -174,47 +201,62 @@ class WorkspaceFunction:
         inside = True
         if ws is not None and not bypass:
             temp = plan.memory.temp_bytes if plan.memory is not None else 0
-            inside = ws._admit(plan.out_bytes, temp, self._name, debug is DebugMode.SPILL_EVERYTHING)
+            inside = ws._admit(id(plan), plan.out_bytes, temp, self._name,
+                               debug is DebugMode.SPILL_EVERYTHING, bool(plan.donated))
         if inside and not bypass:
             fun = self._donating
+            if plan.donated and len({id(x) for x in leaves}) < len(leaves):
+                self._check_donated_once(lambda: self._leaf_names(args, kwargs), leaves, plan.donated)
         else:
             fun = self._plain()
             if key not in self._plain_keys:
                 self._plain_keys.add(key)
                 self.compiles += 1
-        if plan.donated and fun is self._donating and len({id(x) for x in leaves}) < len(leaves):
-            self._check_donated_once(args, kwargs, leaves, plan.donated)
+        out = self._run(fun, args, kwargs, leaves, lambda: self._leaf_names(args, kwargs))
+        if not bypass:
+            self._attach(plan, leaves, tags, out, ws)
+        return out
+
+    def _check_alive(self, names: Callable[[], list], leaves: list, tags: list) -> None:
+        for i, attachment in enumerate(tags):
+            if attachment is not None:
+                ws = attachment.workspace
+                if ws._destroyed or attachment.generation <= ws._invalid_through:
+                    raise stale_error(self._name, names()[i], leaves[i])
+
+    def _run(self, fun: Callable, args: tuple, kwargs: dict, leaves: list, names: Callable[[], list]) -> Any:
         try:
-            out = fun(*args, **kwargs)
+            return fun(*args, **kwargs)
         except Exception as e:
             for i, x in enumerate(leaves):
                 if isinstance(x, jax.Array) and x.is_deleted():
-                    name = self._leaf_names(args, kwargs)[i]
-                    raise DeletedArrayError(self._name, name, str(x.aval)) from e
-            if "same buffer twice" in str(e) or "previously donated in the same call" in str(e):
+                    raise DeletedArrayError(self._name, names()[i], str(x.aval)) from e
+            if _twice_donated(e):
                 raise DonationError(  # two arrays sharing one buffer: XLA refused before running
                     f"Op [{self._name}]: a donated buffer is passed twice in one call ({str(e).splitlines()[0]}). "
                     "Pass each donated array once, or a copy (jaxws.detach(x)) for the second use."
                 ) from e
             raise
-        if bypass:
-            return out
+
+    @staticmethod
+    def _attach(plan: StepPlan, leaves: list, tags: list, out: Any, ws: Any) -> None:
+        """Outputs reusing or returning an input keep its attachment; fresh ones join ``ws``'s cycle."""
         out_leaves = jax.tree.leaves(out)
-        if attached:  # otherwise every reused buffer stays attached to nothing
+        if any(tags):  # otherwise every reused or returned buffer stays attached to nothing
             for j, i in plan.inherit:
                 attachment = tags[i]
-                if attachment is not None:
-                    attachment.workspace._attach(out_leaves[j], attachment.generation)
+                if attachment is not None:  # a carry: it came back from a donated step
+                    attachment.workspace._attach(out_leaves[j], attachment.generation, carried=True)
+            for j, i in plan.forwarded:  # JAX returns the input object itself, or a new one over its buffer
+                attachment = tags[i]
+                if attachment is not None and out_leaves[j] is not leaves[i]:
+                    attachment.workspace._attach(out_leaves[j], attachment.generation, attachment.carried)
         if ws is not None:
             generation = ws.generation
             for j in plan.fresh:
                 ws._attach(out_leaves[j], generation)
-            for j, i in plan.forwarded:  # JAX returns the input object itself, or a copy
-                if out_leaves[j] is not leaves[i]:
-                    ws._attach(out_leaves[j], generation)
-        return out
 
-    def _check_donated_once(self, args: tuple, kwargs: dict, leaves: list, donated: tuple) -> None:
+    def _check_donated_once(self, names: Callable[[], list], leaves: list, donated: tuple) -> None:
         """Raises DonationError if a donated array also fills another argument of this call."""
         where: dict[int, list[int]] = {}
         for i, x in enumerate(leaves):
@@ -223,8 +265,8 @@ class WorkspaceFunction:
         for i in donated:
             uses = where.get(id(leaves[i]), [])
             if len(uses) > 1:
-                names = self._leaf_names(args, kwargs)
-                listed = ", ".join(names[j] + (" (donated)" if j in donated else "") for j in uses)
+                path = names()
+                listed = ", ".join(path[j] + (" (donated)" if j in donated else "") for j in uses)
                 raise DonationError(
                     f"Op [{self._name}]: one array is passed {len(uses)} times in this call ({listed}) "
                     "and donated, so its buffer would be consumed by one use while another still "
@@ -241,8 +283,8 @@ class WorkspaceFunction:
 
     # -- once per signature ----------------------------------------------------------------
 
-    def _make_plan(self, args: tuple, kwargs: dict, leaves: list) -> StepPlan:
-        traced = self._donating.trace(*args, **kwargs)
+    def _analyse(self, traced: Any, args: tuple, kwargs: dict, leaves: list) -> tuple:
+        """Matches donated inputs to outputs as XLA does; raises for a leaf none can reuse."""
         infos = jax.tree.leaves(traced.args_info)
         outs = jax.tree.leaves(traced.out_info)
         jaxpr = traced.jaxpr.jaxpr
@@ -252,7 +294,7 @@ class WorkspaceFunction:
                 f"{len(infos)}; please report this with the call's argument structure."
             )
         donated = [i for i, info in enumerate(infos) if info.donated]
-        # outputs that are non-donated inputs come back as the same Array object: keep them
+        # outputs that are non-donated inputs come back as the input (or over its buffer)
         position = {id(v): i for i, v in enumerate(jaxpr.invars)}
         forwarded = {
             j: position[id(v)] for j, v in enumerate(jaxpr.outvars)
@@ -269,9 +311,15 @@ class WorkspaceFunction:
         unused = sorted(i for queue in free.values() for i in queue)
         if unused:
             self._unusable_donation(args, kwargs, infos, outs, unused)
+        fresh = tuple(sorted(set(range(len(outs))) - set(forwarded) - {j for j, _ in inherit}))
+        return infos, outs, tuple(donated), tuple(inherit), tuple(sorted(forwarded.items())), fresh, bool(unused)
+
+    def _finish(self, analysis: tuple, compile_: Callable[[], Any], leaves: list) -> tuple[StepPlan, Any]:
+        """Compiles, checks that XLA reuses every donated byte, and builds the plan."""
+        infos, outs, donated, inherit, forwarded, fresh, unused = analysis
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            compiled = traced.lower().compile()
+            compiled = compile_()
         self.compiles += 1
         for w in caught:
             if str(w.message).startswith("Some donated buffers were not usable") and not unused:
@@ -284,16 +332,20 @@ class WorkspaceFunction:
             self._unusable_sharding(
                 f"XLA reuses {format_bytes(memory.alias_bytes)} of the {format_bytes(reused)} donated"
             )
-        fresh_set = set(range(len(outs))) - set(forwarded) - {j for j, _ in inherit}
-        fresh = tuple(sorted(fresh_set))
-        return StepPlan(
-            donated=tuple(donated),
-            inherit=tuple(inherit),
+        plan = StepPlan(
+            donated=donated,
+            inherit=inherit,
+            forwarded=forwarded,
             fresh=fresh,
             out_bytes=sum(tree_bytes(outs[j]) for j in fresh),
-            forwarded=tuple(sorted(forwarded.items())),
             memory=memory,
         )
+        return plan, compiled
+
+    def _make_plan(self, args: tuple, kwargs: dict, leaves: list) -> StepPlan:
+        traced = self._donating.trace(*args, **kwargs)
+        analysis = self._analyse(traced, args, kwargs, leaves)
+        return self._finish(analysis, lambda: traced.lower().compile(), leaves)[0]
 
     def _unusable_sharding(self, what: str) -> None:
         message = (
@@ -304,7 +356,7 @@ class WorkspaceFunction:
         )
         if self._unusable == "raise":
             raise DonationError(message)
-        warnings.warn(message, DonationWarning, stacklevel=4)
+        warnings.warn(message, DonationWarning, stacklevel=5)
 
     def _unusable_donation(self, args, kwargs, infos, outs, unused) -> None:
         names = self._leaf_names(args, kwargs)
@@ -326,13 +378,22 @@ class WorkspaceFunction:
         )
         if self._unusable == "raise":
             raise DonationError(message)
-        warnings.warn(message, DonationWarning, stacklevel=4)
+        warnings.warn(message, DonationWarning, stacklevel=5)
 
     # -- jax.jit's surface -----------------------------------------------------------------
 
-    def lower(self, *args: Any, **kwargs: Any):
-        """``jax.jit(...).lower`` of the donating step."""
-        return self._donating.lower(*args, **kwargs)
+    def lower(self, *args: Any, **kwargs: Any) -> Lowered:
+        """Ahead-of-time lowering of the donating step, with jaxws's checks kept.
+
+        Donated leaves that no output can reuse raise DonationError here, before any
+        compile; ``.compile()`` checks that XLA reuses every donated byte, and the
+        compiled step it returns attaches and validates arrays as a call of this function
+        does. AOT calls always donate: workspace spill policies do not apply to them.
+        """
+        leaves = jax.tree.leaves(self._split(args, kwargs)[0])
+        traced = self._donating.trace(*args, **kwargs)
+        analysis = self._analyse(traced, args, kwargs, leaves)
+        return Lowered(self, traced.lower(), analysis, leaves)
 
     def trace(self, *args: Any, **kwargs: Any):
         """``jax.jit(...).trace`` of the donating step."""
@@ -341,9 +402,17 @@ class WorkspaceFunction:
     def eval_shape(self, *args: Any, **kwargs: Any):
         return self._donating.eval_shape(*args, **kwargs)
 
+    def clear_cache(self) -> None:
+        """Forgets every compiled program and plan, as ``jax.jit``'s ``clear_cache``."""
+        self._donating.clear_cache()
+        if self._plain_jit is not None:
+            self._plain_jit.clear_cache()
+        self._plans.clear()
+        self._plain_keys.clear()
+
     def memory_plan(self, *args: Any, **kwargs: Any) -> MemoryPlan | None:
         """XLA's memory plan of the donating step for these arguments."""
-        return MemoryPlan.from_compiled(self.lower(*args, **kwargs).compile())
+        return MemoryPlan.from_compiled(self._donating.lower(*args, **kwargs).compile())
 
     @property
     def plans(self) -> list[StepPlan]:
@@ -352,6 +421,57 @@ class WorkspaceFunction:
 
     def __repr__(self) -> str:
         return f"jaxws.jit({self._name})"
+
+
+class Lowered:
+    """``jax.stages.Lowered`` of a jaxws step; ``compile()`` keeps the donation checks.
+
+    Everything else (``as_text``, ``cost_analysis``, ...) is the wrapped object's.
+    """
+
+    def __init__(self, fun: WorkspaceFunction, lowered: Any, analysis: tuple, leaves: list):
+        self._fun = fun
+        self._lowered = lowered
+        self._analysis = analysis
+        self._leaves = leaves
+
+    def compile(self, *args: Any, **kwargs: Any) -> Compiled:
+        """Compiles; raises DonationError if XLA would not reuse every donated byte."""
+        plan, compiled = self._fun._finish(self._analysis, lambda: self._lowered.compile(*args, **kwargs), self._leaves)
+        return Compiled(self._fun, compiled, plan)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lowered, name)
+
+
+class Compiled:
+    """``jax.stages.Compiled`` of a jaxws step: its calls check and attach as the step's do.
+
+    Called with the dynamic arguments (no static ones), as JAX's compiled objects are.
+    """
+
+    def __init__(self, fun: WorkspaceFunction, compiled: Any, plan: StepPlan):
+        self._fun = fun
+        self._compiled = compiled
+        self.plan = plan
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        fun = self._fun
+        leaves = jax.tree.leaves((args, kwargs))
+        tags = [getattr(x, _TAG, None) for x in leaves]
+        names = lambda: fun._leaf_names(args, kwargs, static=False)  # noqa: E731
+        if any(tags):
+            fun._check_alive(names, leaves, tags)
+        if self.plan.donated and len({id(x) for x in leaves}) < len(leaves):
+            fun._check_donated_once(names, leaves, self.plan.donated)
+        out = fun._run(self._compiled, args, kwargs, leaves, names)
+        manager = get_workspace_manager()
+        if manager.debug_mode is not DebugMode.BYPASS_EVERYTHING:
+            fun._attach(self.plan, leaves, tags, out, manager.current_workspace)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._compiled, name)
 
 
 def jit(
@@ -365,8 +485,9 @@ def jit(
     """A drop-in for ``jax.jit`` that keeps workspace discipline.
 
     * Donated inputs come back in the same buffers; an output that reuses a donated
-      input's buffer inherits that input's workspace attachment (a carry made outside
-      every workspace, or detached, persists across cycles).
+      input's buffer, or returns a non-donated input as it is, inherits that input's
+      workspace attachment (a carry made outside every workspace, or detached, persists
+      across cycles; so does a value that merely passes through).
     * Every other output belongs to the innermost open workspace cycle, if any, and dies
       with it unless detached.
     * Arrays from ended cycles or destroyed workspaces are refused with
@@ -374,6 +495,7 @@ def jit(
     * Once per input signature, before anything runs, every donated leaf is matched to an
       output of the same shape and dtype, as XLA does; one that matches none raises
       DonationError naming the leaf and both avals. No host sync is added per call.
+    * Under another transformation (grad, vmap, scan, an outer jit) it is jax.jit.
 
     Args:
         fun: the step; may be omitted to use ``jit`` as a decorator factory.

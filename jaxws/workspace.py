@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import warnings
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ from jaxws.configuration import (
     SpillPolicy,
     WorkspaceConfiguration,
 )
-from jaxws.errors import ConfigurationError, WorkspaceError, WorkspaceFullError
+from jaxws.errors import ConfigurationError, DonationWarning, WorkspaceError, WorkspaceFullError
 
 if TYPE_CHECKING:
     from jaxws.manager import WorkspaceManager
@@ -33,13 +34,14 @@ _TAG = "_jaxws_attachment"  # attribute set on every attached jax.Array
 
 
 class _Attachment:
-    """Which workspace cycle an array belongs to."""
+    """Which workspace cycle an array belongs to; ``carried``: it came back from a donated step."""
 
-    __slots__ = ("workspace", "generation")
+    __slots__ = ("workspace", "generation", "carried")
 
-    def __init__(self, workspace: Workspace, generation: int):
+    def __init__(self, workspace: Workspace, generation: int, carried: bool = False):
         self.workspace = workspace
         self.generation = generation
+        self.carried = carried
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +107,8 @@ class Workspace:
         self.spills = 0
         self.reallocations = 0
         self.compiles = 0
+        self._steps: set = set()  # step signatures whose needs were learned
+        self._warned: set = set()  # step signatures already warned about a lost donation
         self.plans: dict[str, MemoryPlan] = {}
         self.capacities: dict[str, int] = {}
         self._cycle_out = 0  # bytes of outputs made inside the workspace this cycle
@@ -230,8 +234,8 @@ class Workspace:
 
     # -- arrays ----------------------------------------------------------------------------
 
-    def _attach(self, array: jax.Array, generation: int) -> None:
-        setattr(array, _TAG, _Attachment(self, generation))
+    def _attach(self, array: jax.Array, generation: int, carried: bool = False) -> None:
+        setattr(array, _TAG, _Attachment(self, generation, carried))
         self._arrays.setdefault(generation, []).append(weakref.ref(array))
 
     def live_arrays(self) -> list[jax.Array]:
@@ -246,26 +250,49 @@ class Workspace:
 
     # -- sizes and capacities --------------------------------------------------------------
 
-    def _admit(self, out_bytes: int, temp_bytes: int, what: str, spill_all: bool) -> bool:
-        """Decides whether a step runs inside the workspace (donating) or spills."""
+    def _admit(self, step: Any, out_bytes: int, temp_bytes: int, what: str, spill_all: bool,
+               donating: bool = False) -> bool:
+        """Decides whether a step runs inside the workspace (donating) or spills.
+
+        ``step`` identifies the step's signature. Sizes are learned per signature: a step
+        first seen after the learning cycles is learned then (the workspace grows to hold
+        it), so a small first cycle never shrinks a later, larger step into a spill. A
+        known step that needs more follows the spill policy; spilling a donating step
+        costs its donation, which warns once (DonationWarning) with the sizes and the fix.
+        """
         need = self._cycle_out + out_bytes + max(self._cycle_temp, temp_bytes)
         self._cycle_need = max(self._cycle_need, need)
         inside = not spill_all
+        learning = self.config.policy_learning is not LearningPolicy.NONE
         if inside and self._initialized and need > self.current_size:
-            policy = self.config.policy_spill
+            new_step = learning and step not in self._steps
+            policy = SpillPolicy.REALLOCATE if new_step else self.config.policy_spill
             if policy is SpillPolicy.FAIL:
                 raise WorkspaceFullError(self.id, what, need, self.current_size, "bytes")
             if policy is SpillPolicy.REALLOCATE:
                 # no arena to move in JAX: grow before the call, which then donates as usual
                 self.current_size = max(self.current_size, self.config.round_up(need))
-                self.reallocations += 1
+                self.reallocations += not new_step
             inside = need <= self.current_size  # max_size may still be too small: spill
+        if learning:
+            self._steps.add(step)
         if inside:
             self._cycle_out += out_bytes
             self._cycle_temp = max(self._cycle_temp, temp_bytes)
         else:
             self.spills += 1
             self.spilled_bytes += out_bytes + temp_bytes
+            if donating and not spill_all and step not in self._warned:
+                self._warned.add(step)
+                warnings.warn(
+                    f"Op [{what}] ran outside workspace [{self.id}] without donation: the cycle "
+                    f"needs {need:,} bytes and the workspace holds {self.current_size:,} "
+                    f"(policy_spill={self.config.policy_spill}, max_size={self.config.max_size:,}). "
+                    "Its donated inputs were copied, not reused: twice their memory while it runs.\n"
+                    "Fix: policy_spill=SpillPolicy.REALLOCATE (grow), a larger initial_size / "
+                    "max_size, or learn over more cycles (LearningPolicy.OVER_TIME).",
+                    DonationWarning, stacklevel=4,
+                )
         return inside
 
     def pad(self, tree: Any, axis: int, *, name: str | None = None, fill: Any = 0):

@@ -1,5 +1,8 @@
 """jaxws.jit: donation verified and shown, errors before anything runs, compiles, syncs."""
 
+import contextlib
+import dataclasses
+import functools
 import warnings
 
 import jax
@@ -123,11 +126,41 @@ def test_returned_inputs_keep_their_attachment():
     a = jnp.ones(2)
     with ws:
         same = identity(a)
-        maybe_copy, new = pair(a, jnp.ones(2))
-    assert not a.is_deleted() and new.is_deleted()
-    # JAX returns the input object itself (kept) or a copy (owned by the cycle)
-    assert same is a or same.is_deleted()
-    assert maybe_copy is a or maybe_copy.is_deleted()
+        passed, new = pair(a, jnp.ones(2))
+        made_here = pair(a, jnp.ones(2))[1]
+        returned_again = identity(made_here)
+    assert new.is_deleted() and made_here.is_deleted()
+    # what merely passed through belongs where its input does: nowhere, so it lives on
+    assert not a.is_deleted() and not same.is_deleted() and not passed.is_deleted()
+    assert not jaxws.is_attached(same) and not jaxws.is_attached(passed)
+    assert returned_again is made_here or returned_again.is_deleted()  # the cycle's, like its input
+
+
+def test_a_value_passed_through_a_donating_step_survives_the_cycle():
+    step = jaxws.jit(lambda p, lr: (p - lr, lr), donate_argnums=0)
+    ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="LR")
+    p, lr = jnp.ones(3), jnp.asarray(0.1)
+    for _ in range(3):
+        with ws:
+            p, lr = step(p, lr)
+    np.testing.assert_allclose(p, 0.7, rtol=1e-6)
+    assert float(lr) == pytest.approx(0.1)
+
+
+def test_a_carry_made_inside_a_cycle_says_why_it_died():
+    init = jaxws.jit(lambda: jnp.zeros(3))
+    step = jaxws.jit(lambda p: p + 1, donate_argnums=0)
+    ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="CARRY")
+    with ws:
+        params = step(init())  # made in this cycle: it belongs to it, donated or not
+    with pytest.raises(jaxws.OutdatedWorkspacePointerError, match=r"loop carry .* params = jaxws.detach\(init\(\)\)"):
+        with ws:
+            step(params)
+    params = jaxws.detach(init())  # the fix
+    for _ in range(3):
+        with ws:
+            params = step(params)
+    assert params.tolist() == [3.0, 3.0, 3.0]
 
 
 def test_reusing_a_donated_input_says_what_to_do():
@@ -176,3 +209,163 @@ def test_no_device_to_host_transfer_per_step():
                 params, opt_state, loss = jstep(params, opt_state, x, y)
                 kept = jaxws.detach(loss)
     assert np.isfinite(float(kept))
+
+
+# -- every argument kind jax.jit accepts -------------------------------------------------
+
+
+@pytest.mark.parametrize("make_key", [jax.random.key, jax.random.PRNGKey], ids=["typed", "raw"])
+def test_prng_keys_donated_or_not(make_key):
+    split = jaxws.jit(lambda k: jax.random.split(k)[0], donate_argnums=0)
+    draw = jaxws.jit(lambda k, shape: jax.random.normal(k, shape), static_argnums=1)
+    ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="KEYS")
+    key, ref = make_key(0), make_key(0)
+    for _ in range(3):
+        with ws:
+            old = key
+            key = split(key)
+            sample = jaxws.detach(draw(key, (2,)))
+        ref = jax.random.split(ref)[0]
+        assert old.is_deleted()
+        np.testing.assert_array_equal(sample, jax.random.normal(ref, (2,)))
+    assert jax.random.key_data(key).tolist() == jax.random.key_data(ref).tolist()
+
+
+def test_none_leaves_scalars_numpy_and_static_args_by_name():
+    @jaxws.jit(static_argnames="mode", donate_argnames="w")
+    def step(w, x, scale, extra=None, *, mode="add"):
+        out = w + x * scale if mode == "add" else w * x * scale
+        return out if extra is None else out + extra["b"]
+
+    w = jnp.ones(3)
+    out = step(w, np.float32(2.0), 3, extra={"a": None, "b": np.ones(3, np.float32)}, mode="add")
+    assert w.is_deleted() and out.tolist() == [8.0, 8.0, 8.0]
+    out = step(out, 2.0, 0.5, mode="mul")
+    assert out.tolist() == [8.0, 8.0, 8.0]
+    assert step.compiles == 2  # one per static mode: Python scalars and numpy scalars do not retrace
+
+
+def test_static_args_by_position_and_donation_by_position():
+    step = jaxws.jit(lambda n, w: w * n, static_argnums=0, donate_argnums=1)
+    w = jnp.ones(2)
+    assert step(3, w).tolist() == [3.0, 3.0] and w.is_deleted()
+
+
+# -- under other transformations, inside and outside a cycle ------------------------------
+
+
+def loss_fn(w, x):
+    return jnp.sum(jnp.tanh(x @ w) ** 2)
+
+
+TRANSFORMS = {
+    "grad": lambda f, w, x: jax.grad(f)(w, x),
+    "vjp": lambda f, w, x: jax.vjp(lambda w: f(w, x), w)[1](1.0)[0],
+    "vmap": lambda f, w, x: jax.vmap(f, in_axes=(None, 0))(w, x[:, None]),
+    "scan body": lambda f, w, x: jax.lax.scan(lambda c, xi: (c + f(w, xi[None]), None), 0.0, x)[0],
+    "fori_loop body": lambda f, w, x: jax.lax.fori_loop(0, 3, lambda i, c: c + f(w, x), 0.0),
+    "checkpoint": lambda f, w, x: jax.grad(jax.checkpoint(f))(w, x),
+    "outer jit": lambda f, w, x: jax.jit(lambda w, x: f(w, x) * 2)(w, x),
+    "shard_map": lambda f, w, x: _sharded_sum(f, w, x),
+}
+
+
+def _sharded_sum(f, w, x):
+    mesh = jax.make_mesh((2,), ("d",))
+    w = jax.device_put(w, jax.NamedSharding(mesh, jax.P()))
+    x = jax.device_put(x, jax.NamedSharding(mesh, jax.P("d")))
+    return jax.shard_map(lambda w, x: jax.lax.psum(f(w, x), "d"), mesh=mesh,
+                         in_specs=(jax.P(), jax.P("d")), out_specs=jax.P())(w, x)
+
+
+@pytest.mark.parametrize("in_cycle", [False, True], ids=["outside", "inside a cycle"])
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_under_transformations_it_is_jax_jit(transform, in_cycle):
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 4)), jnp.float32)
+    expected = TRANSFORMS[transform](jax.jit(loss_fn), w, x)
+    ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="T")
+    with ws if in_cycle else contextlib.nullcontext():
+        got = TRANSFORMS[transform](jaxws.jit(loss_fn), w, x)
+        kept = jaxws.detach(got)
+    np.testing.assert_allclose(kept, expected, rtol=1e-6)
+    assert not w.is_deleted() and not x.is_deleted()
+
+
+def test_a_donating_step_under_vmap_donates_as_jax_jit_does():
+    step = jaxws.jit(lambda w: w * 2, donate_argnums=0)
+    ref = jax.jit(lambda w: w * 2, donate_argnums=0)
+    a, b = jnp.ones((3, 2)), jnp.ones((3, 2))
+    np.testing.assert_array_equal(jax.vmap(step)(a), jax.vmap(ref)(b))
+    assert a.is_deleted() == b.is_deleted()
+
+
+# -- methods, the jax.jit surface, AOT ---------------------------------------------------
+
+
+class Scaler:
+    def __init__(self, factor):
+        self.factor = factor
+
+    @functools.partial(jaxws.jit, static_argnums=0)
+    def apply(self, x):
+        return x * self.factor
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Linear:
+    w: jax.Array
+
+    @jaxws.jit
+    def __call__(self, x):
+        return x @ self.w
+
+
+def test_methods_with_static_self_and_pytree_self():
+    assert Scaler(3.0).apply(jnp.ones(2)).tolist() == [3.0, 3.0]
+    assert Scaler(2.0).apply(jnp.ones(2)).tolist() == [2.0, 2.0]
+    layer = Linear(jnp.eye(2) * 2)
+    assert layer(jnp.ones(2)).tolist() == [2.0, 2.0]
+    ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="M")
+    with ws:
+        y = layer(jnp.ones(2))
+    assert y.is_deleted() and not layer.w.is_deleted()
+
+
+def test_clear_cache_recompiles():
+    step = jaxws.jit(lambda w: w + 1, donate_argnums=0)
+    step(jnp.ones(2))
+    step.clear_cache()
+    assert step.plans == []
+    step(jnp.ones(2))
+    assert step.compiles == 2 and len(step.plans) == 1
+
+
+def test_lower_trace_eval_shape():
+    step = jaxws.jit(lambda w, x: w + x, donate_argnums=0)
+    w, x = jnp.ones(4), jnp.ones(4)
+    assert "add" in step.lower(w, x).as_text()
+    assert step.trace(w, x).jaxpr is not None
+    assert step.eval_shape(w, x).shape == (4,)
+    assert not w.is_deleted()
+
+
+def test_aot_compile_keeps_the_donation_checks():
+    bad = jaxws.jit(lambda p: (p.astype(jnp.float32) * 2), donate_argnums=0)
+    p = jnp.ones(8, jnp.bfloat16)
+    with pytest.raises(DonationError, match=r"args\[0\]: bfloat16\[8\] -> no output"):
+        bad.lower(p).compile()
+    assert not p.is_deleted()
+    good = jaxws.jit(lambda p, x: (p - x, (p * x).sum()), donate_argnums=0)
+    compiled = good.lower(jnp.ones(4), jnp.ones(4)).compile()
+    assert compiled.plan.donated == (0,) and compiled.memory_analysis() is not None
+    ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="AOT")
+    params = jnp.ones(4)
+    with ws:
+        new, loss = compiled(params, jnp.ones(4))
+    assert params.is_deleted() and loss.is_deleted() and not new.is_deleted()
+    with pytest.raises(jaxws.LeakedWorkspacePointerError, match=r"Op \[<lambda>\] args\[1\] argument uses leaked"):
+        compiled(new, loss)
+    with pytest.raises(DonationError, match="passed 2 times"):
+        compiled(new, new)

@@ -256,13 +256,34 @@ def _spilling_loop(policy):
     return ws, params
 
 
-def test_spill_external_runs_outside_without_donating():
+def test_spill_external_runs_outside_without_donating_and_warns_once():
     ws, params = _spilling_loop(SpillPolicy.EXTERNAL)
-    with ws:
-        new, loss = sgd(params, jnp.ones(64))
+    with pytest.warns(jaxws.DonationWarning, match=r"ran outside workspace \[WS\] without donation: the cycle needs \d+ bytes and the workspace holds 64") as caught:
+        with ws:
+            new, loss = sgd(params, jnp.ones(64))
     assert not params.is_deleted()  # nothing donated
     assert loss.is_deleted() and not new.is_deleted()  # the carry still persists
     assert ws.spills == 1 and ws.spilled_bytes >= 4 and ws.current_size == 64
+    assert "SpillPolicy.REALLOCATE" in str(caught[0].message)
+    with ws:
+        new, loss = sgd(new, jnp.ones(64))  # once per step signature: no second warning
+    assert ws.spills == 2
+
+
+def test_a_small_first_cycle_never_turns_a_later_step_into_a_spill():
+    ws = workspace()  # FIRST_LOOP, EXTERNAL spill: the defaults
+    log_loss = jaxws.jit(lambda p: (p * p).sum())
+    step = jaxws.jit(lambda p, x: (p - 0.1 * x, (p * x).sum() * jnp.ones(4096)), donate_argnums=0)
+    params = jnp.ones(4096)
+    with ws:
+        jaxws.detach(log_loss(params))  # a tiny first cycle: the workspace learns a few bytes
+    small = ws.current_size
+    for _ in range(3):
+        with ws:
+            previous = params
+            params, big = step(params, jnp.ones(4096))  # 16 KiB of output: learned on first sight
+            assert previous.is_deleted()  # donated, every time
+    assert ws.spills == 0 and ws.current_size > small and ws.reallocations == 0
 
 
 def test_spill_fail_raises_and_runs_nothing():
@@ -372,6 +393,7 @@ def test_reallocate_stops_at_max_size_and_spills_beyond():
     ws = workspace(policy_learning=LearningPolicy.NONE, initial_size=64, max_size=128,
                    policy_spill=SpillPolicy.REALLOCATE)
     params = jnp.ones(64)
-    with ws:
-        new, _ = sgd(params, jnp.ones(64))
+    with pytest.warns(jaxws.DonationWarning, match="without donation"):
+        with ws:
+            new, _ = sgd(params, jnp.ones(64))
     assert ws.current_size == 128 and ws.spills == 1 and not params.is_deleted()
