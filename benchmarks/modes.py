@@ -26,6 +26,7 @@ from jaxws.nn import (
     LSTM,
     ArrayType,
     Dense,
+    LabelCheck,
     Layer,
     MultiLayerNetwork,
     NeuralNetConfiguration,
@@ -99,7 +100,7 @@ def modes_figure(kind, make, n, steps=20, repeats=3):
     for net in nets.values():
         time_fit(net, ds, 2)
     t = {m: best_of(lambda net=net: time_fit(net, ds, steps), repeats) / steps for m, net in nets.items()}
-    plan = {m: net.compiled_step().memory_plan(net._carry, jaxws.data.DataSet(*ds)) for m, net in nets.items()}
+    plan = {m: net.compiled_step().memory_plan(net._carry, LabelCheck.init(), jaxws.data.DataSet(*ds)) for m, net in nets.items()}
     s, p = WorkspaceMode.SINGLE, WorkspaceMode.SEPARATE
     return {"benchmark": "modes", "figure": f"{kind}: SEPARATE vs SINGLE", "batch": n,
             "single_saved_mib": round(saved[s] / 2**20, 2), "separate_saved_mib": round(saved[p] / 2**20, 2),

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 import jaxws
-from jaxws.nn import Dense, MultiLayerNetwork, NeuralNetConfiguration, OutputLayer, ScoreIterationListener
+from jaxws.nn import Dense, LabelCheck, MultiLayerNetwork, NeuralNetConfiguration, OutputLayer, ScoreIterationListener
 
 
 def digits():
@@ -55,7 +55,7 @@ def measure_modes(x: np.ndarray, y: np.ndarray, batch: int = 32, steps: int = 20
             best[mode] = min(best[mode], (time.perf_counter() - start) / steps)
     rows = []
     for mode, net in nets.items():
-        plan = net.compiled_step().memory_plan(net._carry, jaxws.data.DataSet(*map(jax.numpy.asarray, ds)))
+        plan = net.compiled_step().memory_plan(net._carry, LabelCheck.init(), jaxws.data.DataSet(*map(jax.numpy.asarray, ds)))
         rows.append({
             "mode": mode.name,
             "peak_bytes": plan.peak_bytes,

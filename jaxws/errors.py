@@ -130,7 +130,8 @@ class AsyncIteratorError(WorkspaceError):
         super().__init__(
             f"The base iterator of [{iterator_id}] raised while producing batch {batch} (counting "
             "from 0) in the prefetch thread; its exception and traceback are chained below. "
-            "The iterator is closed; fix the loader and create a new one (or reset() it)."
+            "The iterator has stopped (next() raises StopIteration); fix the loader, then reset() "
+            "it to start again from the first batch, or close() it."
         )
 
 

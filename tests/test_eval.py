@@ -84,12 +84,38 @@ def test_binary_threshold_and_cost_array():
     assert ev.confusion_matrix()[1].tolist() == [0, 3]
 
 
-def test_macro_average_excludes_undefined_classes_and_says_so():
-    ev = Evaluation(3)
-    ev.eval(np.array([0, 1, 1]), np.eye(3)[[0, 1, 0]])  # class 2 never predicted nor present
-    assert ev.excluded_classes("precision") == 1
-    assert ev.precision() == pytest.approx((0.5 + 1.0) / 2)
-    assert "1 class(es) with 0/0 precision excluded" in ev.stats()
+def test_macro_averages_follow_scikit_learn_by_default_and_dl4j_on_request():
+    # class 2 occurs but is never predicted (0/0 precision); class 3 never occurs at all
+    y = np.array([0, 0, 1, 1, 2, 2, 2, 1])
+    predicted = np.array([0, 1, 1, 1, 0, 1, 1, 0])
+    p = np.eye(4, dtype=np.float32)[predicted]
+    default, dl4j = Evaluation(4), Evaluation(4, zero_division="exclude")
+    default.eval(y, p)
+    dl4j.eval(y, p)
+    for name in ("precision", "recall", "f1"):
+        sk = getattr(skm, f"{name}_score")
+        assert getattr(default, name)() == pytest.approx(sk(y, predicted, average="macro", zero_division=0), abs=1e-12)
+        per = sk(y, predicted, labels=range(4), average=None, zero_division=np.nan)
+        assert getattr(dl4j, name)() == pytest.approx(np.nanmean(per), abs=1e-12)  # 0/0 classes left out
+    assert default.precision() != pytest.approx(dl4j.precision())  # the conventions really differ here
+    assert default.excluded_classes() == 1 and dl4j.excluded_classes("precision") == 2
+    assert "1 class(es) that never occur excluded" in default.stats()
+    assert "2 class(es) with 0/0 precision excluded" in dl4j.stats()
+    with pytest.raises(jaxws.EvaluationError, match="zero_division='none'"):
+        Evaluation(zero_division="none")
+
+
+def test_macro_precision_with_a_never_predicted_class_equals_scikit_learn():
+    r = np.random.default_rng(7)
+    y = r.integers(0, 4, 400)
+    logits = r.normal(size=(400, 4)) + 1.2 * np.eye(4)[y]
+    logits[:, 3] -= 10  # class 3 is never predicted
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    ev = evaluate_in_batches(Evaluation(), y.astype(np.int32), p.astype(np.float32), None)
+    yp = p.argmax(1)
+    assert 3 not in set(yp)
+    assert ev.precision() == pytest.approx(skm.precision_score(y, yp, average="macro", zero_division=0), abs=1e-12)
+    assert ev.f1() == pytest.approx(skm.f1_score(y, yp, average="macro", zero_division=0), abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -97,23 +123,35 @@ def test_exact_roc_equals_sklearn(seed):
     r = np.random.default_rng(seed)
     y = r.integers(0, 2, 3000)
     s = np.clip(r.normal(0.35 + 0.3 * y, 0.25), 0, 1).round(3).astype(np.float32)  # ties
-    roc = ROC()
+    roc, trapezoid = ROC(), ROC(auprc="trapezoid")
     for i in range(0, 3000, 500):
         roc.eval(y[i:i + 500], s[i:i + 500])
-    assert roc.reallocations >= 0
+        trapezoid.eval(y[i:i + 500], s[i:i + 500])
+    assert roc.reallocations == 0 and roc.state.scores.shape[0] == 4096  # 3,000 rows fit the first block
     assert roc.calculate_auc() == pytest.approx(skm.roc_auc_score(y, s), abs=1e-12)
+    assert roc.calculate_auprc() == pytest.approx(skm.average_precision_score(y, s), abs=1e-12)
     precision, recall, _ = skm.precision_recall_curve(y, s)
-    reference = (getattr(np, "trapezoid", None) or np.trapz)(precision[::-1], recall[::-1])
-    assert abs(roc.calculate_auprc() - reference) < 1e-3
-    # trapezoid vs step interpolation: stated tolerance 0.02 for these sizes
-    assert abs(roc.calculate_auprc() - skm.average_precision_score(y, s)) < 0.02
+    area = (getattr(np, "trapezoid", None) or np.trapz)(precision[::-1], recall[::-1])
+    assert trapezoid.calculate_auprc() == pytest.approx(area, abs=1e-12)  # DL4J's convention, asked for
     fpr, tpr, _ = skm.roc_curve(y, s, drop_intermediate=False)
     curve = roc.get_roc_curve()
     np.testing.assert_allclose(curve.fpr, fpr, atol=1e-12)
     np.testing.assert_allclose(curve.tpr, tpr, atol=1e-12)
-    thresholded = ROC(threshold_steps=200)
-    thresholded.eval(y, s)
-    assert abs(thresholded.calculate_auc() - roc.calculate_auc()) < 1e-2
+
+
+@pytest.mark.parametrize("steps", [10, 200])
+def test_thresholded_curve_points_are_the_counts_at_each_threshold(steps):
+    r = np.random.default_rng(steps)
+    y = r.integers(0, 2, 2000)
+    s = np.clip(r.normal(0.35 + 0.3 * y, 0.25), 0.0005, 0.9995).astype(np.float32)
+    s = np.where(np.abs(s * steps - np.round(s * steps)) < 1e-3, s + 2e-3, s)  # off the bin edges
+    roc = ROC(threshold_steps=steps)
+    roc.eval(y, s)
+    curve = roc.get_roc_curve()
+    for fpr, tpr, t in zip(curve.fpr[1:], curve.tpr[1:], curve.thresholds[1:]):
+        assert tpr == pytest.approx(np.mean(s[y == 1] >= t), abs=1e-12), t
+        assert fpr == pytest.approx(np.mean(s[y == 0] >= t), abs=1e-12), t
+    assert list(curve.thresholds[1:]) == pytest.approx(list(np.arange(steps, -1, -1) / steps))
 
 
 def test_exact_buffer_grows_in_blocks_without_host_transfer():

@@ -1,6 +1,5 @@
 """ParallelWrapper against a plain-JAX local-SGD reference (numpy averaging)."""
 
-import logging
 import os
 import socket
 import subprocess
@@ -178,14 +177,17 @@ def test_an_exception_in_the_data_surfaces_with_its_cause():
     assert net.iteration == 2
 
 
-def test_score_reported_after_averaging(caplog):
+def test_score_reported_after_averaging_is_printed_by_default(capsys):
     net = network(optax.sgd(0.1))
     collect = jaxws.nn.CollectScoresListener(1)
     net.add_listeners(collect)
-    with caplog.at_level(logging.INFO, logger="jaxws"):
-        ParallelWrapper(net, workers=2, averaging_frequency=2, report_score_after_averaging=True).fit(make_batches(8))
-    assert len([r for r in caplog.records if "score after averaging" in r.message]) == 2
+    wrapper = ParallelWrapper(net, workers=2, averaging_frequency=2, report_score_after_averaging=True)
+    wrapper.fit(make_batches(8))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "score after averaging" in line]
+    assert lines == [f"ParallelWrapper: score after averaging (round {r}): {s:.6f}"
+                     for r, s in zip((2, 4), wrapper.scores)]
     assert [i for i, _ in collect.scores] == [2, 4]
+    assert [s for _, s in collect.scores] == pytest.approx(wrapper.scores, abs=1e-12)
 
 
 def test_no_device_to_host_transfer_per_round():

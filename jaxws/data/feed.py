@@ -19,7 +19,7 @@ from jaxws.data.dataset import DataSet, MultiDataSet
 from jaxws.data.iterators import ArrayDataSetIterator, as_dataset, from_iterable
 from jaxws.data.placement import Placement, host_leaf
 from jaxws.data.prefetch import AsyncDataSetIterator
-from jaxws.errors import AsyncIteratorError, ConfigurationError, InvalidBatchError
+from jaxws.errors import AsyncIteratorError, ConfigurationError, InvalidBatchError, WorkspaceError
 
 __all__ = ["Feed", "is_single_batch", "prepare", "stack", "validate"]
 
@@ -131,13 +131,21 @@ class Feed:
         self._place = place
         self._ring: AsyncDataSetIterator | None = None
         self._passes = 0
+        self._pulled = 0
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ConfigurationError(
                 f"{op}(batch_size={batch_size!r}): expected an int >= 1, the examples per batch "
                 "(or None to use the data as one batch)."
             )
+        if isinstance(data, tuple) and len(data) in (1, 5, 6) and hasattr(data[0], "shape"):
+            raise ConfigurationError(
+                f"{op}(data=<a tuple of {len(data)} arrays>): a tuple is read as (features, labels"
+                "[, features_mask, labels_mask]). Pass (x, y), or a DataSet(x, y)."
+            )
         if is_single_batch(data):
             ds = self._validated(as_dataset(data))
+            if ds.num_examples == 0:
+                raise ConfigurationError(f"{op}: the data has no examples (0 rows); pass at least one example.")
             data = [ds] if batch_size is None else ArrayDataSetIterator(
                 ds.features, ds.labels, batch_size, features_mask=ds.features_mask, labels_mask=ds.labels_mask)
         elif batch_size is not None:
@@ -208,7 +216,9 @@ class Feed:
         return " (the iterator yields nothing, even after reset())"
 
     def _batches(self, items: Iterator) -> Iterator[Any]:
+        self._pulled = 0  # batches taken from the source this pass: the next one is the failing one
         for i, item in enumerate(items):
+            self._pulled = i + 1
             ds = as_dataset(item)
             yield ds if self._prechecked else self._validated(ds, f"batch {i}")
 
@@ -232,9 +242,10 @@ class Feed:
         try:
             yield from ring
         except AsyncIteratorError as e:
-            if isinstance(e.__cause__, (InvalidBatchError, ConfigurationError)):
+            if isinstance(e.__cause__, WorkspaceError):
                 raise e.__cause__ from None  # our own check, run in the prefetch thread: say it plainly
-            raise
+            error = AsyncIteratorError(ring.id, self._pulled)  # counted in batches, not groups
+            raise error from e.__cause__
         finally:
             self._ring = None
             ring.close()

@@ -137,6 +137,12 @@ class IterableDataSetIterator(DataSetIterator):
         self._started = True
         return as_dataset(next(self._it))
 
+    def close(self) -> None:
+        """Closes the current source iterator if it is a generator (its ``finally`` runs)."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
 
 def from_iterable(source: Iterable | Callable[[], Iterable]) -> IterableDataSetIterator:
     """A DataSetIterator over an iterable of batches, or over a function that makes one.

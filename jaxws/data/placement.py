@@ -9,24 +9,25 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["Placement", "host_leaf"]
 
 
 def host_leaf(x: Any) -> Any:
-    """``x`` unchanged if it is an array (JAX or numpy), else as a numpy array.
+    """``x`` unchanged if it is a JAX array, else as a numpy array of numbers.
 
     Lists and scalars become arrays here, so a batch given as nested lists works as numpy
-    does; objects numpy can only hold as ``dtype=object`` are refused.
+    does; strings and objects are refused with a TypeError.
     """
-    if isinstance(x, (jax.Array, np.ndarray)):
+    if isinstance(x, jax.Array):
         return x
-    array = np.asarray(x)
-    if array.dtype == object:
+    array = x if isinstance(x, np.ndarray) else np.asarray(x)
+    if not (jnp.issubdtype(array.dtype, jnp.number) or array.dtype == bool):
         raise TypeError(
-            f"A batch leaf of type {type(x).__name__} is not numeric data; pass numpy or JAX "
-            "arrays (or nested lists of numbers)."
+            f"A batch leaf of type {type(x).__name__} (dtype {array.dtype}) is not numeric data; "
+            "pass numpy or JAX arrays of numbers (or nested lists of numbers)."
         )
     return array
 

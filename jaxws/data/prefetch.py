@@ -8,6 +8,7 @@ arrays that were on the device already pass through and stay the caller's.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import queue
@@ -20,7 +21,7 @@ import numpy as np
 
 from jaxws.configuration import ResetPolicy, WorkspaceConfiguration
 from jaxws.data.dataset import DataSet
-from jaxws.data.iterators import DataSetIterator, as_dataset, from_iterable
+from jaxws.data.iterators import DataSetIterator, IterableDataSetIterator, as_dataset, from_iterable
 from jaxws.data.placement import Placement
 from jaxws.errors import AsyncIteratorError, ConfigurationError, WorkspaceError
 from jaxws.manager import get_workspace_manager
@@ -70,19 +71,13 @@ class _Preparer:
         return self.placement.place(ds)
 
     def _learn(self, nbytes: int) -> None:
+        """The slot size: learned from the first batch, grown by a larger one (variable lengths)."""
         if not self.slot_bytes:
             self.slot_bytes = self.config.round_up(nbytes)
         elif nbytes > self.slot_bytes:
-            first = self.reallocations == 0
             self.slot_bytes = self.config.round_up(nbytes)
             self.reallocations += 1
-            if first:
-                log.warning(
-                    "[%s]: a batch of %d bytes outgrew the ring slot learned from the first "
-                    "batch; the ring grew to %d bytes per slot. If your iterator builds large "
-                    "objects in its first next() call, build them in its constructor instead.",
-                    self.iterator_id, nbytes, self.slot_bytes,
-                )
+            log.debug("[%s]: a batch of %d bytes grew the ring slot to %d bytes.", self.iterator_id, nbytes, self.slot_bytes)
 
     def _pad(self, ds: Any) -> DataSet:
         if not isinstance(ds, DataSet):
@@ -237,9 +232,7 @@ class AsyncDataSetIterator(DataSetIterator):
 
     def __next__(self):
         if self._closed:
-            raise WorkspaceError(
-                f"[{self.id}] is closed; create a new iterator (or call reset() before close())."
-            )
+            raise WorkspaceError(f"[{self.id}] is closed; create a new iterator.")
         if self._exhausted:
             raise StopIteration
         ring = self._ring_workspace() if self.use_workspace else None
@@ -247,9 +240,11 @@ class AsyncDataSetIterator(DataSetIterator):
             ring._release_slot()  # before taking the next: the ring bound holds
         item, error = self._queue.get()
         if error is not None:
-            index = self._produced
-            self.close()
-            raise AsyncIteratorError(self.id, index) from error
+            self._exhausted = True  # the worker has stopped; reset() starts it again
+            self._stop_worker()
+            if not isinstance(error, Exception):
+                raise error  # KeyboardInterrupt, SystemExit: what the loader raised, as it is
+            raise AsyncIteratorError(self.id, self._produced) from error
         if item is _END:
             self._exhausted = True
             raise StopIteration
@@ -262,11 +257,17 @@ class AsyncDataSetIterator(DataSetIterator):
         return batch
 
     def reset(self) -> None:
-        """Drains the queue, restarts the base iterator and the prefetch thread."""
+        """Drains the queue, restarts the base iterator and the prefetch thread.
+
+        Also after the base iterator raised: the iterator starts again from its first batch.
+        """
         if self._closed:
             raise WorkspaceError(f"[{self.id}] is closed; create a new iterator.")
         if not getattr(self.base, "reset_supported", True):
-            raise ConfigurationError(f"[{self.id}]: the base iterator does not support reset().")
+            raise ConfigurationError(
+                f"[{self.id}]: the base iterator does not support reset() (a one-shot iterator such "
+                "as a generator); wrap a function that makes one: from_iterable(lambda: gen())."
+            )
         self._stop_worker()
         if self._ring is not None and self.use_workspace:
             self._ring._release_slot()
@@ -276,11 +277,13 @@ class AsyncDataSetIterator(DataSetIterator):
         self._start()
 
     def close(self) -> None:
-        """Stops and joins the prefetch thread and frees the ring; idempotent."""
+        """Stops and joins the prefetch thread, frees the ring and closes a generator source; idempotent."""
         if self._closed:
             return
         self._closed = True
         self._stop_worker()
+        if inspect.isgenerator(self.base) or isinstance(self.base, IterableDataSetIterator):
+            self.base.close()  # the worker has stopped: a generator's own finally runs now
         ring, self._ring = self._ring, None
         if ring is not None and ring._owner == threading.get_ident():
             get_workspace_manager().destroy_workspace(ring)

@@ -21,7 +21,7 @@ __all__ = ["Evaluation", "EvaluationAveraging", "EvaluationState"]
 class EvaluationAveraging(enum.Enum):
     """How per-class metrics are averaged."""
 
-    MACRO = "macro"  # every class counts equally (0/0 classes excluded)
+    MACRO = "macro"  # every class counts equally (see Evaluation's zero_division)
     MICRO = "micro"  # every example counts equally
 
 
@@ -46,6 +46,10 @@ class Evaluation(Evaluator):
         binary_decision_threshold: for 2 classes, predict class 1 when its probability is
             at least this (instead of argmax).
         cost_array: per-class weights; the predicted class is ``argmax(p * cost)``.
+        zero_division: how a class whose metric is 0/0 (never predicted, for precision)
+            enters a macro average: ``"zero"`` (default, scikit-learn's convention: it
+            counts as 0, over the classes that occur as labels or predictions) or
+            ``"exclude"`` (DL4J's: it is left out of the average).
 
     Example:
         >>> import numpy as np
@@ -64,8 +68,15 @@ class Evaluation(Evaluator):
         top_n: int = 1,
         binary_decision_threshold: float | None = None,
         cost_array: Sequence[float] | None = None,
+        zero_division: str = "zero",
     ):
         super().__init__()
+        if zero_division not in ("zero", "exclude"):
+            raise EvaluationError(
+                f"Evaluation(zero_division={zero_division!r}): expected 'zero' (scikit-learn's "
+                "convention: 0/0 counts as 0) or 'exclude' (DL4J's: 0/0 classes are left out)."
+            )
+        self.zero_division = zero_division
         if labels is not None:
             labels = [str(x) for x in labels]
             if num_classes is not None and len(labels) != num_classes:
@@ -95,7 +106,8 @@ class Evaluation(Evaluator):
 
     def _config(self) -> dict:
         return {"num_classes": self.num_classes, "labels": self.label_names, "top_n": self.top_n,
-                "binary_decision_threshold": self.binary_decision_threshold, "cost_array": self.cost_array}
+                "binary_decision_threshold": self.binary_decision_threshold, "cost_array": self.cost_array,
+                "zero_division": self.zero_division}
 
     def _static_key(self) -> tuple:
         return (type(self), self.num_classes, self.top_n, self.binary_decision_threshold,
@@ -185,12 +197,23 @@ class Evaluation(Evaluator):
             return 0.0 if np.isnan(value) else float(value)
         if EvaluationAveraging(averaging) is EvaluationAveraging.MICRO:
             return 0.0 if np.isnan(micro) else float(micro)
-        defined = per_class[~np.isnan(per_class)]
+        if self.zero_division == "exclude":  # DL4J: 0/0 classes are left out
+            defined = per_class[~np.isnan(per_class)]
+        else:  # scikit-learn: 0/0 is 0, over the classes that occur
+            defined = np.nan_to_num(per_class[self._occurring()], nan=0.0)
         return float(defined.mean()) if defined.size else 0.0
 
+    def _occurring(self) -> np.ndarray:
+        """Classes that occur as an actual label or a prediction (scikit-learn's labels)."""
+        cm = self._counts()["confusion"]
+        return (cm.sum(axis=0) + cm.sum(axis=1)) > 0
+
     def excluded_classes(self, metric: str = "precision") -> int:
-        """Classes left out of a macro average because their ``metric`` is 0/0."""
-        return int(np.isnan(self._per_class(metric)).sum())
+        """Classes left out of a macro average (``zero_division="exclude"``: those with 0/0
+        ``metric``; ``"zero"``: those that never occur)."""
+        if self.zero_division == "exclude":
+            return int(np.isnan(self._per_class(metric)).sum())
+        return int((~self._occurring()).sum())
 
     def _per_class(self, metric: str, beta: float = 1.0) -> np.ndarray:
         c = self._counts()
@@ -202,7 +225,7 @@ class Evaluation(Evaluator):
         return float(_binary_metric(metric, *counts, beta)[0])
 
     def precision(self, cls: int | None = None, averaging=EvaluationAveraging.MACRO) -> float:
-        """Precision of class ``cls``, or averaged (macro excludes 0/0 classes)."""
+        """Precision of class ``cls``, or averaged (0/0 classes: see ``zero_division``)."""
         return self._metric(self._per_class("precision"), self._micro("precision"), cls, averaging)
 
     def recall(self, cls: int | None = None, averaging=EvaluationAveraging.MACRO) -> float:
@@ -265,7 +288,8 @@ class Evaluation(Evaluator):
                 lines.append(f'Precision, recall & F1: reported for positive class (class 1 - "{self._name(1)}") only')
             else:
                 excluded = self.excluded_classes("precision")
-                note = f"; {excluded} class(es) with 0/0 precision excluded" if excluded else ""
+                why = "with 0/0 precision" if self.zero_division == "exclude" else "that never occur"
+                note = f"; {excluded} class(es) {why} excluded" if excluded else ""
                 lines.append(f"Precision, recall & F1: macro-averaged (equally weighted avg. of {n} classes{note})")
         if c["nan_rows"]:
             lines.append(f"WARNING: {c['nan_rows']} example(s) had NaN predictions and were not counted.")

@@ -15,6 +15,7 @@ import numpy as np
 from jaxws.errors import ConfigurationError, InvalidBatchError
 from jaxws.interrupts import guarded
 from jaxws.manager import get_workspace_manager
+from jaxws.nn.checks import LabelCheck
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.step import WorkspaceFunction, jit
 
@@ -27,15 +28,16 @@ class EvaluationMixin:
     def _evaluation_fn(self, evaluations: tuple) -> WorkspaceFunction:
         key = tuple(ev._static_key() for ev in evaluations)
         if key not in self._eval_fns:
-            def evaluate(states, params, state, ds):
+            def evaluate(states, check, params, state, ds):
                 predictions = self._apply(params, state, ds.features, ds.features_mask, False, WorkspaceMode.SINGLE)[0]
                 mask = ds.labels_mask
                 if mask is None and predictions.ndim == 3:
                     mask = ds.features_mask
-                return tuple(ev.update(s, ds.labels, predictions, mask) for ev, s in zip(evaluations, states))
+                states = tuple(ev.update(s, ds.labels, predictions, mask) for ev, s in zip(evaluations, states))
+                return states, check.update(*(self._class_labels(ds) or (None, None, 0)))
 
             evaluate.__name__ = f"{type(self).__name__}.do_evaluation"
-            self._eval_fns[key] = jit(evaluate, donate_argnums=0)
+            self._eval_fns[key] = jit(evaluate, donate_argnums=(0, 1))
         return self._eval_fns[key]
 
     def do_evaluation(self, data: Any, *evaluations: Any, batch_size: int | None = None, prefetch: int = 8) -> tuple:
@@ -86,6 +88,7 @@ class EvaluationMixin:
         """Runs every evaluator over ``batches`` (checked device DataSets)."""
         manager = get_workspace_manager()
         fn = self._evaluation_fn(evaluations)
+        check = LabelCheck.init()
         with self._pinned() as carry, guarded() as guard:
             for ds in batches:
                 if ds.labels is None:
@@ -96,9 +99,12 @@ class EvaluationMixin:
                 rows = int(np.prod(shape[:-1]))
                 states = tuple(ev._reserve(ev.state, rows) for ev in evaluations)
                 with guard, manager.scope_out_of_workspaces():  # states donated and stored in one commit
-                    states = fn(states, carry.params, carry.state, ds)
+                    states, check = fn(states, check, carry.params, carry.state, ds)
                     for ev, state in zip(evaluations, states):
                         ev.state = state
+        self._verify()
+        with jax.transfer_guard_device_to_host("allow"):  # one read, at the end: not per batch
+            check.raise_if_invalid("do_evaluation", self._labels_what(), self._num_classes())
         return evaluations
 
     def _output_shape(self, carry: Any, ds: Any) -> tuple:

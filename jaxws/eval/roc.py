@@ -62,14 +62,20 @@ def _curves(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray):
 
 
 class _ROCFamily(Evaluator):
-    def __init__(self, threshold_steps: int = 0):
+    def __init__(self, threshold_steps: int = 0, *, auprc: str = "average_precision"):
         super().__init__()
         if isinstance(threshold_steps, bool) or not isinstance(threshold_steps, int) or threshold_steps < 0:
             raise EvaluationError(
                 f"{type(self).__name__}(threshold_steps={threshold_steps!r}): expected an int >= 0 "
                 "(0 = exact)."
             )
+        if auprc not in ("average_precision", "trapezoid"):
+            raise EvaluationError(
+                f"{type(self).__name__}(auprc={auprc!r}): expected 'average_precision' (default, "
+                "scikit-learn's average_precision_score) or 'trapezoid' (DL4J's area)."
+            )
         self.threshold_steps = threshold_steps
+        self.auprc = auprc
         self.num_outputs: int | None = None
         self._filled = 0  # rows reserved in the exact buffer (known on the host, no sync)
         self.reallocations = 0
@@ -82,7 +88,7 @@ class _ROCFamily(Evaluator):
         return (type(self), self.threshold_steps, self.num_outputs)
 
     def _config(self) -> dict:
-        return {"threshold_steps": self.threshold_steps}
+        return {"threshold_steps": self.threshold_steps, "auprc": self.auprc}
 
     @abc.abstractmethod
     def _extract(self, labels, predictions, mask):
@@ -194,7 +200,10 @@ class _ROCFamily(Evaluator):
 
     def _auprc(self, k: int) -> float:
         pr = self._pr(k)
-        return float(_trapezoid(pr.precision, pr.recall))
+        if self.auprc == "trapezoid":  # DL4J: the area under the interpolated curve
+            return float(_trapezoid(pr.precision, pr.recall))
+        # average precision: each recall step weighted by the precision reached there
+        return float(np.sum(np.diff(pr.recall) * pr.precision[1:]))
 
     def stats(self) -> str:
         if self.state is None:
@@ -240,7 +249,8 @@ class ROC(_ROCFamily):
         return self._auc(0)
 
     def calculate_auprc(self) -> float:
-        """Area under the precision-recall curve (trapezoid, from recall 0 at precision 1)."""
+        """Area under the precision-recall curve: average precision (scikit-learn's
+        ``average_precision_score``) by default, the trapezoid area with ``auprc="trapezoid"``."""
         return self._auprc(0)
 
     def get_roc_curve(self) -> RocCurve:
@@ -258,10 +268,10 @@ class ROCMultiClass(_ROCFamily):
             self.num_outputs = num_outputs
 
     def _config(self) -> dict:
-        return {"threshold_steps": self.threshold_steps, "num_classes": self.num_outputs}
+        return {**super()._config(), "num_classes": self.num_outputs}
 
-    def __init__(self, threshold_steps: int = 0, num_classes: int | None = None):
-        super().__init__(threshold_steps)
+    def __init__(self, threshold_steps: int = 0, num_classes: int | None = None, *, auprc: str = "average_precision"):
+        super().__init__(threshold_steps, auprc=auprc)
         self.num_outputs = num_classes
 
     def _extract(self, labels, predictions, mask):

@@ -1,5 +1,6 @@
 """Networks under workspace modes: layers, LayerWorkspaceMgr, MultiLayerNetwork, models."""
 
+from jaxws.nn.checks import LabelCheck
 from jaxws.nn.conf import NeuralNetConfiguration
 from jaxws.nn.listeners import StepLoss
 from jaxws.nn.layers import LSTM
@@ -29,6 +30,7 @@ __all__ = [
     "Dense",
     "Dropout",
     "FunctionalModel",
+    "LabelCheck",
     "LSTM",
     "Layer",
     "LayerWorkspaceMgr",

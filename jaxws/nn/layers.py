@@ -67,6 +67,14 @@ class Layer(abc.ABC):
     def activate(self, params, state, x, training: bool, mgr: LayerWorkspaceMgr, mask=None):
         """``(activations, new_state)``; activations in ``ArrayType.ACTIVATIONS``."""
 
+    def reseed(self, state: Any, key: jax.Array) -> Any:
+        """``state`` drawing its randomness from ``key`` (a layer that draws none returns it).
+
+        ``output(x, training=True)`` reseeds every layer per call, so stochastic layers
+        draw fresh randomness each time without touching the training state.
+        """
+        return state
+
     def describe(self) -> str:
         return self.name or type(self).__name__
 
@@ -131,6 +139,9 @@ class Dropout(Layer):
 
     def init(self, key, input_shape):
         return {}, {"key": jax.random.key_data(key)}
+
+    def reseed(self, state, key):
+        return {"key": jax.random.key_data(key)}
 
     def activate(self, params, state, x, training, mgr, mask=None):
         if not training or self.rate == 0.0:

@@ -32,11 +32,12 @@ class StepLoss:
         0.25
     """
 
-    __slots__ = ("_losses", "_index")
+    __slots__ = ("_losses", "_index", "_on_read")
 
-    def __init__(self, losses: jax.Array, index: int | None = None):
+    def __init__(self, losses: jax.Array, index: int | None = None, on_read: Callable[[], None] | None = None):
         self._losses = losses
         self._index = index  # None: ``losses`` is the step's scalar; else its row of a fused run
+        self._on_read = on_read  # runs when the loss is read on the host (the loop syncs anyway)
 
     @property
     def value(self) -> jax.Array:
@@ -46,14 +47,20 @@ class StepLoss:
             raise error
         return self._losses if self._index is None else self._losses[self._index]
 
+    def _read(self) -> np.ndarray:
+        value = np.asarray(self.value)
+        if self._on_read is not None:
+            self._on_read()  # e.g. the label check: raises if a step saw invalid labels
+        return value
+
     def item(self) -> float:
-        return float(self.value)
+        return float(self._read())
 
     def __float__(self) -> float:
-        return float(self.value)
+        return float(self._read())
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        return np.asarray(self.value, dtype=dtype)
+        return np.asarray(self._read(), dtype=dtype)
 
     def __repr__(self) -> str:
         where = "" if self._index is None else f" {self._index} of {self._losses.shape[0]}"

@@ -25,6 +25,7 @@ from jaxws.errors import ConfigurationError, WorkspaceError
 from jaxws.eval.kernel import EvaluationMixin
 from jaxws.interrupts import guarded
 from jaxws.manager import get_workspace_manager
+from jaxws.nn.checks import LabelCheck
 from jaxws.nn.listeners import StepLoss, TrainingListener
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.step import WorkspaceFunction, jit
@@ -34,6 +35,32 @@ __all__ = ["Model", "TrainState"]
 
 TRAINING_WORKSPACE = "WS_TRAINING"
 TRAINING_CONF = WorkspaceConfiguration(policy_spill=SpillPolicy.REALLOCATE)
+
+
+class _NoBar:
+    """What fit updates when progress=False: nothing at all."""
+
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+
+_NO_BAR = _NoBar()
+
+
+class _Checks:
+    """A fit call's label check (donated each step), its executions and where its epochs started."""
+
+    def __init__(self, state: LabelCheck):
+        self.state = state
+        self.steps = 0
+        self.executions = 0
+        self.epoch_starts: list[int] = []
 
 
 class TrainState(NamedTuple):
@@ -74,6 +101,8 @@ class Model(EvaluationMixin, abc.ABC):
         self.listeners: list[TrainingListener] = []
         self.iteration = 0
         self.epoch = 0
+        self._rng = jax.random.key(0)  # fresh randomness for output(training=True)
+        self._pending_checks: list[_Checks] = []  # label checks of fits not read yet
 
     # -- what subclasses provide -----------------------------------------------------------
 
@@ -87,6 +116,18 @@ class Model(EvaluationMixin, abc.ABC):
 
     def _check_batch(self, ds: DataSet, op: str) -> None:
         """Raises a clear error for a batch that does not fit the model (host-side)."""
+
+    def _class_labels(self, ds: DataSet) -> tuple[Any, Any, int] | None:
+        """``(labels, mask, classes)`` when the labels are integer classes (traced), else None."""
+        return None
+
+    def _labels_what(self) -> str:
+        """The loss the labels are for, in messages."""
+        return "the model's loss"
+
+    def _reseed(self, state: Any, key: jax.Array) -> Any:
+        """The layer state drawing fresh randomness from ``key`` (training-mode output)."""
+        return state
 
     # -- state -----------------------------------------------------------------------------
 
@@ -165,16 +206,16 @@ class Model(EvaluationMixin, abc.ABC):
                 if not self._pins[key]:
                     del self._pins[key]
 
-    def _commit(self, step: WorkspaceFunction, ds: Any, fused: bool) -> tuple[jax.Array, int]:
+    def _commit(self, step: WorkspaceFunction, check: LabelCheck, ds: Any, fused: bool) -> tuple:
         """Runs ``step`` on the carry and stores the new one with the iteration count."""
         with self._lock:
             carry = self._carry
             if self._pins and id(carry.params) in self._pins:  # a reader holds this version
                 carry = carry._replace(params=detach(carry.params), state=detach(carry.state))
-            self._carry, losses = step(carry, ds)
+            self._carry, check, losses = step(carry, check, ds)
             n = int(jax.tree.leaves(ds)[0].shape[0]) if fused else 1
             self.iteration += n
-        return losses, n
+        return check, losses, n
 
     # -- the pure step ---------------------------------------------------------------------
 
@@ -202,17 +243,42 @@ class Model(EvaluationMixin, abc.ABC):
         return step
 
     def compiled_step(self, mode: WorkspaceMode | None = None, fused: bool = False) -> WorkspaceFunction:
-        """The jitted step of ``mode``: the carry donated unless the mode is NONE.
+        """The jitted step ``fit`` runs: ``(carry, check, batch) -> (carry, check, loss)``.
 
-        ``fused``: the program that scans a stack of batches ``[k, batch, ...]`` and returns
-        the k losses (``fit(steps_per_execution=k)``).
+        The carry (a :class:`TrainState`) and the :class:`~jaxws.nn.LabelCheck` (invalid
+        class labels counted on the device) are donated unless the mode is NONE.
+        ``fused``: the program that scans a stack of batches ``[k, batch, ...]`` and
+        returns the k losses (``fit(steps_per_execution=k)``). ``train_step`` is the pure,
+        unjitted ``(carry, batch) -> (carry, loss)`` for your own loops.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from jaxws.data import DataSet
+            >>> from jaxws.nn import LabelCheck, MultiLayerNetwork, NeuralNetConfiguration, OutputLayer
+            >>> net = MultiLayerNetwork(NeuralNetConfiguration(layers=[OutputLayer(2)], input_shape=(3,))).init()
+            >>> batch = DataSet(jnp.ones((4, 3)), jnp.zeros(4, jnp.int32))
+            >>> net.compiled_step().memory_plan(net._carry, LabelCheck.init(), batch).alias_bytes > 0
+            True
         """
         mode = mode or self.training_workspace_mode
         if (mode, fused) not in self._steps:
             step = self.train_step(mode)
-            fun = (lambda carry, stacked: jax.lax.scan(step, carry, stacked)) if fused else step
+
+            def checked(carry, check, ds):
+                carry, loss = step(carry, ds)
+                return carry, check.update(*(self._class_labels(ds) or (None, None, 0))), loss
+
+            def fused_checked(carry, check, stacked):
+                def body(c, ds):
+                    carry, check, loss = checked(*c, ds)
+                    return (carry, check), loss
+
+                (carry, check), losses = jax.lax.scan(body, (carry, check), stacked)
+                return carry, check, losses
+
+            fun = fused_checked if fused else checked
             fun.__name__ = f"{type(self).__name__}.fit[{mode.name}{', fused' if fused else ''}]"
-            self._steps[mode, fused] = jit(fun, donate_argnums=0 if mode.donates else ())
+            self._steps[mode, fused] = jit(fun, donate_argnums=(0, 1) if mode.donates else ())
         return self._steps[mode, fused]
 
     # -- fit / output / score --------------------------------------------------------------
@@ -273,36 +339,63 @@ class Model(EvaluationMixin, abc.ABC):
             total = len(feed)
         except TypeError:
             total = None
+        checks = _Checks(LabelCheck.init())
         with feed, guarded() as guard:
-            for _ in tqdm(range(epochs), desc="epochs", disable=not progress or epochs == 1, leave=False):
+            for _ in tqdm(range(epochs), desc="epochs", leave=False) if progress and epochs > 1 else range(epochs):
                 for listener in self.listeners:
                     listener.on_epoch_start(self, self.epoch)
-                with tqdm(total=total, desc=f"epoch {self.epoch}", disable=not progress, leave=False) as bar:
+                checks.epoch_starts.append(checks.steps)
+                bar = tqdm(total=total, desc=f"epoch {self.epoch}", leave=False) if progress else _NO_BAR
+                with bar:
                     for ds in feed:
                         # looked up each step: a listener may have destroyed it
                         cycle = (manager.get_workspace_for_current_thread(TRAINING_CONF, TRAINING_WORKSPACE)
                                  if mode.donates else contextlib.nullcontext())  # NONE: nothing invalidated
                         with guard, cycle:
-                            losses, n = self._commit(step, ds, k > 1)
+                            checks.state, losses, n = self._commit(step, checks.state, ds, k > 1)
+                            checks.steps += n
+                            checks.executions += 1
                             if self.listeners:
                                 with guard.released():
-                                    self._notify(losses, n, k > 1)
+                                    self._notify(losses, n, k > 1, self._verify)
                         bar.update(n)
                 for listener in self.listeners:
                     listener.on_epoch_end(self, self.epoch)
                 self.epoch += 1
+        # the one read of the label check; a single-dispatch fit (fit(batch) in a loop) does not
+        # wait for it: it is read if done, else at the next read (fit, score, evaluation, a loss)
+        self._pending_checks.append(checks)
+        self._verify(wait=checks.executions > 1)
         return self
 
-    def _notify(self, losses: jax.Array, n: int, fused: bool) -> None:
+    def _verify(self, wait: bool = True) -> None:
+        """Reads pending label checks (all, or those already computed) and raises for invalid labels."""
+        while self._pending_checks:
+            checks = self._pending_checks[0]
+            if not (wait or checks.state.steps.is_ready()):
+                return
+            self._pending_checks.pop(0)
+            where = "an earlier fit call: " if self._pending_checks else ""
+            with jax.transfer_guard_device_to_host("allow"):  # asked for: not a hidden sync
+                checks.state.raise_if_invalid("fit", self._labels_what(), self._num_classes(),
+                                              checks.epoch_starts, where)
+
+    def _num_classes(self) -> int:
+        return 0
+
+    def _notify(self, losses: jax.Array, n: int, fused: bool, verify: Callable[[], None]) -> None:
         first = self.iteration - n
         for i in range(n):
-            loss = StepLoss(losses, i if fused else None)
+            loss = StepLoss(losses, i if fused else None, verify)
             for listener in self.listeners:
                 listener.iteration_done(self, first + i + 1, self.epoch, loss)
 
     def _inference_fn(self, training: bool) -> WorkspaceFunction:
+        """``infer(params, state, x, mask, key=None)``; ``key`` reseeds stochastic layers."""
         if training not in self._infer:
-            def infer(params, state, x, mask):
+            def infer(params, state, x, mask, key=None):
+                if key is not None:
+                    state = self._reseed(state, key)
                 return self._apply(params, state, x, mask, training, WorkspaceMode.SINGLE)[0]
 
             infer.__name__ = f"{type(self).__name__}.output"
@@ -315,6 +408,7 @@ class Model(EvaluationMixin, abc.ABC):
         training: bool = False,
         *,
         mask: Any = None,
+        key: jax.Array | None = None,
         workspace: Workspace | str | None = None,
     ) -> jax.Array:
         """The network's output for ``x``; safe while another thread runs ``fit``.
@@ -324,6 +418,10 @@ class Model(EvaluationMixin, abc.ABC):
         attached to it and dies with its cycle, as DL4J's output into a workspace. It is
         computed from the parameters committed when the call starts.
 
+        ``training=True`` runs the layers as in training (dropout on, batch statistics)
+        without changing any state: stochastic layers draw fresh randomness on every call
+        (Monte-Carlo dropout), or the randomness of ``key`` (a ``jax.random.key``) when given.
+
         Raises:
             LeakedWorkspacePointerError, OutdatedWorkspacePointerError: ``x`` is dead.
             InvalidBatchError: ``x`` does not fit the model.
@@ -331,6 +429,8 @@ class Model(EvaluationMixin, abc.ABC):
                 or not open.
         """
         self._require_init()
+        check_arrays("output", x, "x")  # named as the caller wrote them
+        check_arrays("output", mask, "mask")
         ds = self._input(DataSet(x, None, mask), "output")
         fn = self._inference_fn(training)
         manager = get_workspace_manager()
@@ -348,8 +448,10 @@ class Model(EvaluationMixin, abc.ABC):
         # detached: computed outside every workspace; else in the open cycle, then moved to ws
         scope = manager.scope_out_of_workspaces() if ws is None else contextlib.nullcontext()
         with scope, self._lock:  # dispatched before any later step can donate the carry
+            if training and key is None:
+                self._rng, key = jax.random.split(self._rng)
             carry = self._carry
-            out = fn(carry.params, carry.state, ds.features, ds.features_mask)
+            out = fn(carry.params, carry.state, ds.features, ds.features_mask, key if training else None)
         return out if ws is None else leverage_to(ws, out)
 
     def score(self, data: Any, *, batch_size: int | None = None) -> float:
@@ -360,19 +462,24 @@ class Model(EvaluationMixin, abc.ABC):
         """
         self._require_init()
         if self._score_fn is None:
-            def score(params, state, ds):
-                return self._loss(params, state, ds, False, WorkspaceMode.SINGLE)[0]
+            def score(total, check, params, state, ds):
+                loss = self._loss(params, state, ds, False, WorkspaceMode.SINGLE)[0]
+                n = jax.tree.leaves(ds)[0].shape[0]
+                return total + loss * n, check.update(*(self._class_labels(ds) or (None, None, 0)))
 
             score.__name__ = f"{type(self).__name__}.score"
-            self._score_fn = jit(score)
-        total, count = jnp.zeros(()), 0
+            self._score_fn = jit(score, donate_argnums=(0, 1))
+        total, check, count = jnp.zeros(()), LabelCheck.init(), 0
         feed = self._feed(data, "score", batch_size=batch_size, rewind="always")
         with feed, self._pinned() as carry, get_workspace_manager().scope_out_of_workspaces():
             for ds in feed:
-                total = total + self._score_fn(carry.params, carry.state, ds) * ds.num_examples
+                total, check = self._score_fn(total, check, carry.params, carry.state, ds)
                 count += ds.num_examples
+        self._verify()
+        with jax.transfer_guard_device_to_host("allow"):
+            check.raise_if_invalid("score", self._labels_what(), self._num_classes())
         if count == 0:
-            raise ConfigurationError("score(data): the data has no examples.")
+            raise ConfigurationError("score(data): the data has no examples; pass at least one example.")
         return float(total) / count
 
     def residual_bytes(self, data: Any, mode: WorkspaceMode | None = None) -> int:

@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxws.data.dataset import DataSet
+from jaxws.data.feed import validate
 from jaxws.errors import ConfigurationError, InvalidBatchError
 from jaxws.manager import get_workspace_manager
 from jaxws.memory import format_bytes
+from jaxws.nn.checks import LabelCheck
 from jaxws.nn.conf import NeuralNetConfiguration
 from jaxws.nn.functions import activation as get_activation
 from jaxws.nn.layers import LSTM, BaseOutputLayer
@@ -105,6 +107,7 @@ class MultiLayerNetwork(Model):
                 for j, d in enumerate(dims)
             )
         self.layer_input_shapes, self.output_shape = shapes, shape
+        self._rng = jax.random.fold_in(jax.random.key(self.conf.seed), len(self.layers))  # output(training=True)
         # buffers the network owns: later fits donate them
         params, states = jax.tree.map(jnp.copy, (params, states))
         self._carry = TrainState(params, states, self._updater.init(params))
@@ -161,19 +164,36 @@ class MultiLayerNetwork(Model):
 
     # -- input checks (host-side, before anything is donated) ------------------------------
 
+    _NO_LABELS = ("output", "rnn_time_step", "ParallelInference.output")
+
     def _check_batch(self, ds: DataSet, op: str) -> None:
         first = self.layers[0]
         expected = self.conf.input_shape
         got = tuple(np.shape(ds.features))
-        fits = len(got) == len(expected) + 1 and all(e is None or e == g for e, g in zip(expected, got[1:]))
+        sequences = len(expected) == 2
+        free = (0,) if sequences and op == "rnn_time_step" else ()  # any number of steps
+        fits = len(got) == len(expected) + 1 and all(
+            e is None or e == g or j in free for j, (e, g) in enumerate(zip(expected, got[1:])))
         if not fits:
             want = ", ".join(["batch", *("time" if d is None else str(d) for d in expected)])
+            hint = ""
+            if sequences:
+                hint = " Sequences are [batch, time, features]."
+                if expected[0] is not None and len(got) == 3 and got[2] == expected[1]:
+                    hint += (f" The configuration fixes time at {expected[0]}; declare input_shape="
+                             f"(None, {expected[1]}) for sequences of any length.")
             raise InvalidBatchError(
                 f"{op}: layer 0 ({first.describe()}, class {type(first).__name__}) expects "
-                f"features of shape [{want}], received {list(got)}."
-                + (" Sequences are [batch, time, features]." if len(expected) == 2 else "")
+                f"features of shape [{want}], received {list(got)}.{hint}"
             )
+        lead = got[:2] if sequences else got[:1]
+        self._check_mask(op, "features_mask", ds.features_mask, lead)
         if ds.labels is None:
+            if op not in self._NO_LABELS:
+                raise InvalidBatchError(
+                    f"{op}: the batch has no labels. Pass (features, labels), e.g. "
+                    f"{op}((x, y)), or a DataSet(features, labels)."
+                )
             return
         out: BaseOutputLayer = self.layers[-1]
         index = len(self.layers) - 1
@@ -186,19 +206,54 @@ class MultiLayerNetwork(Model):
                 f"{out.loss}) expects labels of shape {out.labels_shape(out_shape)}, received "
                 f"{list(labels)}."
             )
+        self._check_mask(op, "labels_mask", ds.labels_mask, out_shape[:-1])
+        if sparse and not np.issubdtype(ds.labels.dtype, np.integer):
+            raise InvalidBatchError(
+                f"{op}: class labels of shape {list(labels)} for layer {index} ({type(out).__name__}) "
+                f"must have an integer dtype, got {ds.labels.dtype}; pass y.astype(int) (or one-hot "
+                f"labels of shape {list(out_shape)})."
+            )
         if sparse and isinstance(ds.labels, np.ndarray) and ds.labels.size:
-            if not np.issubdtype(ds.labels.dtype, np.integer):
-                raise InvalidBatchError(
-                    f"{op}: integer class labels for layer {index} ({type(out).__name__}) must "
-                    f"have an integer dtype, got {ds.labels.dtype}."
-                )
-            low, high = int(ds.labels.min()), int(ds.labels.max())
-            if low < 0 or high >= out.n_out:
-                raise InvalidBatchError(
-                    f"{op}: labels out of range for loss {out.loss} of layer {index} "
-                    f"({type(out).__name__}, n_out={out.n_out}): found classes {low}..{high}, "
-                    f"expected 0..{out.n_out - 1}."
-                )
+            # host labels are checked here, before the step; device labels in the step itself
+            counted = ds.labels if ds.labels_mask is None else ds.labels[
+                np.broadcast_to(np.asarray(ds.labels_mask).reshape(np.shape(ds.labels_mask)[: len(labels)]) > 0, labels)]
+            if counted.size:
+                low, high = int(counted.min()), int(counted.max())
+                if low < 0 or high >= out.n_out:
+                    raise InvalidBatchError(
+                        f"{op}: labels out of range for {self._labels_what()}: found classes "
+                        f"{low}..{high}, expected 0..{out.n_out - 1}."
+                    )
+
+    @staticmethod
+    def _check_mask(op: str, name: str, mask: Any, lead: tuple) -> None:
+        if mask is None:
+            return
+        shape = tuple(np.shape(mask))
+        if shape not in (lead, (*lead, 1)):
+            names = ", ".join(["batch", "time"][: len(lead)])
+            raise InvalidBatchError(
+                f"{op}: {name} has shape {list(shape)}, expected {list(lead)} ([{names}]: 1 where "
+                f"data is real, 0 for padding) for this batch."
+            )
+
+    def _class_labels(self, ds: DataSet):
+        out: BaseOutputLayer = self.layers[-1]
+        labels = ds.labels
+        if (out.loss in ("mcxent", "negativeloglikelihood") and labels is not None
+                and jnp.issubdtype(labels.dtype, jnp.integer) and labels.ndim == len(self.output_shape)):
+            return labels, ds.labels_mask, out.n_out
+        return None
+
+    def _labels_what(self) -> str:
+        out: BaseOutputLayer = self.layers[-1]
+        return f"loss {out.loss} of layer {len(self.layers) - 1} ({type(out).__name__}, n_out={out.n_out})"
+
+    def _num_classes(self) -> int:
+        return self.layers[-1].n_out
+
+    def _reseed(self, state: list, key: jax.Array) -> list:
+        return [layer.reseed(s, jax.random.fold_in(key, i)) for i, (layer, s) in enumerate(zip(self.layers, state))]
 
     # -- stateful step-by-step inference ---------------------------------------------------
 
@@ -209,15 +264,15 @@ class MultiLayerNetwork(Model):
     def rnn_time_step(self, x: Any) -> jax.Array:
         """Runs ``x`` from the RNN state of the previous call and keeps the new state.
 
-        ``x`` is one step ``[batch, features]`` (returns ``[batch, n_out]``) or a chunk
-        ``[batch, time, features]``. The state is carried in buffers donated to each call
-        (unless ``inference_workspace_mode`` is NONE); the output is detached.
+        ``x`` is one step ``[batch, features]`` (returns ``[batch, n_out]``) or any number
+        of steps ``[batch, time, features]``, whatever time length the configuration
+        declares. The state is carried in buffers donated to each call (unless
+        ``inference_workspace_mode`` is NONE); the output is detached.
         """
-        carry = self._require_init()
-        x = jnp.asarray(x)
-        single = x.ndim == len(self.conf.input_shape)
-        seq = x[:, None] if single else x
-        self._check_batch(DataSet(seq), "rnn_time_step")
+        self._require_init()
+        x = validate(DataSet(x), "rnn_time_step").features
+        single = np.ndim(x) == len(self.conf.input_shape)
+        seq = self._input(DataSet(x[:, None] if single else x), "rnn_time_step").features
         lstms = [i for i, layer in enumerate(self.layers) if isinstance(layer, LSTM)]
         batch = seq.shape[0]
         if self._rnn_state is None or next(iter(self._rnn_state.values()), (jnp.zeros((batch,)),))[0].shape[0] != batch:
@@ -237,7 +292,8 @@ class MultiLayerNetwork(Model):
             rnn_step.__name__ = "MultiLayerNetwork.rnn_time_step"
             donate = (0,) if self.inference_workspace_mode.donates else ()
             self._rnn_fn = jit(rnn_step, donate_argnums=donate)
-        with get_workspace_manager().scope_out_of_workspaces():
+        with get_workspace_manager().scope_out_of_workspaces(), self._lock:
+            carry = self._carry
             out, self._rnn_state = self._rnn_fn(self._rnn_state, carry.params, carry.state, seq)
         return out[:, 0] if single else out
 
@@ -268,7 +324,7 @@ class MultiLayerNetwork(Model):
         y_shape = (batch_size, *x.shape[1 : len(self.output_shape)], out.n_out)
         ds = DataSet(x, jax.ShapeDtypeStruct(y_shape, jnp.float32))
         mode = self.training_workspace_mode
-        plan = self.compiled_step(mode).memory_plan(carry, ds)
+        plan = self.compiled_step(mode).memory_plan(carry, LabelCheck.init(), ds)
         infer = self._inference_fn(False).memory_plan(carry.params, carry.state, x, None)
         rows.append(f"workspace WS_TRAINING  (fit, {mode.name}, batch {batch_size}): {plan}")
         rows.append(f"workspace WS_INFERENCE (output, batch {batch_size}): {infer}")

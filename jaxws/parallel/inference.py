@@ -102,6 +102,7 @@ class ParallelInference:
         self.queue_limit = queue_limit
         self.id = f"PARALLEL_INFERENCE_{next(_ids)}"
         self.executions = 0  # model calls made (merged batches)
+        self.batch_sizes: collections.Counter = collections.Counter()  # padded size -> calls
         devices = jax.local_devices()
         self._devices = [devices[i % len(devices)] for i in range(workers)]
         self._serving = self._replicate(model)
@@ -236,6 +237,7 @@ class ParallelInference:
                     out = np.asarray(serving.infer(params, state, jax.device_put(x, device),
                                                    None if mask is None else jax.device_put(mask, device)))
                 self.executions += 1
+                self.batch_sizes[size] += 1
                 start = 0
                 for request in taken:
                     request.future.set_result(out[start:start + len(request.x)])

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import logging
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,6 @@ from jaxws.step import jit
 
 __all__ = ["ParallelWrapper", "TrainingMode"]
 
-log = logging.getLogger("jaxws")
 AXIS = "workers"
 
 
@@ -74,11 +72,13 @@ class ParallelWrapper:
         prefetch_buffer: groups of rounds prefetched as sharded global arrays (0: none).
         averaging_frequency: rounds between averagings; they run as one program.
         average_updaters: average the updater state too.
-        report_score_after_averaging: log the averaged score after each averaging.
+        report_score_after_averaging: print the averaged score after each averaging (and
+            keep it in ``scores``), as DL4J reports it; ``printer`` says where it goes.
         workspace_mode: the workers' training mode (overrides the model's).
         training_mode: AVERAGING or SHARED_GRADIENTS.
         backend: ``"sharding"`` (jax.shard_map) or ``"pmap"`` (legacy).
         mesh: a Mesh with a ``"workers"`` axis (default: one over the workers' devices).
+        printer: where reported scores go (default ``print``).
 
     Example:
         >>> import numpy as np, optax
@@ -106,6 +106,7 @@ class ParallelWrapper:
         training_mode: TrainingMode = TrainingMode.AVERAGING,
         backend: str = "sharding",
         mesh: Mesh | None = None,
+        printer: Callable[[str], None] = print,
     ):
         if not isinstance(model, Model):
             raise TypeError(f"ParallelWrapper(model={model!r}): expected a jaxws.nn Model (MultiLayerNetwork, FunctionalModel).")
@@ -137,6 +138,7 @@ class ParallelWrapper:
         self.averaging_frequency = averaging_frequency
         self.average_updaters = average_updaters
         self.report_score_after_averaging = report_score_after_averaging
+        self.printer = printer
         self.workspace_mode = workspace_mode
         self.training_mode = training_mode
         self.backend = backend
@@ -232,7 +234,12 @@ class ParallelWrapper:
         A source that is itself asynchronous (an AsyncDataSetIterator) is read on this
         thread, which owns it.
         """
-        dealt = deal(iter(feed), self.local_workers, self.averaging_frequency)
+        def on_host(ds):  # read now (a ring reuses its slots); labels are checked on host values
+            ds = jax.tree.map(np.asarray, ds)
+            self.model._check_batch(ds, "ParallelWrapper.fit")
+            return ds
+
+        dealt = deal(map(on_host, feed), self.local_workers, self.averaging_frequency)
         if self.prefetch_buffer and getattr(feed.source, "async_supported", True):
             sharding = None if self.backend == "pmap" else self.sharding
             return AsyncDataSetIterator(dealt, self.prefetch_buffer, sharding=sharding, collate=stack)
@@ -296,7 +303,7 @@ class ParallelWrapper:
     def _report(self, score: jax.Array) -> None:
         if self.report_score_after_averaging:
             value = float(score)
-            log.info("ParallelWrapper: score after averaging (round %d): %.6f", self.rounds, value)
+            self.printer(f"ParallelWrapper: score after averaging (round {self.rounds}): {value:.6f}")
             self.scores.append(value)
         loss = StepLoss(score)
         for listener in self.model.listeners:

@@ -1,0 +1,234 @@
+"""The feed: DL4J's iterator lifecycle, bad input refused before any step, labels checked.
+
+fit resets an exhausted resettable iterator; evaluation always starts over and covers all
+of the data; a call that would process nothing says so; invalid labels never train silently.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxws
+from jaxws.data import ArrayDataSetIterator, AsyncDataSetIterator, DataSet, from_iterable
+from jaxws.nn import LSTM, Dense, MultiLayerNetwork, NeuralNetConfiguration, OutputLayer, RnnOutputLayer
+from jaxws.parallel import ParallelWrapper
+
+D, C = 5, 3
+
+
+def network(updater=None):
+    conf = NeuralNetConfiguration(layers=[Dense(8, activation="tanh"), OutputLayer(C)], input_shape=(D,),
+                                  updater=updater or optax.sgd(0.1), seed=0)
+    return MultiLayerNetwork(conf).init()
+
+
+def arrays(n=600, seed=0):
+    r = np.random.default_rng(seed)
+    return r.normal(size=(n, D)).astype(np.float32), r.integers(0, C, n).astype(np.int32)
+
+
+# -- iterator lifecycle, as DL4J defines it ------------------------------------------------
+
+
+def test_fit_resets_an_exhausted_iterator_and_evaluation_covers_all_data():
+    x, y = arrays()
+    it = ArrayDataSetIterator(x[:512], y[:512], batch_size=64, shuffle=True)
+    test_it = ArrayDataSetIterator(x[512:], y[512:], batch_size=30)
+    net = network()
+    for epoch in range(4):
+        net.fit(it, progress=False)
+        assert net.iteration == 8 * (epoch + 1)
+        assert int(net.evaluate(test_it).confusion_matrix().sum()) == 88
+    net.fit(it, epochs=5, progress=False)
+    net.fit(it, epochs=5, progress=False)
+    assert net.iteration == 32 + 80
+
+
+def test_a_partly_consumed_iterator_trains_on_from_where_it_is_and_evaluates_whole():
+    x, y = arrays()
+    it = ArrayDataSetIterator(x, y, batch_size=100)
+    for _ in range(3):
+        next(it)
+    net = network()
+    net.fit(it, progress=False)  # DL4J: only an iterator with no next batch is reset
+    assert net.iteration == 3
+    it.reset()
+    next(it)
+    assert int(net.evaluate(it).confusion_matrix().sum()) == 600  # evaluation starts over
+    assert net.score(it) == pytest.approx(net.score((x, y)), rel=1e-6)
+
+
+def test_an_async_iterator_given_by_the_user_is_reset_too():
+    x, y = arrays()
+    net = network()
+    with AsyncDataSetIterator(ArrayDataSetIterator(x, y, batch_size=100), 2) as it:
+        net.fit(it, progress=False)
+        net.fit(it, progress=False)
+        assert net.iteration == 12
+        assert int(net.evaluate(it).confusion_matrix().sum()) == 600
+
+
+def test_parallel_wrapper_resets_an_exhausted_iterator():
+    x, y = arrays(256)
+    it = ArrayDataSetIterator(x, y, batch_size=32)
+    net = network()
+    wrapper = ParallelWrapper(net, workers=2, averaging_frequency=2)
+    wrapper.fit(it)
+    wrapper.fit(it)
+    assert wrapper.rounds == 8 and net.iteration == 8
+    wrapper.fit(it, epochs=3)
+    assert wrapper.rounds == 20
+
+
+@pytest.mark.parametrize("data, why", [
+    ([], "an empty list"),
+    (lambda: iter([]), "yields nothing"),
+    ((np.zeros((0, D), np.float32), np.zeros(0, np.int32)), "no examples"),
+])
+def test_a_call_that_would_process_nothing_says_so(data, why):
+    net = network()
+    data = from_iterable(data) if callable(data) else data
+    for call in (lambda: net.fit(data, progress=False), lambda: net.evaluate(data), lambda: net.score(data)):
+        with pytest.raises(jaxws.ConfigurationError, match=why):
+            call()
+    assert net.iteration == 0
+
+
+def test_an_exhausted_one_shot_iterator_is_an_error_not_a_no_op():
+    x, y = arrays(64)
+    gen = ((x[i:i + 32], y[i:i + 32]) for i in range(0, 64, 32))
+    net = network()
+    net.fit(gen, progress=False)
+    assert net.iteration == 2
+    with pytest.raises(jaxws.ConfigurationError, match="one-shot iterator that is exhausted"):
+        net.fit(gen, progress=False)
+    with pytest.raises(jaxws.ConfigurationError, match=r"fit\(epochs=2\) got a one-shot iterator"):
+        net.fit(iter([(x, y)]), epochs=2, progress=False)
+
+
+# -- class labels, on the device too -------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [5, -1])
+def test_out_of_range_device_labels_never_train_silently(bad):
+    x, y = arrays(200)
+    labels = jnp.asarray(np.where(np.arange(200) >= 100, bad, y), jnp.int32)  # batches 2 and 3 are bad
+    net = network()
+    with pytest.raises(jaxws.InvalidBatchError, match=rf"batch 2 \(counting from 0 in that call\) was the first with classes outside 0\.\.2 \(found {bad}\.\.{bad}\); 100 invalid"):
+        net.fit((jnp.asarray(x), labels), batch_size=50, progress=False)
+    with pytest.raises(jaxws.InvalidBatchError, match="labels out of range"):
+        net.evaluate((jnp.asarray(x), labels))
+    with pytest.raises(jaxws.InvalidBatchError, match="labels out of range"):
+        net.score((jnp.asarray(x), labels))
+
+
+def test_parallel_wrapper_checks_device_labels_too():
+    x, y = arrays(128)
+    net = network()
+    with pytest.raises(jaxws.InvalidBatchError, match=r"ParallelWrapper.fit: labels out of range .* found classes 2\.\.4, expected 0\.\.2"):
+        ParallelWrapper(net, workers=2).fit([(jnp.asarray(x[i:i + 32]), jnp.asarray(y[i:i + 32] + (i == 64) * 2))
+                                             for i in range(0, 128, 32)])
+
+
+def test_the_device_label_check_adds_no_read_per_step():
+    x, y = arrays(400)
+    batches = [(jnp.asarray(x[i:i + 50]), jnp.asarray(y[i:i + 50])) for i in range(0, 400, 50)]
+    net = network()
+    net.fit(batches, progress=False)  # compile
+    with jax.transfer_guard_device_to_host("disallow"):
+        net.fit(batches, epochs=3, progress=False)  # only the final, explicit read of the check
+    assert net.iteration == 32
+
+
+def test_invalid_labels_are_named_by_epoch_and_batch_and_masked_padding_is_fine():
+    x, y = arrays(100)
+    labels = jnp.asarray(y).at[60].set(7)
+    net = network()
+    with pytest.raises(jaxws.InvalidBatchError, match=r"batch 3 of epoch 0"):
+        net.fit(ArrayDataSetIterator(jnp.asarray(x), labels, batch_size=20), epochs=2, progress=False)
+    padded = jnp.asarray(y).at[60].set(-1)
+    mask = jnp.asarray(np.arange(100) != 60, jnp.float32)
+    net.fit(ArrayDataSetIterator(jnp.asarray(x), padded, batch_size=20, labels_mask=mask), progress=False)
+
+
+def test_host_labels_are_refused_before_any_step():
+    x, y = arrays(100)
+    net = network()
+    before = jaxws.detach(net.params)
+    with pytest.raises(jaxws.InvalidBatchError, match=r"found classes 0\.\.9, expected 0\.\.2"):
+        net.fit((x, np.arange(100, dtype=np.int32) % 10), batch_size=20, progress=False)
+    assert net.iteration == 0
+    jax.tree.map(np.testing.assert_array_equal, net.params, before)
+
+
+# -- dead arrays are named first, on every path -------------------------------------------
+
+
+def dead_features(shape=(8, 9)):
+    ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="STALE")
+    with ws:
+        return jaxws.jit(lambda: jnp.ones(shape))()  # the wrong shape, and dead
+
+
+@pytest.mark.parametrize("call", [
+    lambda net, x: net.output(x),
+    lambda net, x: net.fit((x, np.zeros(8, np.int32)), progress=False),
+    lambda net, x: net.fit((x, np.zeros(8, np.int32)), batch_size=4, progress=False),
+    lambda net, x: net.fit(from_iterable([(x, np.zeros(8, np.int32))]), progress=False),
+    lambda net, x: net.evaluate([(x, np.zeros(8, np.int32))]),
+    lambda net, x: net.score((x, np.zeros(8, np.int32))),
+])
+def test_a_dead_array_is_named_before_its_shape_is_judged(call):
+    net = network()
+    with pytest.raises(jaxws.LeakedWorkspacePointerError, match=r"uses leaked workspace pointer from workspace \[STALE\]"):
+        call(net, dead_features())
+
+
+# -- bad input: a jaxws error naming the argument and the fix, before any step -------------
+
+
+@pytest.mark.parametrize("call, error, fragment", [
+    (lambda net, x, y: net.fit((x, y), batch_size=0), jaxws.ConfigurationError, "fit(batch_size=0): expected an int >= 1"),
+    (lambda net, x, y: net.fit((x, y), batch_size=-5), jaxws.ConfigurationError, "fit(batch_size=-5)"),
+    (lambda net, x, y: net.fit((x,)), jaxws.ConfigurationError, "a tuple is read as (features, labels"),
+    (lambda net, x, y: net.fit(DataSet(x)), jaxws.InvalidBatchError, "fit: the batch has no labels"),
+    (lambda net, x, y: net.fit((x, y, np.ones((20, 2)))), jaxws.InvalidBatchError,
+     "features_mask has shape [20, 2], expected [20]"),
+    (lambda net, x, y: net.fit((x, y, None, np.ones(7))), jaxws.InvalidBatchError,
+     "labels_mask has shape [7], expected [20]"),
+    (lambda net, x, y: net.fit((x, y.astype(np.float32))), jaxws.InvalidBatchError, "must have an integer dtype"),
+    (lambda net, x, y: net.output([["a", "b"]]), TypeError, "(dtype <U1) is not numeric data"),
+    (lambda net, x, y: net.fit([(x, y), (x[:, :3], y)]), jaxws.InvalidBatchError, "(in data[1], counting from 0)"),
+])
+def test_bad_input_raises_a_clear_error_before_any_step(call, error, fragment):
+    x, y = arrays(20)
+    net = network()
+    before = jaxws.detach(net.params)
+    with pytest.raises(error) as info:
+        call(net, x, y)
+    assert fragment in str(info.value)
+    assert net.iteration == 0
+    jax.tree.map(np.testing.assert_array_equal, net.params, before)
+    net.fit((x, y), progress=False)  # and the network is still usable
+
+
+def test_nested_lists_are_data():
+    x, _ = arrays(4)
+    net = network()
+    np.testing.assert_allclose(np.asarray(net.output(x.tolist())), np.asarray(net.output(x)), rtol=1e-6)
+
+
+# -- rnn_time_step and the time axis ----------------------------------------------------
+
+
+def test_rnn_time_step_takes_any_number_of_steps_whatever_input_shape_fixes():
+    conf = NeuralNetConfiguration(layers=[LSTM(6), RnnOutputLayer(2)], input_shape=(12, 3), seed=0)
+    net = MultiLayerNetwork(conf).init()
+    x = np.random.default_rng(0).normal(size=(4, 12, 3)).astype(np.float32)
+    full = np.asarray(net.output(x))
+    steps = [net.rnn_time_step(x[:, :1]), net.rnn_time_step(x[:, 1:5]), net.rnn_time_step(x[:, 5])]
+    np.testing.assert_allclose(np.concatenate([steps[0], steps[1], steps[2][:, None]], 1), full[:, :6], rtol=1e-5, atol=1e-6)
+    with pytest.raises(jaxws.InvalidBatchError, match=r"declare input_shape=\(None, 3\) for sequences of any length"):
+        net.output(x[:, :5])
