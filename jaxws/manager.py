@@ -181,11 +181,17 @@ class WorkspaceManager:
             _memory_manager._loop_entered()
 
     def _scope_left(self, ws: Workspace) -> None:
-        for i in range(len(self._stack) - 1, -1, -1):
-            if self._stack[i] is ws:
-                del self._stack[i]
-                break
-        self._scope_closed()
+        stack = self._stack
+        if stack and stack[-1] is ws:
+            stack.pop()
+        else:
+            for i in range(len(stack) - 1, -1, -1):
+                if stack[i] is ws:
+                    del stack[i]
+                    break
+        self._active -= 1
+        if self._active == 0:
+            _memory_manager._loop_exited()
 
     def _scope_closed(self) -> None:
         self._active -= 1
@@ -212,16 +218,16 @@ class MemoryManager:
 
     def __init__(self, idle_restore_ms: int = 250):
         self.idle_restore_ms = idle_restore_ms
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # a C lock: cheap on every cycle
+        self._cond = threading.Condition(self._lock)  # the watcher's waits
         self._loops = 0  # open outermost cycles, all threads
         self._gc_off = False  # True while we hold gc disabled
         self._was_enabled = True
-        self._idle_since: float | None = None
+        self._last_exit = 0.0  # when the last cycle ended (monotonic seconds)
         self._window_ms = 100
         self._periodic = True
         self._last = time.monotonic()
         self._thread: threading.Thread | None = None
-        self._waiting_forever = False
         self._closed = False
         self.collections = 0
 
@@ -265,16 +271,21 @@ class MemoryManager:
             self._gc_off = False
             if self._was_enabled:
                 gc.enable()
-        self._idle_since = None
 
     def _loop_entered(self) -> None:
-        with self._cond:
-            if not self._gc_off:
+        with self._lock:
+            self._loops += 1
+            if not self._gc_off:  # a loop starts: gc off, and the watcher wakes to watch it
                 self._was_enabled = gc.isenabled()
                 gc.disable()
                 self._gc_off = True
-            self._loops += 1
-            self._idle_since = None
+                if self._thread is None and not self._closed:
+                    self._thread = threading.Thread(
+                        target=self._restore_when_idle, name="jaxws-gc-window", daemon=True
+                    )
+                    self._thread.start()
+                else:
+                    self._cond.notify()
 
     def _loop_exited(self) -> None:
         now = time.monotonic()
@@ -284,31 +295,24 @@ class MemoryManager:
             # the loop's garbage is young (no automatic collection promoted it), so the two
             # young generations catch it in ~1 ms where a full collection takes ~30 ms
             gc.collect(1)  # outside the lock: finalizers may enter workspaces
-        with self._cond:
+        with self._lock:  # no notify: the watcher looks every idle_restore_ms on its own
             self._loops -= 1
-            if self._loops == 0 and self._gc_off:
-                self._idle_since = now
-                if self._thread is None and not self._closed:
-                    self._thread = threading.Thread(
-                        target=self._restore_when_idle, name="jaxws-gc-window", daemon=True
-                    )
-                    self._thread.start()
-                elif self._waiting_forever:
-                    self._cond.notify()
+            self._last_exit = now
 
     def _restore_when_idle(self) -> None:
+        """Sleeps until a loop disables gc, then looks every ``idle_restore_ms`` (never per
+        cycle) and restores gc once no cycle has been open for that long."""
+        idle = self.idle_restore_ms / 1000.0
         with self._cond:
             while not self._closed:
-                if self._idle_since is None:
-                    self._waiting_forever = True
+                if not self._gc_off:
                     self._cond.wait()
-                    self._waiting_forever = False
                     continue
-                left = self._idle_since + self.idle_restore_ms / 1000.0 - time.monotonic()
-                if left <= 0:
+                left = self._last_exit + idle - time.monotonic()
+                if self._loops == 0 and left <= 0:
                     self._restore()
                 else:
-                    self._cond.wait(left)
+                    self._cond.wait(left if self._loops == 0 else idle)
 
 
 _memory_manager = MemoryManager()

@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxws.arrays import stale_error
 from jaxws.errors import ConfigurationError, DeletedArrayError, DonationError, DonationWarning
-from jaxws.manager import DebugMode, get_workspace_manager
+from jaxws.manager import DebugMode, _local, get_workspace_manager
 from jaxws.memory import MemoryPlan, format_bytes, tree_bytes
 from jaxws.workspace import _TAG
 
@@ -34,6 +34,37 @@ class StepPlan(NamedTuple):
     fresh: tuple[int, ...]  # output leaves in new buffers: attached to the active cycle
     out_bytes: int  # bytes of the fresh outputs
     memory: MemoryPlan | None  # XLA's plan for the donating executable
+    fresh_paths: tuple | None = None  # how to reach each fresh leaf without a flatten (None: flatten)
+
+
+def _paths(out_info: Any, indices: tuple[int, ...]) -> tuple | None:
+    """``(is_attribute, key)`` steps to each output leaf in ``indices``; None if a node has no keys."""
+    flat = jax.tree_util.tree_flatten_with_path(out_info)[0]
+    paths = []
+    for j in indices:
+        steps = []
+        for k in flat[j][0]:
+            if isinstance(k, jax.tree_util.GetAttrKey):
+                steps.append((True, k.name))
+            elif isinstance(k, jax.tree_util.SequenceKey):
+                steps.append((False, k.idx))
+            elif isinstance(k, jax.tree_util.DictKey):
+                steps.append((False, k.key))
+            else:
+                return None
+        paths.append(tuple(steps))
+    return tuple(paths)
+
+
+def _pick(out: Any, paths: tuple) -> list:
+    """The leaves of ``out`` at ``paths`` (a few getattr / getitem: cheaper than a flatten)."""
+    picked = []
+    for path in paths:
+        node = out
+        for attribute, key in path:
+            node = getattr(node, key) if attribute else node[key]
+        picked.append(node)
+    return picked
 
 
 try:  # the concrete array class: an exact type check is the fastest test per leaf
@@ -53,6 +84,14 @@ except ImportError:  # pragma: no cover - older jax: tracers among the leaves te
 
     def _concrete() -> bool:
         return True
+
+
+def _manager():
+    """The calling thread's workspace manager (get_workspace_manager without its call on the hot path)."""
+    try:
+        return _local.manager
+    except AttributeError:
+        return get_workspace_manager()
 
 
 def _leaf_key(x: Any) -> Any:
@@ -127,6 +166,8 @@ class WorkspaceFunction:
         )
         self._plain_jit: Callable | None = None  # without donation: spills and bypass
         self._plans: dict[Any, StepPlan] = {}
+        self._planned: dict[Any, StepPlan] = {}  # caller-given signature -> plan (_call_planned)
+        self._last_plan: StepPlan | None = None
         self._plain_keys: set = set()
         self.compiles = 0
         self._static_nums, self._static_names = self._resolve_static(fun, jit_kwargs)
@@ -178,7 +219,11 @@ class WorkspaceFunction:
         return names
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        dyn, static = self._split(args, kwargs)
+        # the hot path: one flatten, a dict lookup keyed on the leaves' cached avals
+        if self._static_nums or self._static_names:
+            dyn, static = self._split(args, kwargs)
+        else:
+            dyn, static = (args, kwargs), None
         leaves, treedef = jax.tree.flatten(dyn)
         tags = [getattr(x, _TAG, None) for x in leaves]
         attached = any(tags)
@@ -186,36 +231,98 @@ class WorkspaceFunction:
             self._check_alive(lambda: self._leaf_names(args, kwargs), leaves, tags)
         if not _concrete():  # under grad / vmap / scan / an outer jit: jax.jit's behaviour
             return self._donating(*args, **kwargs)
-        key = (treedef, static, tuple([_leaf_key(x) for x in leaves]))
+        try:
+            key = (treedef, static, tuple([x.aval for x in leaves]))
+        except AttributeError:  # numpy arrays, Python scalars
+            key = (treedef, static, tuple([_leaf_key(x) for x in leaves]))
         plan = self._plans.get(key)
-        manager = get_workspace_manager()
-        ws = manager.current_workspace
+        manager = _manager()
+        stack = manager._stack
+        ws = stack[-1] if stack else None
         if plan is None:
             plan = self._plans[key] = self._make_plan(args, kwargs, leaves)
             if ws is not None:
                 ws.compiles += 1
                 if plan.memory is not None:
                     ws.plans[self._name] = plan.memory
+        self._last_plan = plan
         debug = manager.debug_mode
-        bypass = debug is DebugMode.BYPASS_EVERYTHING
-        inside = True
-        if ws is not None and not bypass:
-            temp = plan.memory.temp_bytes if plan.memory is not None else 0
-            inside = ws._admit(id(plan), plan.out_bytes, temp, self._name,
-                               debug is DebugMode.SPILL_EVERYTHING, bool(plan.donated))
-        if inside and not bypass:
+        if debug is DebugMode.DISABLED:
             fun = self._donating
-            if plan.donated and len({id(x) for x in leaves}) < len(leaves):
-                self._check_donated_once(lambda: self._leaf_names(args, kwargs), leaves, plan.donated)
-        else:
-            fun = self._plain()
-            if key not in self._plain_keys:
-                self._plain_keys.add(key)
-                self.compiles += 1
-        out = self._run(fun, args, kwargs, leaves, lambda: self._leaf_names(args, kwargs))
-        if not bypass:
-            self._attach(plan, leaves, tags, out, ws)
+            if ws is not None and not ws._admit(id(plan), plan.out_bytes, plan.memory.temp_bytes if plan.memory else 0,
+                                                self._name, False, bool(plan.donated)):
+                fun = self._plain_for(key)
+        elif debug is DebugMode.BYPASS_EVERYTHING:
+            return self._run(self._plain_for(key), args, kwargs, leaves)
+        else:  # SPILL_EVERYTHING
+            if ws is not None:
+                ws._admit(id(plan), plan.out_bytes, 0, self._name, True, bool(plan.donated))
+            fun = self._plain_for(key)
+        try:
+            out = fun(*args, **kwargs)
+        except Exception as e:
+            self._explain(e, lambda: self._leaf_names(args, kwargs), leaves, plan)
+            raise
+        if attached:
+            self._attach_inputs(plan, leaves, tags, out)
+        if ws is not None and plan.fresh:
+            generation = ws.generation
+            for leaf in (_pick(out, plan.fresh_paths) if plan.fresh_paths is not None
+                         else [jax.tree.leaves(out)[j] for j in plan.fresh]):
+                ws._attach(leaf, generation)
         return out
+
+    def _call_planned(self, signature: Any, *args: Any, **kwargs: Any) -> Any:
+        """A call whose caller vouches for its arguments: ``signature`` stands for their
+        structure and avals, and no argument is attached to a workspace or dead (fit's own
+        loop: the model's carry, a checked batch). The first call of a signature goes
+        through :meth:`__call__` (the plan, the donation check); later ones skip the flatten
+        and the per-leaf checks, and still admit, donate and attach as a call does."""
+        plan = self._planned.get(signature)
+        manager = _manager()
+        if plan is None or manager.debug_mode is not DebugMode.DISABLED:
+            out = self(*args, **kwargs)
+            self._planned[signature] = self._last_plan
+            return out
+        stack = manager._stack
+        ws = stack[-1] if stack else None
+        fun = self._donating
+        if ws is not None and not ws._admit(id(plan), plan.out_bytes, plan.memory.temp_bytes if plan.memory else 0,
+                                            self._name, False, bool(plan.donated)):
+            fun = self._plain_for(("planned", signature))  # a spill: nothing donated
+        try:
+            out = fun(*args, **kwargs)
+        except Exception as e:
+            leaves = jax.tree.leaves(self._split(args, kwargs)[0])
+            self._explain(e, lambda: self._leaf_names(args, kwargs), leaves, plan)
+            raise
+        if ws is not None and plan.fresh:
+            generation = ws.generation
+            for leaf in (_pick(out, plan.fresh_paths) if plan.fresh_paths is not None
+                         else [jax.tree.leaves(out)[j] for j in plan.fresh]):
+                ws._attach(leaf, generation)
+        return out
+
+    def _plain_for(self, key: Any) -> Callable:
+        """The non-donating jit (spills, debug modes), counting its compiles."""
+        if key not in self._plain_keys:
+            self._plain_keys.add(key)
+            self.compiles += 1
+        return self._plain()
+
+    def _explain(self, e: Exception, names: Callable[[], list], leaves: list, plan: StepPlan | None) -> None:
+        """Raises the jaxws error a failed call stands for (a dead input, a twice-donated buffer)."""
+        for i, x in enumerate(leaves):
+            if isinstance(x, jax.Array) and x.is_deleted():
+                raise DeletedArrayError(self._name, names()[i], str(x.aval)) from e
+        if _twice_donated(e):
+            if plan is not None and plan.donated:
+                self._check_donated_once(names, leaves, plan.donated)
+            raise DonationError(  # two arrays sharing one buffer: XLA refused before running
+                f"Op [{self._name}]: a donated buffer is passed twice in one call ({str(e).splitlines()[0]}). "
+                "Pass each donated array once, or a copy (jaxws.detach(x)) for the second use. "
+                "Nothing ran and the arrays are intact."
+            ) from e
 
     def _check_alive(self, names: Callable[[], list], leaves: list, tags: list) -> None:
         for i, attachment in enumerate(tags):
@@ -224,40 +331,28 @@ class WorkspaceFunction:
                 if ws._destroyed or attachment.generation <= ws._invalid_through:
                     raise stale_error(self._name, names()[i], leaves[i])
 
-    def _run(self, fun: Callable, args: tuple, kwargs: dict, leaves: list, names: Callable[[], list]) -> Any:
+    def _run(self, fun: Callable, args: tuple, kwargs: dict, leaves: list) -> Any:
         try:
             return fun(*args, **kwargs)
         except Exception as e:
-            for i, x in enumerate(leaves):
-                if isinstance(x, jax.Array) and x.is_deleted():
-                    raise DeletedArrayError(self._name, names()[i], str(x.aval)) from e
-            if _twice_donated(e):
-                raise DonationError(  # two arrays sharing one buffer: XLA refused before running
-                    f"Op [{self._name}]: a donated buffer is passed twice in one call ({str(e).splitlines()[0]}). "
-                    "Pass each donated array once, or a copy (jaxws.detach(x)) for the second use."
-                ) from e
+            self._explain(e, lambda: self._leaf_names(args, kwargs), leaves, None)
             raise
 
     @staticmethod
-    def _attach(plan: StepPlan, leaves: list, tags: list, out: Any, ws: Any) -> None:
-        """Outputs reusing or returning an input keep its attachment; fresh ones join ``ws``'s cycle."""
+    def _attach_inputs(plan: StepPlan, leaves: list, tags: list, out: Any) -> None:
+        """Outputs reusing or returning an attached input keep its attachment."""
         out_leaves = jax.tree.leaves(out)
-        if any(tags):  # otherwise every reused or returned buffer stays attached to nothing
-            for j, i in plan.inherit:
-                attachment = tags[i]
-                if attachment is not None:  # a carry: it came back from a donated step
-                    attachment.workspace._attach(out_leaves[j], attachment.generation, carried=True)
-            for j, i in plan.forwarded:  # JAX returns the input object itself, or a new one over its buffer
-                attachment = tags[i]
-                if attachment is not None and out_leaves[j] is not leaves[i]:
-                    attachment.workspace._attach(out_leaves[j], attachment.generation, attachment.carried)
-        if ws is not None:
-            generation = ws.generation
-            for j in plan.fresh:
-                ws._attach(out_leaves[j], generation)
+        for j, i in plan.inherit:
+            attachment = tags[i]
+            if attachment is not None:  # a carry: it came back from a donated step
+                attachment.workspace._attach(out_leaves[j], attachment.generation, carried=True)
+        for j, i in plan.forwarded:  # JAX returns the input object itself, or a new one over its buffer
+            attachment = tags[i]
+            if attachment is not None and out_leaves[j] is not leaves[i]:
+                attachment.workspace._attach(out_leaves[j], attachment.generation, attachment.carried)
 
     def _check_donated_once(self, names: Callable[[], list], leaves: list, donated: tuple) -> None:
-        """Raises DonationError if a donated array also fills another argument of this call."""
+        """Raises DonationError naming the paths if a donated array also fills another argument."""
         where: dict[int, list[int]] = {}
         for i, x in enumerate(leaves):
             if isinstance(x, jax.Array):
@@ -312,11 +407,12 @@ class WorkspaceFunction:
         if unused:
             self._unusable_donation(args, kwargs, infos, outs, unused)
         fresh = tuple(sorted(set(range(len(outs))) - set(forwarded) - {j for j, _ in inherit}))
-        return infos, outs, tuple(donated), tuple(inherit), tuple(sorted(forwarded.items())), fresh, bool(unused)
+        return (infos, outs, traced.out_info, tuple(donated), tuple(inherit), tuple(sorted(forwarded.items())),
+                fresh, bool(unused))
 
     def _finish(self, analysis: tuple, compile_: Callable[[], Any], leaves: list) -> tuple[StepPlan, Any]:
         """Compiles, checks that XLA reuses every donated byte, and builds the plan."""
-        infos, outs, donated, inherit, forwarded, fresh, unused = analysis
+        infos, outs, out_info, donated, inherit, forwarded, fresh, unused = analysis
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             compiled = compile_()
@@ -339,6 +435,7 @@ class WorkspaceFunction:
             fresh=fresh,
             out_bytes=sum(tree_bytes(outs[j]) for j in fresh),
             memory=memory,
+            fresh_paths=_paths(out_info, fresh),
         )
         return plan, compiled
 
@@ -408,6 +505,7 @@ class WorkspaceFunction:
         if self._plain_jit is not None:
             self._plain_jit.clear_cache()
         self._plans.clear()
+        self._planned.clear()
         self._plain_keys.clear()
 
     def memory_plan(self, *args: Any, **kwargs: Any) -> MemoryPlan | None:
@@ -459,15 +557,22 @@ class Compiled:
         fun = self._fun
         leaves = jax.tree.leaves((args, kwargs))
         tags = [getattr(x, _TAG, None) for x in leaves]
-        names = lambda: fun._leaf_names(args, kwargs, static=False)  # noqa: E731
         if any(tags):
-            fun._check_alive(names, leaves, tags)
-        if self.plan.donated and len({id(x) for x in leaves}) < len(leaves):
-            fun._check_donated_once(names, leaves, self.plan.donated)
-        out = fun._run(self._compiled, args, kwargs, leaves, names)
+            fun._check_alive(lambda: fun._leaf_names(args, kwargs, static=False), leaves, tags)
+        try:
+            out = self._compiled(*args, **kwargs)
+        except Exception as e:
+            fun._explain(e, lambda: fun._leaf_names(args, kwargs, static=False), leaves, self.plan)
+            raise
         manager = get_workspace_manager()
         if manager.debug_mode is not DebugMode.BYPASS_EVERYTHING:
-            fun._attach(self.plan, leaves, tags, out, manager.current_workspace)
+            if any(tags):
+                fun._attach_inputs(self.plan, leaves, tags, out)
+            ws = manager.current_workspace
+            if ws is not None:
+                out_leaves = jax.tree.leaves(out)
+                for j in self.plan.fresh:
+                    ws._attach(out_leaves[j], ws.generation)
         return out
 
     def __getattr__(self, name: str) -> Any:

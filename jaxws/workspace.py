@@ -99,6 +99,7 @@ class Workspace:
         self._invalid_through = 0  # arrays of generations <= this are invalid
         self._destroyed = False
         self._arrays: dict[int, list[weakref.ref]] = {}
+        self._slot: Any = ()  # a ring's current slot (async iterators): strong references
         self.current_size = config.initial_size
         self._initialized = config.policy_learning is LearningPolicy.NONE
         self._learned = 0
@@ -148,11 +149,12 @@ class Workspace:
             self._enter()
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self._exit()
 
     def _enter(self) -> None:
-        self._check_thread("enter")
+        if self._owner != threading.get_ident():
+            self._check_thread("enter")
         if self._destroyed:
             raise WorkspaceError(
                 f"Workspace [{self.id}] was destroyed; get a new one with "
@@ -164,7 +166,8 @@ class Workspace:
             self._manager._scope_entered(self)
 
     def _exit(self) -> None:
-        self._check_thread("close")
+        if self._owner != threading.get_ident():
+            self._check_thread("close")
         if self._destroyed:
             return  # destroyed inside its cycle (destroy_all from a listener): already closed
         if self._depth == 0:
@@ -177,48 +180,72 @@ class Workspace:
             self._manager._scope_left(self)
 
     def _end_cycle(self) -> None:
-        if self.config.policy_reset is ResetPolicy.BLOCK_LEFT:
-            self._invalidate_through(self.generation)
+        generation = self.generation
+        if self.config.policy_reset is not ResetPolicy.BLOCK_LEFT:
+            generation -= self.config.steps_number - 1
+        if generation == self._invalid_through + 1:  # the usual case: one cycle to invalidate
+            refs = self._arrays.pop(generation, None)
+            if refs:
+                self._delete(refs, generation)
+            self._invalid_through = generation
         else:
-            self._invalidate_through(self.generation - self.config.steps_number + 1)
-        self.peak_size = max(self.peak_size, self._cycle_need)
+            self._invalidate_through(generation)
+        need = self._cycle_need
+        if need > self.peak_size:
+            self.peak_size = need
         self.cycles += 1
         if not self._initialized:
-            self._learned = max(self._learned, self._cycle_need)
+            self._learned = max(self._learned, need)
             if self.cycles >= self.config.learning_cycles:
                 self.current_size = max(self.current_size, self.config.round_up(self._learned))
                 self._initialized = True
         self._cycle_out = self._cycle_temp = self._cycle_need = 0
 
+    def _delete(self, refs: list, generation: int) -> None:
+        """Deletes the still-live arrays of ``refs`` that still belong to ``generation`` here."""
+        for ref in refs:
+            array = ref()
+            if array is None or array.is_deleted():
+                continue
+            attachment = getattr(array, _TAG)
+            # leverage_to may have moved it to another workspace or a later cycle
+            if attachment.workspace is self and attachment.generation == generation:
+                array.delete()
+
     def _invalidate_through(self, generation: int) -> None:
         for g in range(self._invalid_through + 1, generation + 1):
-            for ref in self._arrays.pop(g, ()):
-                array = ref()
-                if array is None or array.is_deleted():
-                    continue
-                attachment = getattr(array, _TAG)
-                # leverage_to may have moved it to another workspace or a later cycle
-                if attachment.workspace is self and attachment.generation == g:
-                    array.delete()
+            refs = self._arrays.pop(g, None)
+            if refs:
+                self._delete(refs, g)
         self._invalid_through = max(self._invalid_through, generation)
 
     # a ring (async iterators): one slot per cycle, advanced without opening a scope
     def _release_slot(self) -> None:
         """Invalidates the slot handed out last (the consumer asked for the next one)."""
-        self._check_thread("advance")
+        if self._owner != threading.get_ident():
+            self._check_thread("advance")
         if self.generation > self._invalid_through:
-            self._invalidate_through(self.generation)
+            for array in self._slot:  # the ring's own arrays, held strongly for one slot
+                array.delete()
+            self._slot = ()
+            self._invalid_through = self.generation
             self.cycles += 1
 
     def _hold_slot(self, arrays: list) -> None:
         """Attaches ``arrays`` as the new slot; they stay valid until the next release."""
-        self._check_thread("advance")
+        if self._owner != threading.get_ident():
+            self._check_thread("advance")
         self.generation += 1
+        attachment = _Attachment(self, self.generation)  # one tag for the whole slot
         for array in arrays:
-            self._attach(array, self.generation)
+            setattr(array, _TAG, attachment)
+        self._slot = arrays
 
     def _destroy(self) -> None:
         self._invalidate_through(self.generation)
+        for array in self._slot:
+            array.delete()
+        self._slot = ()
         self._depth = 0
         self._pending_activation = False
         self._destroyed = True
@@ -240,7 +267,7 @@ class Workspace:
 
     def live_arrays(self) -> list[jax.Array]:
         """The arrays this workspace owns that are still alive."""
-        live = (ref() for refs in self._arrays.values() for ref in refs)
+        live = [ref() for refs in self._arrays.values() for ref in refs] + list(self._slot)
         found = {id(a): a for a in live if a is not None and not a.is_deleted()}
         return [a for a in found.values() if getattr(a, _TAG).workspace is self]
 
