@@ -232,3 +232,64 @@ def test_rnn_time_step_takes_any_number_of_steps_whatever_input_shape_fixes():
     np.testing.assert_allclose(np.concatenate([steps[0], steps[1], steps[2][:, None]], 1), full[:, :6], rtol=1e-5, atol=1e-6)
     with pytest.raises(jaxws.InvalidBatchError, match=r"declare input_shape=\(None, 3\) for sequences of any length"):
         net.output(x[:, :5])
+
+
+# -- device-resident datasets --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("k", [1, 4])
+def test_a_resident_dataset_trains_to_the_numbers_of_the_host_path(k, drop_last):
+    x, y = arrays(203)  # 12 full batches of 16 and one of 11
+    resident, host = network(optax.adam(1e-2)), network(optax.adam(1e-2))
+    it_r = ArrayDataSetIterator(jnp.asarray(x), jnp.asarray(y), 16, shuffle=True, seed=5, drop_last=drop_last)
+    it_h = ArrayDataSetIterator(x, y, 16, shuffle=True, seed=5, drop_last=drop_last, resident=False)
+    resident.fit(it_r, epochs=3, steps_per_execution=k, progress=False)
+    host.fit(it_h, epochs=3, progress=False)  # the same permutations, batch by batch on the host
+    assert resident.iteration == host.iteration == 3 * (12 if drop_last else 13)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), resident.params, host.params)
+    assert resident.compiled_step().compiles == 0 and resident.resident_step().compiles <= 3
+
+
+def test_a_resident_epoch_uses_the_callers_arrays_in_place_and_reads_nothing_back():
+    x, y = arrays(256)
+    xd, yd = jnp.asarray(x), jnp.asarray(y)
+    it = ArrayDataSetIterator(xd, yd, 32, shuffle=True)
+    data, _ = it.on_device(jaxws.data.placement.Placement())
+    assert data.features is xd and data.labels is yd  # no copy
+    net = network()
+    net.fit(it, steps_per_execution=4, progress=False)  # compile
+    with jax.transfer_guard_device_to_host("disallow"):
+        net.fit(it, epochs=2, steps_per_execution=4, progress=False)
+    assert not xd.is_deleted() and not yd.is_deleted()
+    np.testing.assert_array_equal(np.asarray(xd), x)
+    assert it.position == 256 and net.iteration == 24  # the iterator is exhausted, as after any fit
+
+
+def test_a_partly_consumed_resident_iterator_trains_on_from_its_position():
+    x, y = arrays(100)
+    it = ArrayDataSetIterator(jnp.asarray(x), jnp.asarray(y), 10)
+    next(it), next(it)
+    net = network()
+    net.fit(it, steps_per_execution=3, progress=False)
+    assert net.iteration == 8
+    net.fit(it, progress=False)  # exhausted: reset, a whole epoch
+    assert net.iteration == 18
+
+
+def test_fit_with_batch_size_on_host_arrays_puts_them_on_the_device_once():
+    x, y = arrays(300)
+    puts = []
+    original = jaxws.data.placement.Placement.place
+
+    def counting(self, tree):
+        puts.append(len(jax.tree.leaves(tree)))
+        return original(self, tree)
+
+    net = network()
+    jaxws.data.placement.Placement.place = counting
+    try:
+        net.fit((x, y), batch_size=25, epochs=4, steps_per_execution=4, progress=False)
+    finally:
+        jaxws.data.placement.Placement.place = original
+    assert net.iteration == 48 and puts == [2]  # features and labels, once, for all four epochs

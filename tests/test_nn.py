@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import jaxws
-from jaxws.data import DataSet
+from jaxws.data import ArrayDataSetIterator, DataSet
 from jaxws import WorkspaceMode
 from jaxws.nn import (
     LSTM,
@@ -251,9 +251,11 @@ def test_fit_donates_the_carry_and_compiles_once_per_mode_and_shape(compiles):
     x, y = data(n=40)
     net = mlp()
     old = net.params
-    net.fit((x, y), epochs=3, batch_size=16, progress=False)  # batches 16, 16, 8
+    net.fit((x, y), epochs=3, batch_size=16, progress=False)  # batches 16, 16, 8: taken on the device
     assert all(a.is_deleted() for a in jax.tree.leaves(old))
-    assert net.compiled_step().compiles == 2
+    assert net.resident_step().compiles == 2 and net.compiled_step().compiles == 0  # [16] and [8]
+    net.fit(DataSet(x, y).split(16), epochs=3, progress=False)  # the same batches, from a list
+    assert net.compiled_step().compiles == 2 and net.iteration == 18
     none = mlp(WorkspaceMode.NONE)
     kept = none.params
     none.fit((x, y), epochs=2, progress=False)
@@ -516,25 +518,28 @@ def test_functional_model_evaluates_on_the_device():
     assert ev.accuracy() == pytest.approx(float((np.asarray(model.output(x)).argmax(1) == y).mean()))
 
 
-@pytest.mark.parametrize("via", ["list", "async"])
+@pytest.mark.parametrize("via", ["list", "async", "resident"])
 def test_steps_per_execution_equals_one_step_at_a_time(via):
     x, y = data(n=70)  # batches of 8: 8 full ones and a last of 6, which breaks a group
     a, b = mlp(), mlp()
     seen = {net: CollectScoresListener(1) for net in (a, b)}
     for net in (a, b):
         net.add_listeners(seen[net])
+    reference = jaxws.data.DataSet(x, y).split(8)
+    a.fit(reference, epochs=2, progress=False)  # one step at a time, batches from a list
     if via == "list":
-        batches = jaxws.data.DataSet(x, y).split(8)
-        a.fit(batches, epochs=2, progress=False)
-        b.fit(batches, epochs=2, progress=False, steps_per_execution=3)
-    else:
-        a.fit((x, y), epochs=2, batch_size=8, progress=False)
+        b.fit(reference, epochs=2, progress=False, steps_per_execution=3)
+    elif via == "async":  # host batches, prefetched, stacked in the prefetch thread
+        b.fit(ArrayDataSetIterator(x, y, 8, resident=False), epochs=2, progress=False, steps_per_execution=3)
+    else:  # device-resident: every batch taken inside the program
         b.fit((x, y), epochs=2, batch_size=8, progress=False, steps_per_execution=3)
     jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-6), a.params, b.params)
     assert a.iteration == b.iteration == 18
     np.testing.assert_allclose([s for _, s in seen[b].scores], [s for _, s in seen[a].scores], rtol=1e-5)
-    fused = b.compiled_step(fused=True)
-    assert fused.compiles == 3  # [3, 8, ...], and [1, 8, ...] and [1, 6, ...] for the leftovers
+    if via == "resident":  # (3 steps of 8), (2 steps of 8), (1 step of 6)
+        assert b.resident_step().compiles == 3 and b.compiled_step(fused=True).compiles == 0
+    else:  # [3, 8, ...], and [1, 8, ...] and [1, 6, ...] for the leftovers
+        assert b.compiled_step(fused=True).compiles == 3
 
 
 def test_steps_per_execution_dispatches_once_per_k_steps_without_host_reads():

@@ -8,7 +8,7 @@ are placed in the consumer thread or prefetched by an async ring; k may be stack
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +20,10 @@ from jaxws.data.iterators import ArrayDataSetIterator, as_dataset, from_iterable
 from jaxws.data.placement import Placement, host_leaf
 from jaxws.data.prefetch import AsyncDataSetIterator
 from jaxws.errors import AsyncIteratorError, ConfigurationError, InvalidBatchError, WorkspaceError
+from jaxws.step import _ArrayImpl
+from jaxws.workspace import _TAG
 
-__all__ = ["Feed", "is_single_batch", "prepare", "stack", "validate"]
+__all__ = ["Feed", "Rows", "is_single_batch", "prepare", "stack", "validate"]
 
 _END = object()
 
@@ -33,49 +35,97 @@ def is_single_batch(data: Any) -> bool:
     return isinstance(data, tuple) and 2 <= len(data) <= 4 and hasattr(data[0], "shape")
 
 
-def validate(ds: Any, op: str, check: Callable[[Any], Any] | None = None, where: str = "data") -> Any:
+def validate(ds: Any, op: str, check: Callable[..., Any] | None = None, where: str = "data",
+             seen: set | None = None) -> Any:
     """``ds`` with array leaves (lists become numpy), after the checks every entry point runs.
 
     Dead arrays (leaked, outdated, donated) are named first, before any shape is judged;
-    then ``check`` (the model's batch check) runs.
+    then ``check(ds, shapes)`` (the model's batch check) runs. With ``seen`` (a set kept
+    by the caller), shapes are checked once per signature; value checks still run per batch.
     """
     check_arrays(op, ds, where)
-    ds = jax.tree.map(host_leaf, ds, is_leaf=lambda x: isinstance(x, list))  # nested lists are data
+    leaves, treedef = jax.tree.flatten(ds, is_leaf=lambda x: isinstance(x, list))  # nested lists are data
+    arrays = [host_leaf(x) for x in leaves]
+    if any(a is not x for a, x in zip(arrays, leaves)):
+        ds = jax.tree.unflatten(treedef, arrays)
     if check is not None:
+        shapes = True
+        if seen is not None:
+            signature = (treedef, tuple([a.aval if isinstance(a, jax.Array) else (a.shape, a.dtype) for a in arrays]))
+            shapes = signature not in seen
         try:
-            check(ds)
+            check(ds, shapes)
         except InvalidBatchError as e:
             if where in ("data", "x"):
                 raise
             raise InvalidBatchError(f"{e} (in {where}, counting from 0)") from None
+        if seen is not None and shapes:
+            seen.add(signature)
     return ds
 
 
-def prepare(ds: Any, op: str, check: Callable[[Any], Any] | None = None, placement: Placement | None = None) -> Any:
+def prepare(ds: Any, op: str, check: Callable[..., Any] | None = None, placement: Placement | None = None) -> Any:
     """One batch, validated and on the device (what ``output`` and friends run on)."""
     return (placement or Placement()).place(validate(ds, op, check))[0]
 
 
+class Rows(NamedTuple):
+    """``count`` batches of ``size`` examples of device-resident ``data``, taken inside the
+    program from position ``start`` of ``order`` (None: in order)."""
+
+    data: Any
+    order: Any
+    start: int
+    count: int
+    size: int
+
+
+def _device_key(ds: Any) -> tuple | None:
+    """A DataSet's fields' avals if all are device arrays attached to no workspace, else None
+    (read from the fields directly: cheaper than a flatten, once per batch)."""
+    if type(ds) is not DataSet:
+        return None
+    key = []
+    for x in (ds.features, ds.labels, ds.features_mask, ds.labels_mask):
+        if x is None:
+            key.append(None)
+        elif type(x) is _ArrayImpl and getattr(x, _TAG, None) is None:
+            key.append(x.aval)
+        else:
+            return None
+    return tuple(key)
+
+
 def _signature(ds: Any) -> tuple:
+    """A batch's structure, shapes and dtypes (avals, cached on device arrays)."""
     leaves, treedef = jax.tree.flatten(ds)
-    return treedef, tuple((np.shape(x), x.dtype) for x in leaves)
+    return treedef, tuple([x.aval if isinstance(x, jax.Array) else (np.shape(x), x.dtype) for x in leaves])
+
+
+@jax.jit
+def _stack_on_device(group: list) -> Any:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *group)
 
 
 def stack(group: list) -> Any:
-    """One batch with a leading steps axis (on the device if the batches are)."""
-    if len(group) == 1:
-        return jax.tree.map(lambda x: x[None], group[0])
-    return jax.tree.map(lambda *xs: jnp.stack(xs) if isinstance(xs[0], jax.Array) else np.stack(xs), *group)
+    """One batch with a leading steps axis (one dispatch for device batches)."""
+    if isinstance(jax.tree.leaves(group[0])[0], jax.Array):
+        return _stack_on_device(list(group))
+    return jax.tree.map(lambda *xs: np.stack(xs), *group)
 
 
-def _grouped(items: Iterator, k: int) -> Iterator[list]:
-    """Groups of ``k`` consecutive batches of one shape; a batch that breaks a group (the
-    last, smaller one) flushes what was pending one by one, so programs stay few."""
+def _grouped(items: Iterator[tuple], k: int) -> Iterator[list]:
+    """Groups of ``k`` consecutive batches of one signature from ``(batch, signature)``
+    pairs; a batch that breaks a group (the last, smaller one) flushes what was pending one
+    by one, so programs stay few."""
     group: list = []
-    for ds in items:
-        if group and _signature(ds) != _signature(group[0]):
+    first = None
+    for ds, signature in items:
+        if group and signature != first:
             yield from ([g] for g in group)
             group = []
+        if not group:
+            first = signature
         group.append(ds)
         if len(group) == k:
             yield group
@@ -102,10 +152,13 @@ class Feed:
             device pass through).
         place: False yields the checked batches as they are (host or device), for a
             caller that stacks and places them itself (ParallelWrapper).
+        resident: the caller runs :class:`Rows`: an ArrayDataSetIterator whose data fits on
+            the device yields them (its batches taken inside the program) instead of batches.
 
     Each pass checks every batch for leaked, outdated or donated arrays before anything
-    else, then with ``check``; a list of batches is checked whole before its first batch is
-    used. A pass that would yield no batch raises ConfigurationError.
+    else, then with ``check`` (shapes once per signature); a list of batches is checked
+    whole before its first batch is used. A pass that would yield no batch raises
+    ConfigurationError.
     """
 
     def __init__(
@@ -121,9 +174,12 @@ class Feed:
         rewind: str = "exhausted",
         placement: Placement | None = None,
         place: bool = True,
+        resident: bool = False,
     ):
         self.op = op
         self._check = check
+        self._seen: set = set()  # batch signatures whose shapes were checked
+        self._resident = resident
         self.prefetch = prefetch
         self.steps = steps
         self.rewind = rewind
@@ -154,7 +210,7 @@ class Feed:
                 "an iterator already yields batches."
             )
         if isinstance(data, (list, tuple)):  # batches in memory: all checked before the first runs
-            data = [self._validated(as_dataset(item), f"data[{i}]") for i, item in enumerate(data)]
+            data = [self._checked(as_dataset(item), f"data[{i}]") for i, item in enumerate(data)]
             self._prechecked = True
         else:
             self._prechecked = False
@@ -170,7 +226,19 @@ class Feed:
     # -- validation ------------------------------------------------------------------------
 
     def _validated(self, ds: Any, where: str = "data") -> Any:
-        return validate(ds, self.op, self._check, where)
+        return validate(ds, self.op, self._check, where, self._seen)
+
+    def _checked(self, ds: Any, where: str) -> tuple[Any, tuple]:
+        """``(ds checked, its signature)``. Device arrays of a signature checked before need
+        nothing more on the host: a dead one is refused by the step (a tagged one is named
+        here), and their labels are counted on the device."""
+        key = _device_key(ds)
+        if key is not None and key in self._seen:
+            return ds, key
+        ds = self._validated(ds, where)
+        if key is not None:
+            self._seen.add(key)
+        return ds, key or _signature(ds)
 
     # -- passes ----------------------------------------------------------------------------
 
@@ -189,8 +257,41 @@ class Feed:
             first = next(it, _END)
         return it if first is _END else itertools.chain([first], it)
 
+    def _rows(self) -> Iterator[Rows]:
+        """A pass over a device-resident ArrayDataSetIterator: the rest of its epoch as Rows."""
+        it = self.source
+        if self._passes or self.rewind == "always" or it.position >= it.num_examples:
+            it.reset()
+        self._passes += 1
+        n, size = it.num_examples, it.batch_size
+        if not self._seen:  # all the examples checked once, as one batch
+            self._validated(it.data)
+        data, order = it.on_device(self.placement)
+        position = it.position
+        full = position + (n - position) // size * size
+        if position >= (full if it.drop_last else n):
+            raise ConfigurationError(
+                f"{self.op}: the data has no batches (an ArrayDataSetIterator of {n} examples, batch "
+                f"size {size}, drop_last={it.drop_last}). Pass at least one batch of examples."
+            )
+        return self._resident_pass(it, data, order, position, full, n, size)
+
+    def _resident_pass(self, it, data, order, position, full, n, size) -> Iterator[Rows]:
+        while position < full:
+            count = min(self.steps, (full - position) // size)
+            yield Rows(data, order, position, count, size)
+            position += count * size
+            it.seek(position)
+        if position < n and not it.drop_last:  # the smaller last batch, at its own shape
+            yield Rows(data, order, position, 1, n - position)
+            it.seek(n)
+
     def __iter__(self) -> Iterator[Any]:
-        """One pass: device batches (stacked ``[steps, ...]`` groups when ``steps > 1``)."""
+        """One pass: device batches (stacked ``[steps, ...]`` groups when ``steps > 1``), or
+        :class:`Rows` for a device-resident ArrayDataSetIterator (``resident=True``)."""
+        if (self._resident and self._place and isinstance(self.source, ArrayDataSetIterator)
+                and self.source.fits_on_device()):
+            return self._rows()
         items = self._start()
         self._passes += 1
         first = next(items, _END)
@@ -201,8 +302,8 @@ class Feed:
             )
         items = itertools.chain([first], items)
         if not self._place:
-            return self._batches(items)
-        on_device = self.placement.holds_all(as_dataset(first))
+            return (ds for ds, _ in self._batches(items))
+        on_device = self.placement.holds_all(as_dataset(first[0] if self._prechecked else first))
         if self.prefetch and not on_device and getattr(self.source, "async_supported", True):
             return self._prefetched(items)
         return self._inline(items)
@@ -215,17 +316,17 @@ class Feed:
             return " (a one-shot iterator that is exhausted)"
         return " (the iterator yields nothing, even after reset())"
 
-    def _batches(self, items: Iterator) -> Iterator[Any]:
+    def _batches(self, items: Iterator) -> Iterator[tuple]:
+        """``(batch, signature)`` for each item: checked (lists were, up front)."""
         self._pulled = 0  # batches taken from the source this pass: the next one is the failing one
         for i, item in enumerate(items):
             self._pulled = i + 1
-            ds = as_dataset(item)
-            yield ds if self._prechecked else self._validated(ds, f"batch {i}")
+            yield item if self._prechecked else self._checked(as_dataset(item), f"batch {i}")
 
     def _inline(self, items: Iterator) -> Iterator[Any]:
         place = self.placement.place
         if self.steps == 1:
-            for ds in self._batches(items):
+            for ds, _ in self._batches(items):
                 yield place(ds)[0]
         else:
             for group in _grouped(self._batches(items), self.steps):
@@ -233,7 +334,7 @@ class Feed:
 
     def _prefetched(self, items: Iterator) -> Iterator[Any]:
         if self.steps == 1:
-            base, collate = self._batches(items), as_dataset
+            base, collate = (ds for ds, _ in self._batches(items)), as_dataset
         else:
             base, collate = _grouped(self._batches(items), self.steps), stack
         ring = self._ring = AsyncDataSetIterator(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterable, Iterator
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxws.data.dataset import DataSet, MultiDataSet
@@ -51,8 +53,28 @@ class DataSetIterator(Iterator):
         return self
 
 
+_RESIDENT_BYTES = 1 << 30  # host data up to this size is put on the device for fit (GPU: 1/4 of it)
+
+
 class ArrayDataSetIterator(DataSetIterator):
     """Batches of in-memory arrays (numpy or JAX), optionally shuffled each epoch.
+
+    Epoch ``e`` visits the examples in the order ``numpy.random.default_rng([seed, e])``
+    permutes them into (or in order without ``shuffle``); ``reset()`` starts the next
+    epoch. ``fit`` runs such an iterator *device-resident* when its data fits on the
+    device: the arrays are put there once (device arrays are used in place, never copied
+    or donated) and each batch is taken inside the compiled program, in the same order,
+    so the numbers are those of iterating it batch by batch.
+
+    Args:
+        x, y, features_mask, labels_mask: arrays with the examples on axis 0.
+        batch_size: examples per batch; the last batch of an epoch may be smaller.
+        shuffle: a new permutation each epoch.
+        seed: seeds the permutations.
+        drop_last: skip the last, smaller batch of an epoch.
+        resident: ``None`` (default): device-resident in ``fit`` when the data is already
+            on the device or small enough (1 GiB here; a quarter of a GPU's memory); True:
+            always; False: never (batches are cut on the host and prefetched).
 
     Example:
         >>> import numpy as np
@@ -73,9 +95,12 @@ class ArrayDataSetIterator(DataSetIterator):
         drop_last: bool = False,
         features_mask: Any = None,
         labels_mask: Any = None,
+        resident: bool | None = None,
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigurationError(f"ArrayDataSetIterator(batch_size={batch_size!r}): expected an int >= 1.")
+        if resident not in (None, True, False):
+            raise ConfigurationError(f"ArrayDataSetIterator(resident={resident!r}): expected None (auto), True or False.")
         n = len(x)
         for name, a in (("y", y), ("features_mask", features_mask), ("labels_mask", labels_mask)):
             if a is not None and len(a) != n:
@@ -83,10 +108,14 @@ class ArrayDataSetIterator(DataSetIterator):
         self._data = DataSet(x, y, features_mask, labels_mask)
         self.batch_size = batch_size
         self.shuffle = shuffle
+        self.seed = seed
         self.drop_last = drop_last
-        self._rng = np.random.default_rng(seed)
+        self.resident = resident
         self._n = n
-        self.reset()
+        self.epoch = 0
+        self._position = 0
+        self._order: np.ndarray | None = None
+        self._placed: dict = {}  # placement -> (the data on the device, its epoch orders)
 
     def __len__(self) -> int:
         return self._n // self.batch_size if self.drop_last else math.ceil(self._n / self.batch_size)
@@ -95,9 +124,32 @@ class ArrayDataSetIterator(DataSetIterator):
     def num_examples(self) -> int:
         return self._n
 
+    @property
+    def data(self) -> DataSet:
+        """All the examples (the arrays given)."""
+        return self._data
+
+    @property
+    def position(self) -> int:
+        """Examples of the current epoch already handed out."""
+        return self._position
+
+    def order(self) -> np.ndarray | None:
+        """The current epoch's order of the examples (None: in order)."""
+        if self.shuffle and self._order is None:
+            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self._n).astype(np.int32)
+        return self._order
+
     def reset(self) -> None:
-        self._order = self._rng.permutation(self._n) if self.shuffle else None
+        """Starts the next epoch (a new order when shuffling)."""
+        if self._position or self._order is not None:
+            self.epoch += 1
         self._position = 0
+        self._order = None
+
+    def seek(self, position: int) -> None:
+        """Moves the cursor of the current epoch (``fit`` does, after taking batches on the device)."""
+        self._position = min(max(0, int(position)), self._n)
 
     def __next__(self) -> DataSet:
         start = self._position
@@ -105,9 +157,44 @@ class ArrayDataSetIterator(DataSetIterator):
         if start >= self._n or (self.drop_last and stop - start < self.batch_size):
             raise StopIteration
         self._position = stop
-        index = slice(start, stop) if self._order is None else self._order[start:stop]
-        return DataSet(*(None if a is None else a[index] for a in (
-            self._data.features, self._data.labels, self._data.features_mask, self._data.labels_mask)))
+        order = self.order()
+        index = slice(start, stop) if order is None else order[start:stop]
+        if isinstance(self._data.features, jax.Array):  # one dispatch, not an eager gather per leaf
+            return _take_rows(self._data, np.arange(start, stop, dtype=np.int32) if order is None else index)
+        return jax.tree.map(lambda a: a[index], self._data)
+
+    # -- device-resident use (fit) -------------------------------------------------------------
+
+    def fits_on_device(self) -> bool:
+        """Whether ``fit`` takes this iterator's batches on the device (see ``resident``)."""
+        if self.resident is not None:
+            return self.resident
+        leaves = jax.tree.leaves(self._data)
+        if all(isinstance(a, jax.Array) for a in leaves):
+            return True
+        limit = _RESIDENT_BYTES
+        stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+        if stats and stats.get("bytes_limit"):
+            limit = stats["bytes_limit"] // 4
+        return sum(int(np.size(a)) * np.dtype(a.dtype).itemsize for a in leaves) <= limit
+
+    def on_device(self, placement: Any) -> tuple[DataSet, Any]:
+        """``(data on the device, this epoch's order on the device or None)``, placed once."""
+        key = (placement.device, placement.sharding)
+        if key not in self._placed:
+            self._placed[key] = [placement.place(self._data)[0], None, None]
+        entry = self._placed[key]
+        order = self.order()
+        if order is None:
+            return entry[0], None
+        if entry[1] != self.epoch:
+            entry[1], entry[2] = self.epoch, placement.place(order)[0]
+        return entry[0], entry[2]
+
+
+@jax.jit
+def _take_rows(data: DataSet, rows: Any) -> DataSet:
+    return jax.tree.map(lambda a: jnp.take(a, rows, axis=0), data)
 
 
 class IterableDataSetIterator(DataSetIterator):

@@ -65,17 +65,16 @@ class Placement:
     def place(self, tree: Any) -> tuple[Any, list[jax.Array]]:
         """``(placed tree, the new device arrays)``; leaves already placed are not copied."""
         leaves, treedef = jax.tree.flatten(tree)
-        owned = []
-        for i, x in enumerate(leaves):
-            if self.holds(x):
-                continue
-            x = host_leaf(x)
-            if self.sharding is not None:
-                y = jax.make_array_from_process_local_data(self.sharding, np.asarray(x))
-            elif isinstance(x, jax.Array):  # on another device: a copy, never an alias
-                y = jax.device_put(x, self.device, may_alias=False)
-            else:
-                y = jax.device_put(x, self.device)
+        if self.sharding is None and self._single is None and all(isinstance(x, jax.Array) for x in leaves):
+            return tree, []  # on a device already, and any device will do
+        moved = [i for i, x in enumerate(leaves) if not self.holds(x)]
+        if not moved:
+            return tree, []
+        if self.sharding is not None:
+            owned = [jax.make_array_from_process_local_data(self.sharding, np.asarray(host_leaf(leaves[i])))
+                     for i in moved]
+        else:  # one transfer call for the batch (arrays on another device are copied)
+            owned = jax.device_put([host_leaf(leaves[i]) for i in moved], self.device)
+        for i, y in zip(moved, owned):
             leaves[i] = y
-            owned.append(y)
-        return jax.tree.unflatten(treedef, leaves), owned
+        return jax.tree.unflatten(treedef, leaves), list(owned)

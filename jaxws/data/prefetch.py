@@ -57,7 +57,11 @@ class _Preparer:
         self.slot_bytes = 0
         self.reallocations = 0
         self.capacity: int | None = None
-        self.shapes: set = set()
+        self._bytes: dict = {}  # batch signature -> bytes: the bookkeeping is once per shape
+
+    @property
+    def shapes(self) -> set:
+        return set(self._bytes)
 
     def __call__(self, item: Any) -> tuple[Any, list]:
         """``(batch on the device, the arrays the ring placed)``."""
@@ -66,8 +70,12 @@ class _Preparer:
             ds = self.callback(ds) or ds
         if self.pad_axis is not None:
             ds = self._pad(ds)
-        self._learn(tree_bytes(ds))
-        self.shapes.add(tuple(np.shape(x) for x in jax.tree.leaves(ds)))
+        signature = tuple([(np.shape(x), x.dtype) for x in jax.tree.leaves(ds)])
+        nbytes = self._bytes.get(signature)
+        if nbytes is None:
+            nbytes = self._bytes[signature] = tree_bytes(ds)
+        if nbytes > self.slot_bytes:
+            self._learn(nbytes)
         return self.placement.place(ds)
 
     def _learn(self, nbytes: int) -> None:
@@ -140,7 +148,8 @@ class AsyncDataSetIterator(DataSetIterator):
 
     At most ``queue_size + 2`` batches the ring placed are alive on the device whatever the
     consumer does: ``queue_size`` in the queue, one being placed, and the one handed out
-    last. With ``use_workspace=True`` such a batch belongs to the iterator's ring workspace:
+    last. The first batch is looked at on the first ``next()``: if the base yields batches
+    already on the device there is nothing to transfer and no thread is started. With ``use_workspace=True`` such a batch belongs to the iterator's ring workspace:
     the next ``next()`` invalidates it and frees its memory, and passing it to a jaxws entry
     point afterwards raises OutdatedWorkspacePointerError; ``batch.detach()`` keeps it.
     Arrays the base iterator yields already on the device (or already laid out with
@@ -206,12 +215,32 @@ class AsyncDataSetIterator(DataSetIterator):
         self._closed = False
         self._exhausted = False
         self._produced = 0
-        self._start()
+        self._threaded: bool | None = None  # decided at the first next(): None until then
+        self._pending = None  # the first batch, prepared where it was looked at
+        self._finalizer = None
 
     # -- the worker ------------------------------------------------------------------------
 
-    def _start(self) -> None:
+    def _begin(self) -> None:
+        """At the first ``next()``: the first batch is prepared here. Batches already on the
+        device need no thread (nothing to transfer); host batches start the prefetch thread."""
+        try:
+            first = next(self.base)
+        except StopIteration:
+            self._exhausted = True
+            return
+        except Exception as e:
+            self._fail(e)
+        prepared = self._prepare(first)
+        self._threaded = bool(prepared[1]) or self._prepare.pad_axis is not None
+        if self._threaded:
+            self._start(prepared)
+        else:
+            self._pending = prepared
+
+    def _start(self, first: Any) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=self.queue_size)
+        self._queue.put((first, None))
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=_produce, args=(self.base, self._queue, self._stop, self._prepare),
@@ -221,7 +250,32 @@ class AsyncDataSetIterator(DataSetIterator):
         self._finalizer = weakref.finalize(self, _shutdown, self._stop, self._queue, self._thread)
 
     def _stop_worker(self) -> None:
-        self._finalizer()  # idempotent: stop, drain, join
+        if self._finalizer is not None:
+            self._finalizer()  # idempotent: stop, drain, join
+
+    def _fail(self, error: BaseException):
+        """Stops after the base iterator raised: reset() starts again."""
+        self._exhausted = True
+        self._stop_worker()
+        if not isinstance(error, Exception):
+            raise error  # KeyboardInterrupt, SystemExit: what the loader raised, as it is
+        raise AsyncIteratorError(self.id, self._produced) from error
+
+    def _next_inline(self) -> Any:
+        """The next batch without a thread (the base yields device batches)."""
+        if self._pending is not None:
+            prepared, self._pending = self._pending, None
+            return prepared
+        try:
+            item = next(self.base)
+        except StopIteration:
+            return _END
+        except BaseException as e:  # noqa: BLE001 - reported as the worker's would be
+            self._fail(e)
+        try:
+            return self._prepare(item)
+        except BaseException as e:  # noqa: BLE001
+            self._fail(e)
 
     # -- the consumer ----------------------------------------------------------------------
 
@@ -238,13 +292,16 @@ class AsyncDataSetIterator(DataSetIterator):
         ring = self._ring_workspace() if self.use_workspace else None
         if ring is not None:
             ring._release_slot()  # before taking the next: the ring bound holds
-        item, error = self._queue.get()
-        if error is not None:
-            self._exhausted = True  # the worker has stopped; reset() starts it again
-            self._stop_worker()
-            if not isinstance(error, Exception):
-                raise error  # KeyboardInterrupt, SystemExit: what the loader raised, as it is
-            raise AsyncIteratorError(self.id, self._produced) from error
+        if self._threaded is None:
+            self._begin()
+            if self._exhausted:
+                raise StopIteration
+        if self._threaded:
+            item, error = self._queue.get()
+            if error is not None:
+                self._fail(error)
+        else:
+            item = self._next_inline()
         if item is _END:
             self._exhausted = True
             raise StopIteration
@@ -274,7 +331,7 @@ class AsyncDataSetIterator(DataSetIterator):
         self.base.reset()
         self._exhausted = False
         self._produced = 0
-        self._start()
+        self._threaded, self._pending, self._finalizer = None, None, None
 
     def close(self) -> None:
         """Stops and joins the prefetch thread, frees the ring and closes a generator source; idempotent."""

@@ -20,42 +20,39 @@ _NONE = np.iinfo(np.int32).max
 
 
 class LabelCheck(NamedTuple):
-    """Invalid integer labels seen by a loop's steps (device int32 scalars)."""
+    """Invalid integer labels seen by a loop's steps, in one device int32[5] (one buffer:
+    cheap to donate every step): steps counted, the first step with an invalid label (-1
+    if none), invalid labels seen, the smallest and the largest label in such a step."""
 
-    steps: Any  # steps counted
-    first: Any  # the first step with an invalid label, -1 if none
-    count: Any  # invalid labels seen
-    low: Any  # the smallest label in a step with invalid labels
-    high: Any  # the largest
+    values: Any
 
     @classmethod
     def init(cls) -> LabelCheck:
-        return cls(*jnp.array([0, -1, 0, _NONE, -_NONE], jnp.int32))
+        return cls(jnp.array([0, -1, 0, _NONE, -_NONE], jnp.int32))
 
     def update(self, labels: jax.Array | None, mask: jax.Array | None, classes: int) -> LabelCheck:
         """The check after one step on ``labels`` (traced; None: nothing to check)."""
+        steps, first, count, low, high = (self.values[i] for i in range(5))
         if labels is None:
-            return self._replace(steps=self.steps + 1)
+            return LabelCheck(self.values.at[0].add(1))
         labels = labels.astype(jnp.int32)
         counted = jnp.ones(labels.shape, bool) if mask is None else jnp.broadcast_to(
             mask.reshape(mask.shape[: labels.ndim]) > 0, labels.shape)
         bad = counted & ((labels < 0) | (labels >= classes))
         n = jnp.sum(bad, dtype=jnp.int32)
-        low = jnp.min(jnp.where(counted, labels, _NONE))
-        high = jnp.max(jnp.where(counted, labels, -_NONE))
         hit = n > 0
-        return LabelCheck(
-            steps=self.steps + 1,
-            first=jnp.where(hit & (self.first < 0), self.steps, self.first),
-            count=self.count + n,
-            low=jnp.where(hit, jnp.minimum(self.low, low), self.low),
-            high=jnp.where(hit, jnp.maximum(self.high, high), self.high),
-        )
+        return LabelCheck(jnp.stack([
+            steps + 1,
+            jnp.where(hit & (first < 0), steps, first),
+            count + n,
+            jnp.where(hit, jnp.minimum(low, jnp.min(jnp.where(counted, labels, _NONE))), low),
+            jnp.where(hit, jnp.maximum(high, jnp.max(jnp.where(counted, labels, -_NONE))), high),
+        ]))
 
     def raise_if_invalid(self, op: str, what: str, classes: int, epoch_starts: list[int] | None = None,
                          where: str = "") -> None:
         """Reads the check (one small host transfer) and raises InvalidBatchError if it saw any."""
-        steps, first, count, low, high = (int(v) for v in jax.device_get(tuple(self)))
+        steps, first, count, low, high = (int(v) for v in jax.device_get(self.values))
         if count == 0:
             return
         batch = f"batch {first}"

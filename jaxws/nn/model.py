@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
+import sys
 import threading
+import time
 from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
@@ -20,7 +23,7 @@ import optax
 from jaxws.arrays import check_arrays, detach, leverage_to
 from jaxws.configuration import SpillPolicy, WorkspaceConfiguration
 from jaxws.data.dataset import DataSet
-from jaxws.data.feed import Feed, prepare
+from jaxws.data.feed import Feed, Rows, prepare
 from jaxws.errors import ConfigurationError, WorkspaceError
 from jaxws.eval.kernel import EvaluationMixin
 from jaxws.interrupts import guarded
@@ -35,6 +38,40 @@ __all__ = ["Model", "TrainState"]
 
 TRAINING_WORKSPACE = "WS_TRAINING"
 TRAINING_CONF = WorkspaceConfiguration(policy_spill=SpillPolicy.REALLOCATE)
+
+
+def _signature(batch: Any) -> tuple:
+    """A device batch's structure and avals (cached on JAX arrays): its program's key."""
+    leaves, treedef = jax.tree.flatten(batch)
+    return treedef, tuple([x.aval for x in leaves])
+
+
+def _interactive() -> bool:
+    """Progress bars only where someone watches them draw: a terminal or a notebook."""
+    return "ipykernel" in sys.modules or sys.stderr.isatty()
+
+
+class _Bar:
+    """A tqdm bar redrawn at most every 0.2 s: per step it costs a clock read."""
+
+    __slots__ = ("bar", "pending", "last")
+
+    def __init__(self, bar: Any):
+        self.bar, self.pending, self.last = bar, 0, time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.pending += n
+        now = time.monotonic()
+        if now - self.last >= 0.2:
+            self.bar.update(self.pending)
+            self.pending, self.last = 0, now
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.update(self.pending)
+        self.bar.close()
 
 
 class _NoBar:
@@ -114,8 +151,11 @@ class Model(EvaluationMixin, abc.ABC):
     def _loss_of(self, loss_input, labels, mask) -> jax.Array:
         """The mean loss of a batch."""
 
-    def _check_batch(self, ds: DataSet, op: str) -> None:
-        """Raises a clear error for a batch that does not fit the model (host-side)."""
+    def _check_batch(self, ds: DataSet, op: str, shapes: bool = True) -> None:
+        """Raises a clear error for a batch that does not fit the model (host-side).
+
+        ``shapes=False``: this batch's signature was checked already; check only values.
+        """
 
     def _class_labels(self, ds: DataSet) -> tuple[Any, Any, int] | None:
         """``(labels, mask, classes)`` when the labels are integer classes (traced), else None."""
@@ -206,16 +246,20 @@ class Model(EvaluationMixin, abc.ABC):
                 if not self._pins[key]:
                     del self._pins[key]
 
-    def _commit(self, step: WorkspaceFunction, check: LabelCheck, ds: Any, fused: bool) -> tuple:
-        """Runs ``step`` on the carry and stores the new one with the iteration count."""
+    def _commit(self, step: WorkspaceFunction, signature: Any, check: LabelCheck, n: int, *args: Any,
+                **kwargs: Any) -> tuple:
+        """Runs ``step`` (``n`` training steps) on the carry; stores the new one and the count.
+
+        The carry is the model's own and the batch was checked by the feed, so the step runs
+        on jaxws.jit's lean path, planned per batch ``signature``.
+        """
         with self._lock:
             carry = self._carry
             if self._pins and id(carry.params) in self._pins:  # a reader holds this version
                 carry = carry._replace(params=detach(carry.params), state=detach(carry.state))
-            self._carry, check, losses = step(carry, check, ds)
-            n = int(jax.tree.leaves(ds)[0].shape[0]) if fused else 1
+            self._carry, check, losses = step._call_planned(signature, carry, check, *args, **kwargs)
             self.iteration += n
-        return check, losses, n
+        return check, losses
 
     # -- the pure step ---------------------------------------------------------------------
 
@@ -262,11 +306,7 @@ class Model(EvaluationMixin, abc.ABC):
         """
         mode = mode or self.training_workspace_mode
         if (mode, fused) not in self._steps:
-            step = self.train_step(mode)
-
-            def checked(carry, check, ds):
-                carry, loss = step(carry, ds)
-                return carry, check.update(*(self._class_labels(ds) or (None, None, 0))), loss
+            checked = self._checked_step(mode)
 
             def fused_checked(carry, check, stacked):
                 def body(c, ds):
@@ -276,19 +316,64 @@ class Model(EvaluationMixin, abc.ABC):
                 (carry, check), losses = jax.lax.scan(body, (carry, check), stacked)
                 return carry, check, losses
 
-            fun = fused_checked if fused else checked
+            fun = functools.partial(fused_checked) if fused else functools.partial(checked)
             fun.__name__ = f"{type(self).__name__}.fit[{mode.name}{', fused' if fused else ''}]"
             self._steps[mode, fused] = jit(fun, donate_argnums=(0, 1) if mode.donates else ())
         return self._steps[mode, fused]
 
+    def resident_step(self, mode: WorkspaceMode | None = None) -> WorkspaceFunction:
+        """The jitted program ``fit`` runs on device-resident data.
+
+        ``(carry, check, data, order, start, *, count, size) -> (carry, check, losses)``:
+        ``count`` steps, step i on the ``size`` examples at ``order[start + i*size:]`` (or
+        contiguous from there when ``order`` is None), taken inside the program: sliced
+        where they lie, or gathered once per execution when shuffled.
+        """
+        mode = mode or self.training_workspace_mode
+        if (mode, "resident") not in self._steps:
+            checked = self._checked_step(mode)
+
+            def resident(carry, check, data, order, start, count, size):
+                def body(c, xs):
+                    carry, check, loss = checked(*c, xs)
+                    return (carry, check), loss
+
+                if order is None:  # in order: each step slices its batch where it lies
+                    def sliced(c, i):
+                        ds = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start + i * size, size), data)
+                        return body(c, ds)
+
+                    (carry, check), losses = jax.lax.scan(sliced, (carry, check), jnp.arange(count))
+                else:  # shuffled: one gather of the execution's rows, then contiguous batches
+                    rows = jax.lax.dynamic_slice_in_dim(order, start, count * size)
+                    batches = jax.tree.map(
+                        lambda a: jnp.take(a, rows, axis=0).reshape(count, size, *a.shape[1:]), data)
+                    (carry, check), losses = jax.lax.scan(body, (carry, check), batches)
+                return carry, check, losses
+
+            resident.__name__ = f"{type(self).__name__}.fit[{mode.name}, resident]"
+            self._steps[mode, "resident"] = jit(resident, donate_argnums=(0, 1) if mode.donates else (),
+                                                static_argnames=("count", "size"))
+        return self._steps[mode, "resident"]
+
+    def _checked_step(self, mode: WorkspaceMode) -> Callable:
+        """``train_step`` that also counts invalid class labels: ``(carry, check, batch) -> (carry, check, loss)``."""
+        step = self.train_step(mode)
+
+        def checked(carry, check, ds):
+            carry, loss = step(carry, ds)
+            return carry, check.update(*(self._class_labels(ds) or (None, None, 0))), loss
+
+        return checked
+
     # -- fit / output / score --------------------------------------------------------------
 
     def _feed(self, data: Any, op: str, **kwargs: Any) -> Feed:
-        return Feed(data, op=op, check=lambda ds: self._check_batch(ds, op), **kwargs)
+        return Feed(data, op=op, check=lambda ds, shapes=True: self._check_batch(ds, op, shapes), **kwargs)
 
     def _input(self, ds: Any, op: str) -> Any:
         """One batch for a single read: checked (dead arrays first), on the device."""
-        return prepare(ds, op, lambda d: self._check_batch(d, op))
+        return prepare(ds, op, lambda d, shapes=True: self._check_batch(d, op, shapes))
 
     def fit(
         self,
@@ -313,7 +398,8 @@ class Model(EvaluationMixin, abc.ABC):
             data: the training data.
             epochs: passes over ``data``.
             batch_size: split a single DataSet / pair into batches of this size.
-            progress: show tqdm progress bars.
+            progress: show tqdm progress bars (in a terminal or a notebook; never when the
+                output goes to a file or a pipe).
             prefetch: async queue size for host batches (0: no background thread).
             steps_per_execution: batches per jitted call: consecutive batches of one shape
                 are stacked and scanned by one program (one dispatch for k steps, as
@@ -331,33 +417,47 @@ class Model(EvaluationMixin, abc.ABC):
         k = steps_per_execution
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigurationError(f"fit(steps_per_execution={k!r}): expected an int >= 1.")
-        feed = self._feed(data, "fit", batch_size=batch_size, prefetch=prefetch, steps=k, epochs=epochs)
+        feed = self._feed(data, "fit", batch_size=batch_size, prefetch=prefetch, steps=k, epochs=epochs, resident=True)
         mode = self.training_workspace_mode
         step = self.compiled_step(mode, fused=k > 1)
+        resident = self.resident_step(mode)
         manager = get_workspace_manager()
         try:
             total = len(feed)
         except TypeError:
             total = None
         checks = _Checks(LabelCheck.init())
+        progress = progress and _interactive()
+        workspaces = manager._workspaces
+        no_cycle = contextlib.nullcontext()  # NONE: nothing invalidated
         with feed, guarded() as guard:
             for _ in tqdm(range(epochs), desc="epochs", leave=False) if progress and epochs > 1 else range(epochs):
                 for listener in self.listeners:
                     listener.on_epoch_start(self, self.epoch)
                 checks.epoch_starts.append(checks.steps)
-                bar = tqdm(total=total, desc=f"epoch {self.epoch}", leave=False) if progress else _NO_BAR
+                bar = _Bar(tqdm(total=total, desc=f"epoch {self.epoch}", leave=False)) if progress else _NO_BAR
                 with bar:
-                    for ds in feed:
+                    for item in feed:
                         # looked up each step: a listener may have destroyed it
-                        cycle = (manager.get_workspace_for_current_thread(TRAINING_CONF, TRAINING_WORKSPACE)
-                                 if mode.donates else contextlib.nullcontext())  # NONE: nothing invalidated
+                        cycle = ((workspaces.get(TRAINING_WORKSPACE)
+                                  or manager.get_workspace_for_current_thread(TRAINING_CONF, TRAINING_WORKSPACE))
+                                 if mode.donates else no_cycle)
                         with guard, cycle:
-                            checks.state, losses, n = self._commit(step, checks.state, ds, k > 1)
+                            if type(item) is Rows:  # device-resident: batches taken in the program
+                                n, fused = item.count, True
+                                signature = (item.count, item.size, item.order is None, _signature(item.data))
+                                checks.state, losses = self._commit(
+                                    resident, signature, checks.state, n, item.data, item.order, item.start,
+                                    count=item.count, size=item.size)
+                            else:
+                                signature = _signature(item)
+                                n, fused = (signature[1][0].shape[0] if k > 1 else 1), k > 1
+                                checks.state, losses = self._commit(step, signature, checks.state, n, item)
                             checks.steps += n
                             checks.executions += 1
                             if self.listeners:
                                 with guard.released():
-                                    self._notify(losses, n, k > 1, self._verify)
+                                    self._notify(losses, n, fused, self._verify)
                         bar.update(n)
                 for listener in self.listeners:
                     listener.on_epoch_end(self, self.epoch)
@@ -372,7 +472,7 @@ class Model(EvaluationMixin, abc.ABC):
         """Reads pending label checks (all, or those already computed) and raises for invalid labels."""
         while self._pending_checks:
             checks = self._pending_checks[0]
-            if not (wait or checks.state.steps.is_ready()):
+            if not (wait or checks.state.values.is_ready()):
                 return
             self._pending_checks.pop(0)
             where = "an earlier fit call: " if self._pending_checks else ""

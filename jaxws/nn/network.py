@@ -166,10 +166,30 @@ class MultiLayerNetwork(Model):
 
     _NO_LABELS = ("output", "rnn_time_step", "ParallelInference.output")
 
-    def _check_batch(self, ds: DataSet, op: str) -> None:
+    def _check_batch(self, ds: DataSet, op: str, shapes: bool = True) -> None:
+        """Shapes, ranks, masks and label dtypes (``shapes=False``: already checked for this
+        signature), then the values of host class labels."""
+        got = tuple(np.shape(ds.features))
+        if shapes:
+            self._check_shapes(ds, op, got)
+        out: BaseOutputLayer = self.layers[-1]
+        labels = ds.labels
+        if (isinstance(labels, np.ndarray) and labels.size and np.issubdtype(labels.dtype, np.integer)
+                and out.loss in ("mcxent", "negativeloglikelihood") and labels.ndim == len(self.output_shape)):
+            # host labels are checked here, before the step; device labels in the step itself
+            counted = labels if ds.labels_mask is None else labels[np.broadcast_to(
+                np.asarray(ds.labels_mask).reshape(np.shape(ds.labels_mask)[: labels.ndim]) > 0, labels.shape)]
+            if counted.size:
+                low, high = int(counted.min()), int(counted.max())
+                if low < 0 or high >= out.n_out:
+                    raise InvalidBatchError(
+                        f"{op}: labels out of range for {self._labels_what()}: found classes "
+                        f"{low}..{high}, expected 0..{out.n_out - 1}."
+                    )
+
+    def _check_shapes(self, ds: DataSet, op: str, got: tuple) -> None:
         first = self.layers[0]
         expected = self.conf.input_shape
-        got = tuple(np.shape(ds.features))
         sequences = len(expected) == 2
         free = (0,) if sequences and op == "rnn_time_step" else ()  # any number of steps
         fits = len(got) == len(expected) + 1 and all(
@@ -213,17 +233,6 @@ class MultiLayerNetwork(Model):
                 f"must have an integer dtype, got {ds.labels.dtype}; pass y.astype(int) (or one-hot "
                 f"labels of shape {list(out_shape)})."
             )
-        if sparse and isinstance(ds.labels, np.ndarray) and ds.labels.size:
-            # host labels are checked here, before the step; device labels in the step itself
-            counted = ds.labels if ds.labels_mask is None else ds.labels[
-                np.broadcast_to(np.asarray(ds.labels_mask).reshape(np.shape(ds.labels_mask)[: len(labels)]) > 0, labels)]
-            if counted.size:
-                low, high = int(counted.min()), int(counted.max())
-                if low < 0 or high >= out.n_out:
-                    raise InvalidBatchError(
-                        f"{op}: labels out of range for {self._labels_what()}: found classes "
-                        f"{low}..{high}, expected 0..{out.n_out - 1}."
-                    )
 
     @staticmethod
     def _check_mask(op: str, name: str, mask: Any, lead: tuple) -> None:

@@ -152,7 +152,7 @@ class ParallelInference:
                 :meth:`close` is called).
         """
         op = "ParallelInference.output"
-        ds = validate(DataSet(x, None, mask), op, lambda d: self.model._check_batch(d, op), "x")
+        ds = validate(DataSet(x, None, mask), op, lambda d, shapes=True: self.model._check_batch(d, op, shapes), "x")
         x = np.asarray(ds.features)  # a host copy: the caller's array is only read
         mask = None if ds.features_mask is None else np.asarray(ds.features_mask)
         shape = (x.shape[1:], x.dtype, None if mask is None else (mask.shape[1:], mask.dtype))

@@ -236,7 +236,7 @@ class ParallelWrapper:
         """
         def on_host(ds):  # read now (a ring reuses its slots); labels are checked on host values
             ds = jax.tree.map(np.asarray, ds)
-            self.model._check_batch(ds, "ParallelWrapper.fit")
+            self.model._check_batch(ds, "ParallelWrapper.fit", shapes=False)  # shapes: checked by the feed
             return ds
 
         dealt = deal(map(on_host, feed), self.local_workers, self.averaging_frequency)
