@@ -121,6 +121,7 @@ def _grouped(items: Iterator[tuple], k: int) -> Iterator[list]:
     group: list = []
     first = None
     for ds, signature in items:
+        signature = signature or _signature(ds)
         if group and signature != first:
             yield from ([g] for g in group)
             group = []
@@ -228,7 +229,7 @@ class Feed:
     def _validated(self, ds: Any, where: str = "data") -> Any:
         return validate(ds, self.op, self._check, where, self._seen)
 
-    def _checked(self, ds: Any, where: str) -> tuple[Any, tuple]:
+    def _checked(self, ds: Any, where: str) -> tuple[Any, tuple | None]:
         """``(ds checked, its signature)``. Device arrays of a signature checked before need
         nothing more on the host: a dead one is refused by the step (a tagged one is named
         here), and their labels are counted on the device."""
@@ -238,7 +239,7 @@ class Feed:
         ds = self._validated(ds, where)
         if key is not None:
             self._seen.add(key)
-        return ds, key or _signature(ds)
+        return ds, key  # None: a host batch, whose signature only grouping needs
 
     # -- passes ----------------------------------------------------------------------------
 

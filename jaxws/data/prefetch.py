@@ -37,6 +37,7 @@ __all__ = [
 
 log = logging.getLogger("jaxws")
 _END = object()
+_INLINE = object()  # the worker's word that the base yields device batches: the consumer reads it
 _ids = itertools.count()
 _RING_CONF = WorkspaceConfiguration(policy_reset=ResetPolicy.ENDOFBUFFER_REACHED, steps_number=1)
 
@@ -120,12 +121,18 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
     return False
 
 
-def _produce(base, q: queue.Queue, stop: threading.Event, prepare: Callable) -> None:
+def _produce(base, q: queue.Queue, stop: threading.Event, prepare: Callable, pads: bool) -> None:
     try:
+        first = True
         for item in base:
             if stop.is_set():
                 return
-            if not _put(q, (prepare(item), None), stop):
+            prepared = prepare(item)
+            if first and not prepared[1] and not pads:
+                _put(q, (prepared, _INLINE), stop)  # on the device already: no thread needed
+                return
+            first = False
+            if not _put(q, (prepared, None), stop):
                 return
         _put(q, (_END, None), stop)
     except BaseException as e:  # noqa: BLE001 - every failure crosses to the consumer
@@ -148,8 +155,8 @@ class AsyncDataSetIterator(DataSetIterator):
 
     At most ``queue_size + 2`` batches the ring placed are alive on the device whatever the
     consumer does: ``queue_size`` in the queue, one being placed, and the one handed out
-    last. The first batch is looked at on the first ``next()``: if the base yields batches
-    already on the device there is nothing to transfer and no thread is started. With ``use_workspace=True`` such a batch belongs to the iterator's ring workspace:
+    last. When the first batch is already on the device there is nothing to transfer: the
+    thread stops after it and later batches are read on the consumer's thread. With ``use_workspace=True`` such a batch belongs to the iterator's ring workspace:
     the next ``next()`` invalidates it and frees its memory, and passing it to a jaxws entry
     point afterwards raises OutdatedWorkspacePointerError; ``batch.detach()`` keeps it.
     Arrays the base iterator yields already on the device (or already laid out with
@@ -215,35 +222,17 @@ class AsyncDataSetIterator(DataSetIterator):
         self._closed = False
         self._exhausted = False
         self._produced = 0
-        self._threaded: bool | None = None  # decided at the first next(): None until then
-        self._pending = None  # the first batch, prepared where it was looked at
-        self._finalizer = None
+        self._threaded = True  # False once the worker finds the base yields device batches
+        self._pending = None  # the first batch, which the worker prepared before it stopped
+        self._start()
 
     # -- the worker ------------------------------------------------------------------------
 
-    def _begin(self) -> None:
-        """At the first ``next()``: the first batch is prepared here. Batches already on the
-        device need no thread (nothing to transfer); host batches start the prefetch thread."""
-        try:
-            first = next(self.base)
-        except StopIteration:
-            self._exhausted = True
-            return
-        except Exception as e:
-            self._fail(e)
-        prepared = self._prepare(first)
-        self._threaded = bool(prepared[1]) or self._prepare.pad_axis is not None
-        if self._threaded:
-            self._start(prepared)
-        else:
-            self._pending = prepared
-
-    def _start(self, first: Any) -> None:
+    def _start(self) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=self.queue_size)
-        self._queue.put((first, None))
         self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=_produce, args=(self.base, self._queue, self._stop, self._prepare),
+            target=_produce, args=(self.base, self._queue, self._stop, self._prepare, self._prepare.pad_axis is not None),
             name=f"jaxws-prefetch-{self.id}", daemon=True,
         )
         self._thread.start()
@@ -292,13 +281,13 @@ class AsyncDataSetIterator(DataSetIterator):
         ring = self._ring_workspace() if self.use_workspace else None
         if ring is not None:
             ring._release_slot()  # before taking the next: the ring bound holds
-        if self._threaded is None:
-            self._begin()
-            if self._exhausted:
-                raise StopIteration
         if self._threaded:
             item, error = self._queue.get()
-            if error is not None:
+            if error is _INLINE:  # device batches: nothing to transfer, so no thread from here on
+                self._stop_worker()
+                self._threaded, self._pending = False, item
+                item = self._next_inline()
+            elif error is not None:
                 self._fail(error)
         else:
             item = self._next_inline()
@@ -331,7 +320,8 @@ class AsyncDataSetIterator(DataSetIterator):
         self.base.reset()
         self._exhausted = False
         self._produced = 0
-        self._threaded, self._pending, self._finalizer = None, None, None
+        self._threaded, self._pending = True, None
+        self._start()
 
     def close(self) -> None:
         """Stops and joins the prefetch thread, frees the ring and closes a generator source; idempotent."""

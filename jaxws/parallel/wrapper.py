@@ -234,9 +234,10 @@ class ParallelWrapper:
         A source that is itself asynchronous (an AsyncDataSetIterator) is read on this
         thread, which owns it.
         """
-        def on_host(ds):  # read now (a ring reuses its slots); labels are checked on host values
-            ds = jax.tree.map(np.asarray, ds)
-            self.model._check_batch(ds, "ParallelWrapper.fit", shapes=False)  # shapes: checked by the feed
+        def on_host(ds):  # device batches are read now (a ring reuses its slots)
+            if any(isinstance(x, jax.Array) for x in jax.tree.leaves(ds)):
+                ds = jax.tree.map(np.asarray, ds)
+                self.model._check_batch(ds, "ParallelWrapper.fit", shapes=False)  # their labels' values
             return ds
 
         dealt = deal(map(on_host, feed), self.local_workers, self.averaging_frequency)
