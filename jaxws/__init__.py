@@ -16,6 +16,7 @@ from jaxws.configuration import ResetPolicy
 from jaxws.configuration import SpillPolicy
 from jaxws.configuration import WorkspaceConfiguration
 from jaxws.errors import AsyncIteratorError
+from jaxws.errors import CheckpointError
 from jaxws.errors import ConfigurationError
 from jaxws.errors import DeletedArrayError
 from jaxws.errors import DonationError
@@ -49,6 +50,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AllocationPolicy",
     "AsyncIteratorError",
+    "CheckpointError",
     "ConfigurationError",
     "DebugMode",
     "DeletedArrayError",

@@ -20,6 +20,7 @@ __all__ = [
     "AsyncIteratorError",
     "InvalidBatchError",
     "EvaluationError",
+    "CheckpointError",
     "DonationWarning",
 ]
 
@@ -141,3 +142,8 @@ class InvalidBatchError(WorkspaceError, ValueError):
 
 class EvaluationError(WorkspaceError, ValueError):
     """Labels, predictions or an evaluator's configuration do not fit together."""
+
+
+class CheckpointError(WorkspaceError):
+    """A checkpoint cannot be read, or does not fit the model it is loaded into; the message
+    names the file or the leaf, and the model is left as it was."""

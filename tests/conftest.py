@@ -44,4 +44,4 @@ def compiles():
     counter.close()
 
 
-collect_ignore = ["parallel_process.py"]  # a subprocess of test_parallel, not a test module
+collect_ignore = ["parallel_process.py", "checkpoint_process.py"]  # subprocesses of tests, not test modules

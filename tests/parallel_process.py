@@ -27,6 +27,7 @@ def main(port: int, pid: int, out: str) -> None:
     jaxws.parallel.ParallelWrapper(net, averaging_frequency=2).fit(mine)
     leaves = jax.tree.leaves(net.params)
     np.savez(f"{out}/params_{pid}.npz", **{f"p{i}": np.asarray(a) for i, a in enumerate(leaves)})
+    net.save(f"{out}/checkpoint")  # every process takes part; the averaged model is written once
     jax.distributed.shutdown()
 
 

@@ -248,6 +248,12 @@ def test_two_processes_equal_one_process(tmp_path):
         expected = jax.tree.leaves(net.params)
         for i, leaf in enumerate(expected):
             np.testing.assert_allclose(got[f"p{i}"], np.asarray(leaf), rtol=1e-5, atol=1e-6)
+    with pytest.raises(jaxws.ConfigurationError, match=r"raw optax transformation .*load\(path, conf=\.\.\.\)"):
+        MultiLayerNetwork.load(tmp_path / "checkpoint")  # the network was built with optax.adam
+    restored = MultiLayerNetwork.load(tmp_path / "checkpoint", conf=net.conf)  # written by two processes, read by one
+    assert restored.iteration == net.iteration
+    assert_tree_close(restored.params, net.params)
+    assert_tree_close(restored.updater_state, net.updater_state)
 
 
 def test_one_shot_iterators_cannot_run_two_epochs():

@@ -189,6 +189,7 @@ class Feed:
         self._ring: AsyncDataSetIterator | None = None
         self._passes = 0
         self._pulled = 0
+        self.origin: dict | None = None  # an ArrayDataSetIterator source's epoch and cursor at a pass's start
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ConfigurationError(
                 f"{op}(batch_size={batch_size!r}): expected an int >= 1, the examples per batch "
@@ -248,15 +249,28 @@ class Feed:
         if isinstance(source, list):
             return iter(source)
         resettable = hasattr(source, "reset") and getattr(source, "reset_supported", True)
-        if resettable and (self._passes or self.rewind == "always"):
+        reset = resettable and (self._passes or self.rewind == "always")
+        if reset:
             source.reset()
+        self.origin = self._origin(source, reset)
         it = iter(source)
         first = next(it, _END)
         if first is _END and resettable and not self._passes and self.rewind == "exhausted":
             source.reset()  # DL4J: fit starts an exhausted iterator over
+            self.origin = self._origin(source, True)
             it = iter(source)
             first = next(it, _END)
         return it if first is _END else itertools.chain([first], it)
+
+    @staticmethod
+    def _origin(source: Any, reset: bool) -> dict | None:
+        """Where an ArrayDataSetIterator (or an async one around it, just reset) stands."""
+        if isinstance(source, ArrayDataSetIterator):
+            return {"source": source, "epoch": source.epoch, "position": source.position}
+        base = getattr(source, "base", None)
+        if reset and isinstance(base, ArrayDataSetIterator):
+            return {"source": source, "epoch": base.epoch, "position": 0}
+        return None
 
     def _rows(self) -> Iterator[Rows]:
         """A pass over a device-resident ArrayDataSetIterator: the rest of its epoch as Rows."""
@@ -264,6 +278,7 @@ class Feed:
         if self._passes or self.rewind == "always" or it.position >= it.num_examples:
             it.reset()
         self._passes += 1
+        self.origin = self._origin(it, False)
         n, size = it.num_examples, it.batch_size
         if not self._seen:  # all the examples checked once, as one batch
             self._validated(it.data)

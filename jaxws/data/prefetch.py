@@ -229,6 +229,8 @@ class AsyncDataSetIterator(DataSetIterator):
     # -- the worker ------------------------------------------------------------------------
 
     def _start(self) -> None:
+        self._origin = self.base.state_dict() if hasattr(self.base, "state_dict") else None
+        self._consumed = 0  # examples handed out since _origin
         self._queue: queue.Queue = queue.Queue(maxsize=self.queue_size)
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -296,11 +298,33 @@ class AsyncDataSetIterator(DataSetIterator):
             raise StopIteration
         self._produced += 1
         batch, owned = item
+        if self._origin is not None:
+            self._consumed += int(np.shape(jax.tree.leaves(batch)[0])[0])
         if ring is not None:
             ring._hold_slot(owned)  # never the caller's arrays that passed through
             ring.current_size = self._prepare.slot_bytes * (self.queue_size + 2)
             ring.reallocations = self._prepare.reallocations
         return batch
+
+    def state_dict(self) -> dict | None:
+        """The base iterator's position as consumed here (the thread reads ahead of it), or
+        None if the base records none (only an ArrayDataSetIterator does)."""
+        origin = self._origin
+        if origin is None:
+            return None
+        return {**origin, "position": origin["position"] + self._consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continues from a ``state_dict()``: the base is moved there and prefetching restarts."""
+        if not hasattr(self.base, "load_state_dict"):
+            raise ConfigurationError(f"[{self.id}]: the base iterator records no position (it has no load_state_dict).")
+        self._stop_worker()
+        if self._ring is not None and self.use_workspace:
+            self._ring._release_slot()
+        self.base.load_state_dict(state)
+        self._exhausted, self._produced = False, 0
+        self._threaded, self._pending = True, None
+        self._start()
 
     def reset(self) -> None:
         """Drains the queue, restarts the base iterator and the prefetch thread.

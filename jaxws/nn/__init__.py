@@ -1,6 +1,9 @@
 """Networks under workspace modes: layers, LayerWorkspaceMgr, MultiLayerNetwork, models."""
 
 from jaxws.nn.checks import LabelCheck
+from jaxws.nn.checkpoints import Checkpoint
+from jaxws.nn.checkpoints import CheckpointListener
+from jaxws.nn.checkpoints import read_meta
 from jaxws.nn.conf import NeuralNetConfiguration
 from jaxws.nn.listeners import StepLoss
 from jaxws.nn.layers import LSTM
@@ -21,27 +24,66 @@ from jaxws.nn.modes import WorkspaceMode
 from jaxws.nn.network import MultiLayerNetwork
 from jaxws.nn.workspace_mgr import ArrayType
 from jaxws.nn.workspace_mgr import LayerWorkspaceMgr
+from jaxws.nn.updaters import AMSGrad
+from jaxws.nn.updaters import AdaDelta
+from jaxws.nn.updaters import AdaGrad
+from jaxws.nn.updaters import AdaMax
+from jaxws.nn.updaters import Adam
+from jaxws.nn.updaters import ExponentialSchedule
+from jaxws.nn.updaters import InverseSchedule
+from jaxws.nn.updaters import MapSchedule
+from jaxws.nn.updaters import Nadam
+from jaxws.nn.updaters import Nesterovs
+from jaxws.nn.updaters import PolySchedule
+from jaxws.nn.updaters import RmsProp
+from jaxws.nn.updaters import Schedule
+from jaxws.nn.updaters import Sgd
+from jaxws.nn.updaters import SigmoidSchedule
+from jaxws.nn.updaters import StepSchedule
+from jaxws.nn.updaters import Updater
+from jaxws.nn.updaters import updater_from_dict
 
 __all__ = [
+    "AMSGrad",
+    "AdaDelta",
+    "AdaGrad",
+    "AdaMax",
+    "Adam",
     "ArrayType",
     "BaseOutputLayer",
     "BatchNormalization",
+    "Checkpoint",
+    "CheckpointListener",
     "CollectScoresListener",
     "Dense",
     "Dropout",
+    "ExponentialSchedule",
     "FunctionalModel",
-    "LabelCheck",
+    "InverseSchedule",
     "LSTM",
+    "LabelCheck",
     "Layer",
     "LayerWorkspaceMgr",
+    "MapSchedule",
     "Model",
     "MultiLayerNetwork",
+    "Nadam",
+    "Nesterovs",
     "NeuralNetConfiguration",
     "OutputLayer",
+    "PolySchedule",
+    "RmsProp",
     "RnnOutputLayer",
+    "Schedule",
     "ScoreIterationListener",
+    "Sgd",
+    "SigmoidSchedule",
     "StepLoss",
+    "StepSchedule",
     "TrainState",
     "TrainingListener",
+    "Updater",
     "WorkspaceMode",
+    "read_meta",
+    "updater_from_dict",
 ]

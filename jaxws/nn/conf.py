@@ -6,13 +6,15 @@ A keyword-only, validated dataclass; the builder has one method per field.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import optax
 
 from jaxws.errors import ConfigurationError
-from jaxws.nn.layers import BaseOutputLayer, Layer
+from jaxws.nn.layers import BaseOutputLayer, Layer, layer_from_dict
 from jaxws.nn.modes import WorkspaceMode
+from jaxws.nn.updaters import Adam, Updater, updater_from_dict
 
 __all__ = ["NeuralNetConfiguration"]
 
@@ -26,7 +28,10 @@ class NeuralNetConfiguration:
         input_shape: the per-example input shape (no batch axis); ``None`` marks a dynamic
             axis, e.g. ``(None, 8)`` for sequences of any length with 8 features.
         seed: seeds parameter initialisation (and dropout).
-        updater: an optax GradientTransformation (default ``optax.adam(1e-3)``).
+        updater: a named updater (default ``Adam(1e-3)``; ``Sgd``, ``Nesterovs``,
+            ``RmsProp``, ... with learning-rate schedules), which saves with the
+            configuration, or any optax GradientTransformation (which JSON cannot hold:
+            loading then asks for the configuration).
         training_workspace_mode, inference_workspace_mode: see :class:`WorkspaceMode`.
         offload_activations: in SEPARATE mode, keep the saved ACTIVATIONS in pinned host
             memory (where the backend has that memory kind) instead of on the device.
@@ -48,7 +53,7 @@ class NeuralNetConfiguration:
     layers: tuple[Layer, ...]
     input_shape: tuple[int | None, ...]
     seed: int = 0
-    updater: optax.GradientTransformation = dataclasses.field(default_factory=lambda: optax.adam(1e-3))
+    updater: Updater | optax.GradientTransformation = dataclasses.field(default_factory=Adam)
     training_workspace_mode: WorkspaceMode = WorkspaceMode.ENABLED
     inference_workspace_mode: WorkspaceMode = WorkspaceMode.ENABLED
     offload_activations: bool = False
@@ -102,6 +107,93 @@ class NeuralNetConfiguration:
         """A DL4J-style fluent builder."""
         return Builder()
 
+    def optax_updater(self) -> optax.GradientTransformation:
+        """The updater as an optax transformation (a named updater builds its own)."""
+        return self.updater.build() if isinstance(self.updater, Updater) else self.updater
+
+    def to_dict(self) -> dict:
+        """The configuration as JSON-ready data (DL4J's ``toJson``, as a dict)."""
+        if isinstance(self.updater, Updater):
+            updater = self.updater.to_dict()
+        else:  # optax transformations are closures: JSON can only say what it was
+            updater = {"type": "optax", "description": repr(self.updater)}
+        return {
+            "format": "jaxws.NeuralNetConfiguration",
+            "version": 1,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "input_shape": list(self.input_shape),
+            "seed": self.seed,
+            "updater": updater,
+            "training_workspace_mode": self.training_workspace_mode.name,
+            "inference_workspace_mode": self.inference_workspace_mode.name,
+            "offload_activations": self.offload_activations,
+        }
+
+    def to_json(self) -> str:
+        """DL4J's ``toJson``: the configuration as a JSON string.
+
+        Raises:
+            ConfigurationError: a custom layer holds a field JSON cannot write.
+
+        Example:
+            >>> from jaxws.nn import NeuralNetConfiguration, Dense, OutputLayer, Sgd
+            >>> conf = NeuralNetConfiguration(layers=[Dense(4), OutputLayer(2)], input_shape=(3,), updater=Sgd(0.1))
+            >>> NeuralNetConfiguration.from_json(conf.to_json()) == conf
+            True
+        """
+        data = self.to_dict()
+        try:
+            return json.dumps(data, indent=2)
+        except TypeError as e:
+            raise ConfigurationError(f"NeuralNetConfiguration.to_json(): {e}; a layer's fields must be JSON values.") from None
+
+    @classmethod
+    def from_dict(cls, data: dict, *, custom_layers: dict[str, type] | None = None,
+                  updater: Any = None) -> NeuralNetConfiguration:
+        """The configuration ``to_dict`` wrote; ``updater`` replaces the saved one."""
+        if data.get("format") != "jaxws.NeuralNetConfiguration":
+            raise ConfigurationError(
+                f"NeuralNetConfiguration.from_json: the data holds {data.get('format')!r}, not a "
+                "jaxws.NeuralNetConfiguration (written by conf.to_json())."
+            )
+        saved = data["updater"]
+        if updater is None:
+            if saved.get("type") == "optax":
+                raise ConfigurationError(
+                    f"NeuralNetConfiguration.from_json: the updater was a raw optax transformation "
+                    f"({saved.get('description')}), which JSON cannot hold. Pass it again, "
+                    "from_json(text, updater=optax.adam(1e-3)) (load(path, conf=...) for a "
+                    "checkpoint), or configure a named updater such as jaxws.nn.Adam(1e-3)."
+                )
+            updater = updater_from_dict(saved)
+        return cls(
+            layers=tuple(layer_from_dict(layer, custom_layers) for layer in data["layers"]),
+            input_shape=tuple(data["input_shape"]),
+            seed=data["seed"],
+            updater=updater,
+            training_workspace_mode=WorkspaceMode[data["training_workspace_mode"]],
+            inference_workspace_mode=WorkspaceMode[data["inference_workspace_mode"]],
+            offload_activations=data["offload_activations"],
+        )
+
+    @classmethod
+    def from_json(cls, text: str, *, custom_layers: dict[str, type] | None = None,
+                  updater: Any = None) -> NeuralNetConfiguration:
+        """DL4J's ``fromJson``: the configuration ``to_json`` wrote.
+
+        Args:
+            text: the JSON.
+            custom_layers: layer classes by saved type name, for layers this process has
+                not imported (jaxws's own and any imported Layer subclass are found by name).
+            updater: the updater to use instead of the saved one (required when a raw optax
+                transformation was saved).
+
+        Raises:
+            ConfigurationError: not a configuration, an unknown layer type, or a raw optax
+                updater without ``updater=``.
+        """
+        return cls.from_dict(json.loads(text), custom_layers=custom_layers, updater=updater)
+
 
 class Builder:
     """``NeuralNetConfiguration.builder().seed(1)....list(...).build()``, as in DL4J."""
@@ -117,7 +209,7 @@ class Builder:
     def seed(self, seed: int) -> Builder:
         return self._set("seed", seed)
 
-    def updater(self, updater: optax.GradientTransformation) -> Builder:
+    def updater(self, updater: Updater | optax.GradientTransformation) -> Builder:
         return self._set("updater", updater)
 
     def input_shape(self, *shape: int | None) -> Builder:

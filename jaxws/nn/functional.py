@@ -15,6 +15,7 @@ from jaxws.arrays import detach
 from jaxws.errors import ConfigurationError
 from jaxws.nn.model import Model, TrainState
 from jaxws.nn.modes import WorkspaceMode
+from jaxws.nn.updaters import Adam, Updater
 
 __all__ = ["FunctionalModel"]
 
@@ -50,7 +51,9 @@ class FunctionalModel(Model):
     ):
         if not callable(apply) or not callable(loss):
             raise TypeError("FunctionalModel(apply, params, loss=...): apply and loss must be callables.")
-        super().__init__(updater or optax.adam(1e-3), training_workspace_mode, inference_workspace_mode)
+        updater = updater or Adam(1e-3)
+        super().__init__(updater.build() if isinstance(updater, Updater) else updater,
+                         training_workspace_mode, inference_workspace_mode)
         self._user_apply = apply
         self._user_loss = loss
         self._stateful = state is not None
@@ -60,6 +63,18 @@ class FunctionalModel(Model):
 
     def init(self) -> FunctionalModel:
         return self
+
+    @classmethod
+    def load(cls, path: str, apply: Callable, params: Any, *, loss: Callable, updater: Any = None,
+             state: Any = None, load_updater: bool = True, **kwargs: Any) -> FunctionalModel:
+        """A FunctionalModel restored from ``path``: ``apply`` and a ``params`` (and ``state``)
+        of the saved structure (its initial values, say) rebuild it; the checkpoint fills it.
+
+        Raises:
+            CheckpointError: no checkpoint there, or one of another structure.
+        """
+        model = cls(apply, params, loss=loss, updater=updater, state=state, **kwargs)
+        return model.restore(path, load_updater=load_updater)
 
     @classmethod
     def from_equinox(cls, module: Any, *, loss: Callable, batched: bool = False, **kwargs: Any) -> FunctionalModel:

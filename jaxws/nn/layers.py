@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +29,38 @@ __all__ = [
     "OutputLayer",
     "RnnOutputLayer",
     "REMAT_CHOICES",
+    "layer_from_dict",
+    "layer_type_name",
 ]
 
 REMAT_CHOICES = (None, "save", "recompute", "offload")
 Shape = tuple  # per-example shape: no batch axis; None for a dynamic (time) axis
+
+
+def layer_type_name(cls: type) -> str:
+    """The name a layer class is saved under: its class name for jaxws's own layers, the
+    module-qualified name for yours (``mypackage.layers.Gated``)."""
+    module = cls.__module__
+    return cls.__name__ if module.startswith("jaxws.") else f"{module}.{cls.__qualname__}"
+
+
+def layer_from_dict(data: dict, custom: dict[str, type] | None = None) -> Layer:
+    """The layer ``Layer.to_dict`` wrote.
+
+    Raises:
+        ConfigurationError: the layer type is not known in this process.
+    """
+    data = dict(data)
+    kind = data.pop("type", None)
+    cls = (custom or {}).get(kind) or Layer._registry.get(kind)
+    if cls is None:
+        raise ConfigurationError(
+            f"layer type {kind!r} is unknown in this process. Import the module that defines it "
+            f"before loading, or pass it: from_json(text, custom_layers={{{kind!r}: TheClass}})."
+        )
+    if "remat" in data and isinstance(data["remat"], list):
+        data["remat"] = tuple(data["remat"])
+    return cls(**data)
 
 
 def _positive_int(layer: str, name: str, value: Any) -> None:
@@ -54,6 +82,17 @@ class Layer(abc.ABC):
 
     name: str | None = None
     remat: str | None = None
+
+    _registry: ClassVar[dict[str, type]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Layer._registry[layer_type_name(cls)] = cls  # a layer defined anywhere can be loaded by name
+
+    def to_dict(self) -> dict:
+        """The layer as JSON-ready data: its type and its fields."""
+        return {"type": layer_type_name(type(self)),
+                **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
 
     def __post_init__(self):
         if self.remat not in REMAT_CHOICES:

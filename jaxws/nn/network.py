@@ -71,7 +71,7 @@ class MultiLayerNetwork(Model):
     def __init__(self, conf: NeuralNetConfiguration):
         if not isinstance(conf, NeuralNetConfiguration):
             raise TypeError(f"MultiLayerNetwork(conf={conf!r}): expected a NeuralNetConfiguration.")
-        super().__init__(conf.updater, conf.training_workspace_mode, conf.inference_workspace_mode)
+        super().__init__(conf.optax_updater(), conf.training_workspace_mode, conf.inference_workspace_mode)
         self.conf = conf
         self.layers = conf.layers
         self.layer_input_shapes: list[tuple] = []
@@ -79,6 +79,32 @@ class MultiLayerNetwork(Model):
         self._validated: set = set()
         self._rnn_state: dict | None = None
         self._rnn_fn = None
+
+    @classmethod
+    def load(cls, path: str, *, load_updater: bool = True, conf: NeuralNetConfiguration | None = None) -> MultiLayerNetwork:
+        """The network saved at ``path`` (DL4J's ``restoreMultiLayerNetwork``).
+
+        Args:
+            path: a directory written by ``save`` (or a CheckpointListener checkpoint's).
+            load_updater: restore the updater state too (to resume training exactly).
+            conf: the configuration, when the saved one used a raw optax updater (JSON cannot
+                hold it); the architecture must be the saved one.
+
+        Raises:
+            CheckpointError: no checkpoint there, an unreadable one, or one of another model.
+            ConfigurationError: the saved updater was a raw optax transformation and no
+                ``conf`` was given.
+        """
+        from jaxws.nn.checkpoints import read_meta
+
+        meta = read_meta(path)
+        if meta.get("model") != "MultiLayerNetwork":
+            from jaxws.errors import CheckpointError
+
+            raise CheckpointError(f"The checkpoint at {path} holds a {meta.get('model')}, not a MultiLayerNetwork.")
+        if conf is None:
+            conf = NeuralNetConfiguration.from_dict(meta["conf"])
+        return cls(conf).init().restore(path, load_updater=load_updater)
 
     # -- construction ----------------------------------------------------------------------
 

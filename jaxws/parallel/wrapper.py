@@ -285,6 +285,9 @@ class ParallelWrapper:
                                 rounds = group.active.shape[1]
                                 self.rounds += rounds
                                 model.iteration += rounds
+                                if model.listeners:  # they see (and checkpoint) the averaged model
+                                    with model._lock:
+                                        model._carry = self._consensus(stacked)
                                 with guard.released():
                                     self._report(score)
                     except AsyncIteratorError as e:

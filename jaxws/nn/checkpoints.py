@@ -1,0 +1,423 @@
+"""Checkpoints: a model's arrays through orbax-checkpoint, everything else as JSON.
+
+A checkpoint is a directory of two items: ``arrays`` (parameters, layer state, updater
+state and the RNG, as named leaves) and ``meta`` (configuration, counters, the data
+iterator's position). CheckpointListener keeps a rotating set, written asynchronously.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import logging
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxws.errors import CheckpointError, ConfigurationError
+from jaxws.nn.listeners import TrainingListener
+
+__all__ = ["Checkpoint", "CheckpointListener", "save_model", "restore_model", "read_meta"]
+
+FORMAT = "jaxws.checkpoint"
+_ITEMS = ("arrays", "meta")
+
+
+def _ocp():
+    import orbax.checkpoint as ocp  # imported when first used: it is not light
+
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save at INFO
+    return ocp
+
+
+def _name(path: tuple) -> str:
+    parts = []
+    for key in path:
+        for attribute in ("name", "key", "idx"):
+            if hasattr(key, attribute):
+                parts.append(str(getattr(key, attribute)))
+                break
+        else:
+            parts.append(str(key))
+    return ".".join(parts)
+
+
+def named_leaves(tree: Any) -> dict[str, Any]:
+    """``tree``'s leaves by dotted path (``params.0.W``)."""
+    return {_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _carry_tree(model: Any, carry: Any, with_updater: bool) -> dict:
+    tree = {"params": carry.params, "state": carry.state, "rng": jax.random.key_data(model._rng)}
+    if with_updater:
+        tree["updater"] = carry.opt_state
+    return tree
+
+
+def _describe(leaves: dict[str, Any]) -> dict[str, list]:
+    return {name: [list(np.shape(a)), str(np.dtype(a.dtype))] for name, a in leaves.items()}
+
+
+def content(model: Any, *, save_updater: bool = True, iterator: Any = None) -> tuple[dict, dict]:
+    """``(host arrays by name, meta)`` of ``model`` now: one consistent version.
+
+    The arrays are copied to host memory under the model's lock, so a step that donates
+    the carry afterwards cannot touch them; nothing is copied on the device.
+    """
+    with model._lock, jax.transfer_guard_device_to_host("allow"):  # asked for: not a hidden sync
+        carry = model._require_init()
+        leaves = named_leaves(_carry_tree(model, carry, save_updater))
+        if jax.default_backend() != "cpu":  # start every transfer, then wait for each
+            for x in leaves.values():
+                x.copy_to_host_async()
+        arrays = {name: np.array(x) for name, x in leaves.items()}  # numpy's own copies
+        iteration, epoch = model.iteration, model.epoch
+        position = model._data_position(iterator)
+    conf = getattr(model, "conf", None)
+    meta = {
+        "format": FORMAT,
+        "version": 1,
+        "model": type(model).__name__,
+        "conf": None if conf is None else conf.to_dict(),
+        "iteration": iteration,
+        "epoch": epoch,
+        "updater_saved": save_updater,
+        "rng_impl": str(jax.random.key_impl(model._rng)),
+        "leaves": _describe(arrays),
+        "iterator": position,
+        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return arrays, meta
+
+
+def _args(arrays: dict | None, meta: dict | None, restore: bool = False):
+    ocp = _ocp()
+    if restore:
+        template = None if arrays is None else {k: jax.ShapeDtypeStruct(tuple(s), np.dtype(d)) for k, (s, d) in arrays.items()}
+        items = {"meta": ocp.args.JsonRestore()}
+        if template is not None:
+            items["arrays"] = ocp.args.StandardRestore(template)
+        return ocp.args.Composite(**items)
+    return ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta))
+
+
+def save_model(model: Any, path: str | Path, *, save_updater: bool = True, iterator: Any = None) -> Path:
+    """Writes ``model`` to the directory ``path`` (replaced if it exists); returns the path.
+
+    The write is atomic: orbax writes a temporary directory and renames it when complete.
+    """
+    path = Path(path).absolute()
+    arrays, meta = content(model, save_updater=save_updater, iterator=iterator)
+    ocp = _ocp()
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(path, args=_args(arrays, meta), force=True)
+    return path
+
+
+def read_meta(path: str | Path) -> dict:
+    """The ``meta`` item of the checkpoint at ``path``.
+
+    Raises:
+        CheckpointError: nothing readable there.
+    """
+    path = Path(path).absolute()
+    if not path.exists():
+        raise CheckpointError(f"No checkpoint at {path}: the directory does not exist.")
+    ocp = _ocp()
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            meta = checkpointer.restore(path, args=_args(None, None, restore=True)).meta
+    except Exception as e:  # orbax and tensorstore raise many kinds
+        raise CheckpointError(f"Cannot read the checkpoint at {path}: {type(e).__name__}: {e}") from e
+    return _checked_meta(meta, path)
+
+
+def _checked_meta(meta: Any, where: Any) -> dict:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{where} is not a jaxws checkpoint (its meta item holds no {FORMAT!r} format).")
+    return meta
+
+
+def _plan(model: Any, meta: dict, load_updater: bool, where: Any) -> tuple[dict, Any]:
+    """What to restore: the saved leaves to read, after checking they fit ``model``."""
+    carry = model._require_init()
+    expected = _describe(named_leaves(_carry_tree(model, carry, True)))
+    saved = meta["leaves"]
+    for name, (shape, dtype) in saved.items():
+        if name.startswith("updater.") and not load_updater:
+            continue
+        if name not in expected:
+            raise CheckpointError(
+                f"The checkpoint at {where} does not fit this {type(model).__name__}: it holds "
+                f"{name} {dtype}{shape}, which the model does not have. Load it into the "
+                "architecture it was saved from."
+            )
+        if expected[name] != [shape, dtype]:
+            want = expected[name]
+            raise CheckpointError(
+                f"The checkpoint at {where} does not fit this {type(model).__name__}: {name} is "
+                f"{dtype}{shape} there and {want[1]}{want[0]} here."
+            )
+    needed = [n for n in expected if not n.startswith("updater.") or (load_updater and meta["updater_saved"])]
+    missing = [n for n in needed if n not in saved]
+    if missing:
+        raise CheckpointError(
+            f"The checkpoint at {where} does not fit this {type(model).__name__}: it lacks "
+            f"{missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}."
+        )
+    return saved, expected
+
+
+def _install(model: Any, arrays: dict, meta: dict, load_updater: bool) -> None:
+    """Puts restored arrays into ``model`` in one commit (or changes nothing)."""
+    with model._lock:
+        carry = model._require_init()
+        tree = _carry_tree(model, carry, True)
+        paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        leaves = []
+        for path, old in paths:
+            name = _name(path)
+            if name.startswith("updater.") and not (load_updater and meta["updater_saved"]):
+                leaves.append(old)
+            else:
+                leaves.append(jnp.asarray(arrays[name], dtype=old.dtype))
+        restored = jax.tree.unflatten(treedef, leaves)
+        model._carry = carry._replace(params=restored["params"], state=restored["state"],
+                                      opt_state=restored["updater"] if load_updater and meta["updater_saved"]
+                                      else model._updater.init(restored["params"]))
+        model._rng = jax.random.wrap_key_data(restored["rng"], impl=meta["rng_impl"])
+        model.iteration, model.epoch = meta["iteration"], meta["epoch"]
+        model._restored_position = meta.get("iterator")
+
+
+def restore_model(model: Any, path: str | Path, *, load_updater: bool = True) -> Any:
+    """Restores the checkpoint at ``path`` into ``model`` (same architecture); returns it.
+
+    Raises:
+        CheckpointError: no checkpoint there, an unreadable one, or one that does not fit
+            ``model`` (the message names the leaf); ``model`` is then unchanged.
+    """
+    path = Path(path).absolute()
+    meta = read_meta(path)
+    saved, _ = _plan(model, meta, load_updater, path)
+    ocp = _ocp()
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            arrays = checkpointer.restore(path, args=_args(saved, None, restore=True)).arrays
+    except Exception as e:
+        raise CheckpointError(f"Cannot read the arrays of the checkpoint at {path}: {type(e).__name__}: {e}") from e
+    _install(model, arrays, meta, load_updater)
+    return model
+
+
+class Checkpoint(NamedTuple):
+    """One checkpoint a CheckpointListener keeps (DL4J's Checkpoint)."""
+
+    number: int
+    iteration: int
+    epoch: int
+    saved_at: str
+    iterator: dict | None
+
+
+class CheckpointListener(TrainingListener):
+    """Saves the model every N iterations, epochs or minutes (DL4J's CheckpointListener).
+
+    Checkpoints are numbered 0, 1, 2, ... in ``directory`` (an orbax CheckpointManager):
+    the last ``keep_last`` are kept, and every checkpoint whose number is a multiple of
+    ``keep_every``. Saving is asynchronous: the arrays are copied to host memory at the
+    save (so the next step may donate the device buffers) and written while training goes
+    on; each write is atomic. Between saves the listener costs an integer test (and a
+    clock read with ``save_every``) per iteration: no host sync.
+
+    Args:
+        directory: where the checkpoints go (created if needed; existing ones are kept and
+            numbering continues after them).
+        keep_last: how many of the latest to keep (None: all).
+        keep_every: also keep every checkpoint whose number is a multiple of this.
+        save_every_n_iterations, save_every_n_epochs: when to save.
+        save_every: a time span between saves (seconds or a ``datetime.timedelta``).
+        save_updater: include the updater state (needed to resume training exactly).
+        iterator: the training iterator, whose position (epoch, cursor, seed) is recorded
+            so a resumed run can continue where this one stopped.
+        asynchronous: write in the background (default) or before training goes on.
+
+    With ``fit(steps_per_execution=k)`` a checkpoint holds the state after the execution
+    that contains the iteration that triggered it; its recorded ``iteration`` says which.
+
+    Example:
+        >>> import tempfile
+        >>> from jaxws.nn import CheckpointListener
+        >>> listener = CheckpointListener(tempfile.mkdtemp(), keep_last=3, save_every_n_iterations=100)
+        >>> listener.available_checkpoints()
+        []
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        save_every_n_iterations: int | None = None,
+        save_every_n_epochs: int | None = None,
+        save_every: float | datetime.timedelta | None = None,
+        save_updater: bool = True,
+        iterator: Any = None,
+        asynchronous: bool = True,
+    ):
+        for name, value in (("keep_last", keep_last), ("keep_every", keep_every),
+                            ("save_every_n_iterations", save_every_n_iterations),
+                            ("save_every_n_epochs", save_every_n_epochs)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigurationError(f"CheckpointListener({name}={value!r}): expected an int >= 1, or None.")
+        if isinstance(save_every, datetime.timedelta):
+            save_every = save_every.total_seconds()
+        if save_every is not None and (isinstance(save_every, bool) or not isinstance(save_every, (int, float)) or save_every <= 0):
+            raise ConfigurationError(f"CheckpointListener(save_every={save_every!r}): expected seconds > 0 or a timedelta.")
+        if not (save_every_n_iterations or save_every_n_epochs or save_every):
+            raise ConfigurationError(
+                "CheckpointListener: say when to save: save_every_n_iterations=, save_every_n_epochs= "
+                "or save_every= (seconds or a timedelta)."
+            )
+        ocp = _ocp()
+        self.directory = Path(directory).absolute()
+        self.save_every_n_iterations = save_every_n_iterations
+        self.save_every_n_epochs = save_every_n_epochs
+        self.save_every = save_every
+        self.save_updater = save_updater
+        self.iterator = iterator
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep_last, keep_period=keep_every, create=True,
+                enable_async_checkpointing=asynchronous),
+            item_names=_ITEMS,
+        )
+        steps = self._manager.all_steps()
+        self._next = (max(steps) + 1) if steps else 0
+        self._last_save = time.monotonic()
+        atexit.register(self.close)  # a save still being written at exit is finished, not torn
+
+    # -- the listener ------------------------------------------------------------------------
+
+    def iteration_done(self, model, iteration, epoch, loss):
+        n = self.save_every_n_iterations
+        if (n and iteration % n == 0) or (self.save_every and time.monotonic() - self._last_save >= self.save_every):
+            self.save(model)
+
+    def on_epoch_end(self, model, epoch):
+        n = self.save_every_n_epochs
+        if n and (epoch + 1) % n == 0:
+            self.save(model)
+
+    @property
+    def _open(self) -> Any:
+        if self._manager is None:
+            raise CheckpointError(f"The CheckpointListener of {self.directory} is closed; make a new one.")
+        return self._manager
+
+    def save(self, model: Any) -> int:
+        """Saves ``model`` now, as the next checkpoint; returns its number."""
+        manager = self._open
+        arrays, meta = content(model, save_updater=self.save_updater, iterator=self.iterator)
+        number = self._next
+        manager.save(number, args=_args(arrays, meta))
+        self._next += 1
+        self._last_save = time.monotonic()
+        return number
+
+    # -- reading them back -------------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Waits until every checkpoint started is written."""
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+
+    def available_checkpoints(self) -> list[Checkpoint]:
+        """The checkpoints kept, oldest first (written ones only)."""
+        self.wait()
+        return [self._describe(n) for n in sorted(self._open.all_steps())]
+
+    def last_checkpoint(self) -> Checkpoint | None:
+        """The latest checkpoint kept, or None."""
+        checkpoints = self.available_checkpoints()
+        return checkpoints[-1] if checkpoints else None
+
+    def _meta(self, number: int) -> dict:
+        try:
+            meta = self._open.restore(number, args=_args(None, None, restore=True)).meta
+        except Exception as e:
+            raise CheckpointError(f"Cannot read checkpoint {number} in {self.directory}: {type(e).__name__}: {e}") from e
+        return _checked_meta(meta, f"Checkpoint {number} in {self.directory}")
+
+    def _describe(self, number: int) -> Checkpoint:
+        meta = self._meta(number)
+        return Checkpoint(number, meta["iteration"], meta["epoch"], meta["saved_at"], meta.get("iterator"))
+
+    def load_checkpoint(self, number: int | None = None, *, model: Any = None, load_updater: bool = True,
+                        conf: Any = None) -> Any:
+        """The model of checkpoint ``number`` (default: the last).
+
+        Restored into ``model`` if given (same architecture), else built from the saved
+        configuration (a MultiLayerNetwork or ComputationGraph; ``conf=`` where the saved one
+        used a raw optax updater).
+
+        Raises:
+            CheckpointError: no such checkpoint, or it does not fit ``model``.
+        """
+        self.wait()
+        steps = sorted(self._open.all_steps())
+        if number is None:
+            if not steps:
+                raise CheckpointError(f"No checkpoint in {self.directory} yet.")
+            number = steps[-1]
+        if number not in steps:
+            raise CheckpointError(f"No checkpoint {number} in {self.directory}; available: {steps}.")
+        meta = self._meta(number)
+        if model is None:
+            model = _model_from_meta(meta, conf, f"checkpoint {number} in {self.directory}")
+        saved, _ = _plan(model, meta, load_updater, f"checkpoint {number} in {self.directory}")
+        try:
+            arrays = self._manager.restore(number, args=_args(saved, None, restore=True)).arrays
+        except Exception as e:
+            raise CheckpointError(f"Cannot read the arrays of checkpoint {number} in {self.directory}: {e}") from e
+        _install(model, arrays, meta, load_updater)
+        return model
+
+    def close(self) -> None:
+        """Waits for pending writes and releases the manager; idempotent."""
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+            self._manager.close()
+            self._manager = None
+            atexit.unregister(self.close)
+
+
+def _model_from_meta(meta: dict, conf: Any, where: str) -> Any:
+    from jaxws.nn.conf import NeuralNetConfiguration
+    from jaxws.nn.network import MultiLayerNetwork
+
+    kinds = {"MultiLayerNetwork": (MultiLayerNetwork, NeuralNetConfiguration)}
+    try:
+        from jaxws.nn.graph import ComputationGraph, ComputationGraphConfiguration
+
+        kinds["ComputationGraph"] = (ComputationGraph, ComputationGraphConfiguration)
+    except ImportError:  # pragma: no cover - the graph is part of the package
+        pass
+    kind = meta.get("model")
+    if kind not in kinds:
+        raise CheckpointError(
+            f"The {where} holds a {kind}, which cannot be rebuilt from its configuration; "
+            "create the model and pass it: load_checkpoint(n, model=model) / model.restore(path)."
+        )
+    cls, conf_cls = kinds[kind]
+    if conf is None:
+        if meta.get("conf") is None:
+            raise CheckpointError(f"The {where} holds no configuration; pass conf=.")
+        conf = conf_cls.from_dict(meta["conf"])
+    return cls(conf).init()

@@ -1,0 +1,394 @@
+"""Checkpoints: save, restore in a fresh process, resume to the same numbers; the listener.
+
+Arrays go through orbax-checkpoint, everything else as JSON; a checkpoint holds one
+consistent version even while the next step donates the buffers it was copied from.
+"""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxws
+from jaxws.data import ArrayDataSetIterator, AsyncDataSetIterator
+from jaxws.nn import (
+    LSTM,
+    AdaDelta,
+    AdaGrad,
+    AdaMax,
+    Adam,
+    AMSGrad,
+    BatchNormalization,
+    CheckpointListener,
+    Dense,
+    Dropout,
+    ExponentialSchedule,
+    FunctionalModel,
+    InverseSchedule,
+    MapSchedule,
+    MultiLayerNetwork,
+    Nadam,
+    Nesterovs,
+    NeuralNetConfiguration,
+    OutputLayer,
+    PolySchedule,
+    RmsProp,
+    RnnOutputLayer,
+    Sgd,
+    SigmoidSchedule,
+    StepSchedule,
+    TrainingListener,
+)
+from jaxws.parallel import ParallelWrapper
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "checkpoint_process.py"
+EPOCHS = 3
+
+
+def configuration(updater=None):
+    return NeuralNetConfiguration(
+        layers=[Dense(16, activation="relu"), BatchNormalization(), Dropout(0.3), OutputLayer(3)],
+        input_shape=(5,), updater=updater or Adam(1e-2), seed=4)
+
+
+def data_iterator():
+    r = np.random.default_rng(0)
+    x = r.normal(size=(100, 5)).astype(np.float32)
+    y = r.integers(0, 3, 100).astype(np.int32)
+    return ArrayDataSetIterator(x, y, batch_size=16, shuffle=True, seed=7)  # 7 batches, the last of 4
+
+
+def leaves_of(net):
+    return jax.tree.leaves((net.params, net.state, net.updater_state))
+
+
+def env():
+    e = {k: v for k, v in os.environ.items() if not k.startswith("XLA_")}
+    e["PYTHONPATH"] = str(HERE.parent)
+    return e
+
+
+# -- resuming -----------------------------------------------------------------------------
+
+
+def test_train_2n_equals_train_n_save_restore_in_a_fresh_process_train_n(tmp_path):
+    net = MultiLayerNetwork(configuration()).init()
+    it = data_iterator()
+    listener = CheckpointListener(tmp_path / "run", save_every_n_iterations=10, iterator=it)
+    net.add_listeners(listener)
+    net.fit(it, epochs=EPOCHS, progress=False)  # 21 steps; checkpoints at 10 and 20
+    listener.wait()
+    assert [c.iteration for c in listener.available_checkpoints()] == [10, 20]
+    first = listener.available_checkpoints()[0]
+    assert first.iterator["epoch"] == 1 and first.iterator["position"] == 48  # epoch 1, 3 batches in
+    out = tmp_path / "resumed.npz"
+    run = subprocess.run([sys.executable, str(WORKER), "resume", str(tmp_path / "run"), "0", str(out)],
+                         env=env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    got = np.load(out)
+    assert int(got["iteration"]) == net.iteration == 21
+    for i, leaf in enumerate(leaves_of(net)):  # params, batch-norm statistics, dropout keys, adam
+        np.testing.assert_array_equal(got[f"a{i}"], np.asarray(leaf))
+
+
+def test_save_and_load_in_process_equal_and_independent(tmp_path):
+    net = MultiLayerNetwork(configuration()).init()
+    net.fit(data_iterator(), progress=False)
+    path = net.save(tmp_path / "net")
+    copy = MultiLayerNetwork.load(path)
+    assert (copy.iteration, copy.epoch) == (net.iteration, net.epoch) == (7, 1)
+    assert copy.conf == net.conf
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.leaves(copy._carry), jax.tree.leaves(net._carry))
+    np.testing.assert_array_equal(jax.random.key_data(copy._rng), jax.random.key_data(net._rng))
+    net.fit(data_iterator(), progress=False)  # the copy does not share the buffers the original donates
+    assert not any(a.is_deleted() for a in jax.tree.leaves(copy._carry))
+    fresh = MultiLayerNetwork.load(path, load_updater=False)
+    jax.tree.map(np.testing.assert_array_equal, fresh.params, copy.params)
+    assert int(jax.tree.leaves(fresh.updater_state)[0]) == 0  # adam's count starts over
+
+
+def test_an_async_checkpoint_holds_its_iteration_though_the_next_step_donates(tmp_path):
+    net = MultiLayerNetwork(configuration(Sgd(0.1))).init()
+    trajectory = {}
+
+    class Record(TrainingListener):
+        def iteration_done(self, model, iteration, epoch, loss):
+            trajectory[iteration] = [np.array(a) for a in leaves_of(model)]
+
+    listener = CheckpointListener(tmp_path / "async", save_every_n_iterations=3, keep_last=None)
+    net.add_listeners(listener, Record())
+    net.fit(data_iterator(), epochs=2, progress=False)
+    for checkpoint in listener.available_checkpoints():
+        restored = listener.load_checkpoint(checkpoint.number)
+        assert restored.iteration == checkpoint.iteration
+        for a, b in zip(leaves_of(restored), trajectory[checkpoint.iteration]):
+            np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_an_async_iterator_records_the_position_it_handed_out(tmp_path):
+    base = data_iterator()
+    with AsyncDataSetIterator(base, 4) as it:
+        for _ in range(3):
+            next(it)
+        time.sleep(0.05)  # the thread has read further ahead
+        assert base.position > 48
+        state = it.state_dict()
+    assert (state["epoch"], state["position"]) == (0, 48)
+    again = data_iterator()
+    again.load_state_dict(state)
+    np.testing.assert_array_equal(next(again).features, next(data_iterator_at(3)).features)
+
+
+def data_iterator_at(batches):
+    it = data_iterator()
+    for _ in range(batches):
+        next(it)
+    return it
+
+
+# -- what round-trips ---------------------------------------------------------------------
+
+
+UPDATERS = [Sgd(0.1), Nesterovs(0.05, 0.8), Adam(1e-3), AdaMax(2e-3), Nadam(1e-3), AMSGrad(1e-3),
+            RmsProp(1e-2), AdaGrad(0.1), AdaDelta(), Adam(ExponentialSchedule(1e-2, 0.99)),
+            Sgd(StepSchedule(0.1, 0.5, 3)), Sgd(InverseSchedule(0.1, 0.01, 0.5)), Sgd(PolySchedule(0.1, 2.0, 50)),
+            Sgd(SigmoidSchedule(0.1, 0.1, 5)), Sgd(MapSchedule({0: 0.1, 4: 0.01}))]
+
+
+@pytest.mark.parametrize("updater", UPDATERS, ids=lambda u: f"{type(u).__name__}")
+def test_every_named_updater_trains_saves_and_resumes(updater, tmp_path):
+    it = data_iterator()
+    net = MultiLayerNetwork(configuration(updater)).init()
+    net.fit(it, progress=False)
+    restored = MultiLayerNetwork.load(net.save(tmp_path / "u", iterator=it))
+    assert restored.conf.updater == updater
+    resumed = data_iterator()
+    resumed.load_state_dict(restored.restored_iterator_state)
+    net.fit(it, progress=False)
+    restored.fit(resumed, progress=False)
+    for a, b in zip(leaves_of(restored), leaves_of(net)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_named_updaters_build_their_optax_transformations():
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.asarray([0.5, -1.0, 2.0])}
+    pairs = [(Sgd(0.1), optax.sgd(0.1)), (Nesterovs(0.1, 0.9), optax.sgd(0.1, 0.9, nesterov=True)),
+             (Adam(1e-2), optax.adam(1e-2)), (AdaMax(1e-2), optax.adamax(1e-2)), (Nadam(1e-2), optax.nadam(1e-2)),
+             (AMSGrad(1e-2), optax.amsgrad(1e-2)), (RmsProp(1e-2, 0.9), optax.rmsprop(1e-2, decay=0.9, eps=1e-8)),
+             (AdaGrad(0.1), optax.adagrad(0.1, eps=1e-6)), (AdaDelta(0.9, 1e-6), optax.adadelta(1.0, rho=0.9, eps=1e-6))]
+    for ours, reference in pairs:
+        a, sa = params, ours.init(params)
+        b, sb = params, reference.init(params)
+        for _ in range(3):
+            ua, sa = ours.update(grads, sa, a)
+            ub, sb = reference.update(grads, sb, b)
+            a, b = optax.apply_updates(a, ua), optax.apply_updates(b, ub)
+        np.testing.assert_allclose(a["w"], b["w"], rtol=1e-6)
+    assert float(ExponentialSchedule(1.0, 0.5)(3)) == 0.125
+    assert float(StepSchedule(1.0, 0.5, 2)(3)) == 0.5
+    assert float(MapSchedule({0: 1.0, 10: 0.1})(10)) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("layers, shape", [
+    ([Dense(4, activation="relu", name="d"), Dropout(0.2), BatchNormalization(decay=0.8), OutputLayer(3, loss="mcxent")], (5,)),
+    ([LSTM(6, remat="recompute"), RnnOutputLayer(2, activation="sigmoid", loss="xent")], (None, 3)),
+    ([LSTM(4), Dense(4), RnnOutputLayer(2, loss="mse", activation="identity")], (7, 3)),
+])
+def test_configurations_round_trip_through_json(layers, shape, tmp_path):
+    conf = NeuralNetConfiguration(layers=layers, input_shape=shape, updater=RmsProp(1e-3), seed=11,
+                                  training_workspace_mode=jaxws.WorkspaceMode.SEPARATE,
+                                  inference_workspace_mode=jaxws.WorkspaceMode.NONE)
+    assert NeuralNetConfiguration.from_json(conf.to_json()) == conf
+    net = MultiLayerNetwork(conf).init()
+    copy = MultiLayerNetwork.load(net.save(tmp_path / "c"))
+    assert copy.conf == conf
+    jax.tree.map(np.testing.assert_array_equal, copy.params, net.params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale(jaxws.nn.Layer):
+    """A custom layer, found by its module-qualified name when loading."""
+
+    factor: float = 2.0
+
+    def activate(self, params, state, x, training, mgr, mask=None):
+        return mgr.leverage_to(jaxws.nn.ArrayType.ACTIVATIONS, x * self.factor), state
+
+
+def test_custom_layers_load_by_name_and_unknown_ones_say_how():
+    conf = NeuralNetConfiguration(layers=[Scale(3.0), OutputLayer(2)], input_shape=(4,), updater=Sgd(0.1))
+    text = conf.to_json()
+    assert NeuralNetConfiguration.from_json(text) == conf
+    renamed = text.replace("test_checkpoints.Scale", "somewhere.Missing")
+    with pytest.raises(jaxws.ConfigurationError, match=r"layer type 'somewhere.Missing' is unknown .*custom_layers="):
+        NeuralNetConfiguration.from_json(renamed)
+    assert NeuralNetConfiguration.from_json(renamed, custom_layers={"somewhere.Missing": Scale}) == conf
+
+
+def test_a_raw_optax_updater_asks_for_the_configuration(tmp_path):
+    conf = NeuralNetConfiguration(layers=[OutputLayer(2)], input_shape=(3,), updater=optax.sgd(0.1))
+    path = MultiLayerNetwork(conf).init().save(tmp_path / "raw")
+    with pytest.raises(jaxws.ConfigurationError, match=r"raw optax transformation.*conf="):
+        MultiLayerNetwork.load(path)
+    assert MultiLayerNetwork.load(path, conf=conf).conf is conf
+
+
+def test_a_functional_model_saves_and_loads_with_its_apply():
+    import tempfile
+
+    def apply(p, x, training):
+        return x @ p["w"] + p["b"]
+
+    def loss(pred, y, mask):
+        return jnp.mean((pred - y) ** 2)
+
+    init = {"w": jnp.zeros((3, 1)), "b": jnp.zeros(1)}
+    model = FunctionalModel(apply, init, loss=loss, updater=Adam(0.1))
+    model.fit((jnp.ones((8, 3)), jnp.ones((8, 1))), epochs=5, progress=False)
+    path = model.save(tempfile.mkdtemp() + "/f")
+    copy = FunctionalModel.load(path, apply, init, loss=loss, updater=Adam(0.1))
+    assert copy.iteration == 5
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.leaves(copy._carry), jax.tree.leaves(model._carry))
+
+
+# -- retention, crashes, bad checkpoints --------------------------------------------------
+
+
+def test_keep_last_and_keep_every_keep_exactly_those(tmp_path):
+    net = MultiLayerNetwork(configuration()).init()
+    listener = CheckpointListener(tmp_path / "keep", keep_last=2, keep_every=3, save_every_n_iterations=1)
+    net.add_listeners(listener)
+    net.fit(data_iterator(), progress=False)  # 7 iterations: checkpoints 0..6
+    assert [c.number for c in listener.available_checkpoints()] == [0, 3, 5, 6]
+    assert [c.iteration for c in listener.available_checkpoints()] == [1, 4, 6, 7]
+    assert listener.last_checkpoint().number == 6
+    listener.close()
+    again = CheckpointListener(tmp_path / "keep", save_every_n_epochs=1)  # numbering continues
+    net.set_listeners(again)
+    net.fit(data_iterator(), progress=False)
+    assert again.last_checkpoint().number == 7 and again.last_checkpoint().iteration == 14
+
+
+def test_save_every_epoch_and_every_time_span(tmp_path):
+    net = MultiLayerNetwork(configuration()).init()
+    epochs = CheckpointListener(tmp_path / "epochs", save_every_n_epochs=2)
+    timed = CheckpointListener(tmp_path / "timed", save_every=0.05)
+
+    class Slow(TrainingListener):
+        def iteration_done(self, model, iteration, epoch, loss):
+            time.sleep(0.02)
+
+    net.add_listeners(epochs, timed, Slow())
+    net.fit(data_iterator(), epochs=4, progress=False)
+    assert [c.epoch for c in epochs.available_checkpoints()] == [1, 3]  # saved as epochs 1 and 3 end
+    assert 4 <= len(timed.available_checkpoints()) <= 28  # 28 iterations of >= 20 ms, one per 50 ms
+
+
+def test_a_process_killed_mid_save_leaves_the_previous_checkpoints_whole(tmp_path):
+    directory = tmp_path / "hammered"
+    proc = subprocess.Popen([sys.executable, str(WORKER), "hammer", str(directory)], env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until some checkpoints are complete, and a save is in flight
+            done = [p for p in directory.glob("*") if p.name.isdigit()] if directory.exists() else []
+            if len(done) >= 2:
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    listener = CheckpointListener(directory, save_every_n_iterations=1)
+    kept = listener.available_checkpoints()
+    assert len(kept) >= 2
+    for checkpoint in kept:
+        restored = listener.load_checkpoint(checkpoint.number, conf=NeuralNetConfiguration(
+            layers=[Dense(1024), Dense(1024), OutputLayer(4)], input_shape=(1024,), updater=optax.sgd(1e-3)))
+        assert restored.iteration == checkpoint.iteration
+        assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(restored.params))
+
+
+def test_bad_checkpoints_name_the_problem_and_change_nothing(tmp_path):
+    net = MultiLayerNetwork(configuration()).init()
+    net.fit(data_iterator(), progress=False)
+    path = net.save(tmp_path / "good")
+    other = MultiLayerNetwork(NeuralNetConfiguration(layers=[Dense(8), OutputLayer(3)], input_shape=(5,))).init()
+    before = [np.array(a) for a in jax.tree.leaves(other._carry)]
+    with pytest.raises(jaxws.CheckpointError, match=r"does not fit this MultiLayerNetwork: params\.0\.W is float32\[5, 16\] there and float32\[5, 8\] here"):
+        other.restore(path)
+    with pytest.raises(jaxws.CheckpointError, match=r"No checkpoint at .*missing: the directory does not exist"):
+        other.restore(tmp_path / "missing")
+    broken = tmp_path / "broken"
+    net.save(broken)
+    for f in sorted((broken / "arrays").rglob("*")):
+        if f.is_file() and f.stat().st_size > 100:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])  # truncated
+    victim = MultiLayerNetwork(configuration()).init()
+    kept = [np.array(a) for a in jax.tree.leaves(victim._carry)]
+    with pytest.raises(jaxws.CheckpointError, match=r"Cannot read the arrays of the checkpoint at .*broken"):
+        victim.restore(broken)
+    for a, b in zip(jax.tree.leaves(other._carry), before):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    for a, b in zip(jax.tree.leaves(victim._carry), kept):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(jaxws.CheckpointError, match="plain"):
+        victim.restore(tmp_path / "plain")
+
+
+# -- costs --------------------------------------------------------------------------------
+
+
+def test_the_listener_reads_nothing_between_saves_and_copies_nothing_on_the_device(tmp_path):
+    net = MultiLayerNetwork(configuration()).init()
+    it = data_iterator()
+    net.fit(it, progress=False)  # compile
+    grown = []
+
+    class Measured(CheckpointListener):
+        def save(self, model):
+            def live():
+                return sum(a.nbytes for a in jax.live_arrays() if not a.is_deleted())
+
+            before = live()
+            number = super().save(model)
+            grown.append(live() - before)  # device bytes a save leaves behind
+            return number
+
+    listener = Measured(tmp_path / "cost", save_every_n_iterations=5)
+    net.add_listeners(listener)
+    with jax.transfer_guard_device_to_host("disallow"):  # only the saves read, explicitly
+        net.fit(it, epochs=2, progress=False)
+    listener.wait()
+    assert [c.iteration for c in listener.available_checkpoints()] == [10, 15, 20]  # iterations 8..21
+    assert grown == [0, 0, 0]  # copied to host memory, nothing on the device
+
+
+# -- data parallel ------------------------------------------------------------------------
+
+
+def test_a_parallel_wrapper_checkpoints_the_averaged_model(tmp_path):
+    net = MultiLayerNetwork(configuration(Sgd(0.1))).init()
+    listener = CheckpointListener(tmp_path / "pw", save_every_n_iterations=1)
+    net.add_listeners(listener)
+    wrapper = ParallelWrapper(net, workers=2, averaging_frequency=2)
+    batches = list(data_iterator())[:6]  # 3 rounds of 2 workers: averaged after rounds 2 and 3
+    wrapper.fit(batches)
+    last = listener.last_checkpoint()
+    restored = listener.load_checkpoint(last.number)
+    assert last.iteration == net.iteration == 3
+    jax.tree.map(np.testing.assert_array_equal, restored.params, net.params)
