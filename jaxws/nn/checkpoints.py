@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,6 +26,7 @@ __all__ = ["Checkpoint", "CheckpointListener", "save_model", "restore_model", "r
 
 FORMAT = "jaxws.checkpoint"
 _ITEMS = ("arrays", "meta")
+_TRASH = "deleted"  # checkpoints past keep_last are renamed here (atomic), then removed
 
 
 def _ocp():
@@ -295,7 +297,10 @@ class CheckpointListener(TrainingListener):
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep_last, keep_period=keep_every, create=True,
-                enable_async_checkpointing=asynchronous),
+                enable_async_checkpointing=asynchronous,
+                # renamed away in one step: a process killed while old files are removed never
+                # leaves a half-deleted checkpoint among the kept ones
+                todelete_subdir=_TRASH),
             item_names=_ITEMS,
         )
         steps = self._manager.all_steps()
@@ -324,6 +329,7 @@ class CheckpointListener(TrainingListener):
     def save(self, model: Any) -> int:
         """Saves ``model`` now, as the next checkpoint; returns its number."""
         manager = self._open
+        self._empty_trash()
         arrays, meta = content(model, save_updater=self.save_updater, iterator=self.iterator)
         number = self._next
         manager.save(number, args=_args(arrays, meta))
@@ -389,26 +395,30 @@ class CheckpointListener(TrainingListener):
         _install(model, arrays, meta, load_updater)
         return model
 
+    def _empty_trash(self) -> None:
+        """Removes the checkpoints orbax renamed away (each one already out of sight)."""
+        trash = self.directory / _TRASH
+        if trash.is_dir():
+            for old in trash.iterdir():
+                shutil.rmtree(old, ignore_errors=True)
+
     def close(self) -> None:
         """Waits for pending writes and releases the manager; idempotent."""
         if self._manager is not None:
             self._manager.wait_until_finished()
             self._manager.close()
             self._manager = None
+            self._empty_trash()
             atexit.unregister(self.close)
 
 
 def _model_from_meta(meta: dict, conf: Any, where: str) -> Any:
     from jaxws.nn.conf import NeuralNetConfiguration
+    from jaxws.nn.graph import ComputationGraph, ComputationGraphConfiguration
     from jaxws.nn.network import MultiLayerNetwork
 
-    kinds = {"MultiLayerNetwork": (MultiLayerNetwork, NeuralNetConfiguration)}
-    try:
-        from jaxws.nn.graph import ComputationGraph, ComputationGraphConfiguration
-
-        kinds["ComputationGraph"] = (ComputationGraph, ComputationGraphConfiguration)
-    except ImportError:  # pragma: no cover - the graph is part of the package
-        pass
+    kinds = {"MultiLayerNetwork": (MultiLayerNetwork, NeuralNetConfiguration),
+             "ComputationGraph": (ComputationGraph, ComputationGraphConfiguration)}
     kind = meta.get("model")
     if kind not in kinds:
         raise CheckpointError(
