@@ -14,3 +14,5 @@ python benchmarks/modes.py | tee "$out/modes.jsonl"
 python benchmarks/evaluation.py | tee "$out/evaluation.jsonl"
 python benchmarks/prefetch.py | tee "$out/prefetch.jsonl"
 python benchmarks/parallel.py | tee "$out/parallel.jsonl"
+python benchmarks/graph.py --width 2048 --batch 1024 --examples 16384 | tee "$out/graph.jsonl"
+# checkpoint.py needs orbax-checkpoint, which the GPU image lacks

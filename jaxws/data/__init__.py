@@ -3,9 +3,11 @@
 from jaxws.data.dataset import DataSet
 from jaxws.data.dataset import MultiDataSet
 from jaxws.data.iterators import ArrayDataSetIterator
+from jaxws.data.iterators import ArrayMultiDataSetIterator
 from jaxws.data.iterators import DataSetIterator
 from jaxws.data.iterators import IterableDataSetIterator
 from jaxws.data.iterators import as_dataset
+from jaxws.data.iterators import as_multi_dataset
 from jaxws.data.iterators import from_iterable
 from jaxws.data.prefetch import AsyncDataSetIterator
 from jaxws.data.prefetch import AsyncMultiDataSetIterator
@@ -14,6 +16,7 @@ from jaxws.data.prefetch import AsyncShieldMultiDataSetIterator
 
 __all__ = [
     "ArrayDataSetIterator",
+    "ArrayMultiDataSetIterator",
     "AsyncDataSetIterator",
     "AsyncMultiDataSetIterator",
     "AsyncShieldDataSetIterator",
@@ -23,5 +26,6 @@ __all__ = [
     "IterableDataSetIterator",
     "MultiDataSet",
     "as_dataset",
+    "as_multi_dataset",
     "from_iterable",
 ]

@@ -16,9 +16,9 @@ import numpy as np
 
 from jaxws.arrays import check_arrays
 from jaxws.data.dataset import DataSet, MultiDataSet
-from jaxws.data.iterators import ArrayDataSetIterator, as_dataset, from_iterable
+from jaxws.data.iterators import ArrayDataSetIterator, ArrayMultiDataSetIterator, as_dataset, as_multi_dataset, from_iterable
 from jaxws.data.placement import Placement, host_leaf
-from jaxws.data.prefetch import AsyncDataSetIterator
+from jaxws.data.prefetch import AsyncDataSetIterator, AsyncMultiDataSetIterator
 from jaxws.errors import AsyncIteratorError, ConfigurationError, InvalidBatchError, WorkspaceError
 from jaxws.step import _ArrayImpl
 from jaxws.workspace import _TAG
@@ -28,11 +28,17 @@ __all__ = ["Feed", "Rows", "is_single_batch", "prepare", "stack", "validate"]
 _END = object()
 
 
-def is_single_batch(data: Any) -> bool:
-    """A DataSet, a dict, or an (x, y[, masks]) tuple of arrays; anything else is batches."""
+def is_single_batch(data: Any, multi: bool = False) -> bool:
+    """A DataSet, a dict, or an (x, y[, masks]) tuple of arrays (``multi``: also an
+    (inputs, labels) tuple of lists of arrays); anything else is batches."""
     if isinstance(data, (DataSet, MultiDataSet, dict)):
         return True
-    return isinstance(data, tuple) and 2 <= len(data) <= 4 and hasattr(data[0], "shape")
+    if not (isinstance(data, tuple) and 2 <= len(data) <= 4):
+        return False
+    first = data[0]
+    if multi and isinstance(first, (list, tuple)):
+        return bool(first) and all(hasattr(x, "shape") for x in first) and isinstance(data[1], (list, tuple))
+    return hasattr(first, "shape")
 
 
 def validate(ds: Any, op: str, check: Callable[..., Any] | None = None, where: str = "data",
@@ -155,6 +161,8 @@ class Feed:
             caller that stacks and places them itself (ParallelWrapper).
         resident: the caller runs :class:`Rows`: an ArrayDataSetIterator whose data fits on
             the device yields them (its batches taken inside the program) instead of batches.
+        multi: batches are MultiDataSets (a ComputationGraph's): items become them through
+            ``as_multi_dataset``, and the async ring is an AsyncMultiDataSetIterator.
 
     Each pass checks every batch for leaked, outdated or donated arrays before anything
     else, then with ``check`` (shapes once per signature); a list of batches is checked
@@ -176,8 +184,11 @@ class Feed:
         placement: Placement | None = None,
         place: bool = True,
         resident: bool = False,
+        multi: bool = False,
     ):
         self.op = op
+        self._as = as_multi_dataset if multi else as_dataset
+        self._multi = multi
         self._check = check
         self._seen: set = set()  # batch signatures whose shapes were checked
         self._resident = resident
@@ -200,19 +211,25 @@ class Feed:
                 f"{op}(data=<a tuple of {len(data)} arrays>): a tuple is read as (features, labels"
                 "[, features_mask, labels_mask]). Pass (x, y), or a DataSet(x, y)."
             )
-        if is_single_batch(data):
-            ds = self._validated(as_dataset(data))
+        if is_single_batch(data, multi):
+            ds = self._validated(self._as(data))
             if ds.num_examples == 0:
                 raise ConfigurationError(f"{op}: the data has no examples (0 rows); pass at least one example.")
-            data = [ds] if batch_size is None else ArrayDataSetIterator(
-                ds.features, ds.labels, batch_size, features_mask=ds.features_mask, labels_mask=ds.labels_mask)
+            if batch_size is None:
+                data = [ds]
+            elif isinstance(ds, MultiDataSet):
+                data = ArrayMultiDataSetIterator(ds.features, ds.labels, batch_size, features_masks=ds.features_masks,
+                                                 labels_masks=ds.labels_masks)
+            else:
+                data = ArrayDataSetIterator(ds.features, ds.labels, batch_size, features_mask=ds.features_mask,
+                                            labels_mask=ds.labels_mask)
         elif batch_size is not None:
             raise ConfigurationError(
                 f"{op}(batch_size={batch_size}): batch_size splits one DataSet or (x, y) pair; "
                 "an iterator already yields batches."
             )
         if isinstance(data, (list, tuple)):  # batches in memory: all checked before the first runs
-            data = [self._checked(as_dataset(item), f"data[{i}]") for i, item in enumerate(data)]
+            data = [self._checked(self._as(item), f"data[{i}]") for i, item in enumerate(data)]
             self._prechecked = True
         else:
             self._prechecked = False
@@ -319,7 +336,7 @@ class Feed:
         items = itertools.chain([first], items)
         if not self._place:
             return (ds for ds, _ in self._batches(items))
-        on_device = self.placement.holds_all(as_dataset(first[0] if self._prechecked else first))
+        on_device = self.placement.holds_all(self._as(first[0] if self._prechecked else first))
         if self.prefetch and not on_device and getattr(self.source, "async_supported", True):
             return self._prefetched(items)
         return self._inline(items)
@@ -337,7 +354,7 @@ class Feed:
         self._pulled = 0  # batches taken from the source this pass: the next one is the failing one
         for i, item in enumerate(items):
             self._pulled = i + 1
-            yield item if self._prechecked else self._checked(as_dataset(item), f"batch {i}")
+            yield item if self._prechecked else self._checked(self._as(item), f"batch {i}")
 
     def _inline(self, items: Iterator) -> Iterator[Any]:
         place = self.placement.place
@@ -350,10 +367,10 @@ class Feed:
 
     def _prefetched(self, items: Iterator) -> Iterator[Any]:
         if self.steps == 1:
-            base, collate = (ds for ds, _ in self._batches(items)), as_dataset
+            base, collate = (ds for ds, _ in self._batches(items)), self._as
         else:
             base, collate = _grouped(self._batches(items), self.steps), stack
-        ring = self._ring = AsyncDataSetIterator(
+        ring = self._ring = (AsyncMultiDataSetIterator if self._multi else AsyncDataSetIterator)(
             base, self.prefetch, device=self.placement.device, sharding=self.placement.sharding,
             collate=collate)
         try:

@@ -16,7 +16,15 @@ import numpy as np
 from jaxws.data.dataset import DataSet, MultiDataSet
 from jaxws.errors import ConfigurationError
 
-__all__ = ["DataSetIterator", "ArrayDataSetIterator", "IterableDataSetIterator", "from_iterable", "as_dataset"]
+__all__ = [
+    "DataSetIterator",
+    "ArrayDataSetIterator",
+    "ArrayMultiDataSetIterator",
+    "IterableDataSetIterator",
+    "from_iterable",
+    "as_dataset",
+    "as_multi_dataset",
+]
 
 
 def as_dataset(item: Any) -> DataSet | MultiDataSet:
@@ -38,6 +46,40 @@ def as_dataset(item: Any) -> DataSet | MultiDataSet:
         f"Expected a DataSet, an (x, y) pair or a dict with 'features' and 'labels'; got "
         f"{type(item).__name__}."
     )
+
+
+def _as_tuple(value: Any) -> tuple | None:
+    if value is None:
+        return None
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def as_multi_dataset(item: Any) -> MultiDataSet:
+    """A MultiDataSet from a MultiDataSet, an ``(inputs, labels[, features_masks,
+    labels_masks])`` tuple of lists, a DataSet (one input, one output) or an array.
+
+    Example:
+        >>> import numpy as np
+        >>> from jaxws.data import as_multi_dataset
+        >>> ds = as_multi_dataset(([np.ones((2, 3)), np.ones((2, 1))], [np.zeros(2)]))
+        >>> len(ds.features), len(ds.labels)
+        (2, 1)
+    """
+    if isinstance(item, MultiDataSet):
+        return item
+    if isinstance(item, dict) or hasattr(item, "shape"):
+        item = as_dataset(item)
+    if isinstance(item, DataSet):
+        fields = (item.features, item.labels, item.features_mask, item.labels_mask)
+    elif isinstance(item, (tuple, list)) and 1 <= len(item) <= 4:
+        fields = (*item, *(None,) * (4 - len(item)))
+    else:
+        raise TypeError(
+            f"Expected a MultiDataSet or an (inputs, labels) pair of lists, e.g. ([x_a, x_b], [y]); "
+            f"got {type(item).__name__}."
+        )
+    features, labels, features_masks, labels_masks = map(_as_tuple, fields)
+    return MultiDataSet(features, labels or (), features_masks, labels_masks)
 
 
 class DataSetIterator(Iterator):
@@ -223,6 +265,36 @@ class ArrayDataSetIterator(DataSetIterator):
         if entry[1] != self.epoch:
             entry[1], entry[2] = self.epoch, placement.place(order)[0]
         return entry[0], entry[2]
+
+
+class ArrayMultiDataSetIterator(ArrayDataSetIterator):
+    """Batches of several in-memory input and label arrays, as MultiDataSets.
+
+    Everything ArrayDataSetIterator does (shuffling per epoch, positions to resume from,
+    device-resident use by ``fit``), for a ComputationGraph's inputs and outputs.
+
+    Example:
+        >>> import numpy as np
+        >>> from jaxws.data import ArrayMultiDataSetIterator
+        >>> it = ArrayMultiDataSetIterator([np.ones((10, 3)), np.ones((10, 2))], [np.zeros(10)], batch_size=4)
+        >>> [len(b.features) for b in it], len(it)
+        ([2, 2, 2], 3)
+    """
+
+    def __init__(self, features: Any, labels: Any = (), batch_size: int = 32, *, shuffle: bool = False,
+                 seed: int = 0, drop_last: bool = False, features_masks: Any = None, labels_masks: Any = None,
+                 resident: bool | None = None):
+        data = MultiDataSet(_as_tuple(features), _as_tuple(labels) or (), _as_tuple(features_masks),
+                            _as_tuple(labels_masks))
+        super().__init__(data.features[0], None, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                         resident=resident)
+        for path, a in jax.tree_util.tree_leaves_with_path(data):
+            if len(a) != self._n:
+                raise ConfigurationError(
+                    f"ArrayMultiDataSetIterator: features[0] has {self._n} examples but "
+                    f"{jax.tree_util.keystr(path).lstrip('.')} has {len(a)}."
+                )
+        self._data = data
 
 
 @jax.jit

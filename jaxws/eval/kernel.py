@@ -23,17 +23,23 @@ __all__ = ["EvaluationMixin"]
 
 
 class EvaluationMixin:
-    """``do_evaluation`` and its shortcuts, for models with ``_apply``, ``_feed`` and ``_pinned``."""
+    """``do_evaluation`` and its shortcuts, for models with ``_apply``, ``_inputs_of``, ``_feed``
+    and ``_pinned``."""
 
-    def _evaluation_fn(self, evaluations: tuple) -> WorkspaceFunction:
-        key = tuple(ev._static_key() for ev in evaluations)
+    def _eval_targets(self, predictions: Any, ds: Any, index: int) -> tuple:
+        """``(labels, predictions, mask)`` that the evaluators of output ``index`` see."""
+        mask = ds.labels_mask
+        if mask is None and predictions.ndim == 3:
+            mask = ds.features_mask
+        return ds.labels, predictions, mask
+
+    def _evaluation_fn(self, evaluations: tuple, outputs: tuple) -> WorkspaceFunction:
+        key = (tuple(ev._static_key() for ev in evaluations), outputs)
         if key not in self._eval_fns:
             def evaluate(states, check, params, state, ds):
-                predictions = self._apply(params, state, ds.features, ds.features_mask, False, WorkspaceMode.SINGLE)[0]
-                mask = ds.labels_mask
-                if mask is None and predictions.ndim == 3:
-                    mask = ds.features_mask
-                states = tuple(ev.update(s, ds.labels, predictions, mask) for ev, s in zip(evaluations, states))
+                predictions = self._apply(params, state, *self._inputs_of(ds), False, WorkspaceMode.SINGLE)[0]
+                states = tuple(ev.update(s, *self._eval_targets(predictions, ds, i))
+                               for ev, s, i in zip(evaluations, states, outputs))
                 return states, check.update(*(self._class_labels(ds) or (None, None, 0)))
 
             evaluate.__name__ = f"{type(self).__name__}.do_evaluation"
@@ -50,7 +56,10 @@ class EvaluationMixin:
         Args:
             data: as for ``fit``; iterators are prefetched asynchronously.
             *evaluations: Evaluation, ROC, ROCMultiClass, ROCBinary, EvaluationBinary,
-                RegressionEvaluation, or your own Evaluator.
+                RegressionEvaluation, or your own Evaluator. A model of several outputs (a
+                ComputationGraph) takes the output first, ``do_evaluation(data, 1, Evaluation())``,
+                or one mapping of output names (or indices) to evaluators,
+                ``do_evaluation(data, {"classes": Evaluation(), "value": RegressionEvaluation()})``.
             batch_size: split a single DataSet / pair into batches of this size.
 
         Returns:
@@ -69,6 +78,7 @@ class EvaluationMixin:
         from jaxws.eval.base import Evaluator
 
         self._require_init()
+        evaluations, outputs = self._evaluators(evaluations)
         if not evaluations:
             raise ConfigurationError("do_evaluation(data, *evaluations): pass at least one evaluator, e.g. jaxws.eval.Evaluation().")
         for i, ev in enumerate(evaluations):
@@ -82,22 +92,54 @@ class EvaluationMixin:
                 )
         feed = self._feed(data, "do_evaluation", batch_size=batch_size, prefetch=prefetch, rewind="always")
         with feed:
-            return self._evaluate(iter(feed), evaluations)
+            return self._evaluate(iter(feed), evaluations, outputs)
 
-    def _evaluate(self, batches: Any, evaluations: tuple) -> tuple:
-        """Runs every evaluator over ``batches`` (checked device DataSets)."""
+    def _output_names(self) -> tuple:
+        """The model's outputs, by name (one for a MultiLayerNetwork)."""
+        return ("output",)
+
+    def _evaluators(self, args: tuple) -> tuple[tuple, tuple]:
+        """``(evaluators, the output index each reads)`` from do_evaluation's arguments."""
+        names = self._output_names()
+
+        def index(key: Any) -> int:
+            if isinstance(key, int) and not isinstance(key, bool) and 0 <= key < len(names):
+                return key
+            if key in names:
+                return names.index(key)
+            raise ConfigurationError(f"do_evaluation: no output {key!r}; the outputs are {list(names)} (or their indices 0..{len(names) - 1}).")
+
+        if len(args) == 1 and isinstance(args[0], dict):
+            pairs = [(index(k), ev) for k, evs in args[0].items() for ev in (evs if isinstance(evs, (list, tuple)) else (evs,))]
+        elif args and ((isinstance(args[0], int) and not isinstance(args[0], bool))
+                       or (isinstance(args[0], str) and args[0] in names)):
+            pairs = [(index(args[0]), ev) for ev in args[1:]]
+        else:
+            if len(names) > 1:
+                raise ConfigurationError(
+                    f"do_evaluation: the model has {len(names)} outputs {list(names)}; say which each "
+                    f"evaluator reads: do_evaluation(data, 0, Evaluation()) or do_evaluation(data, "
+                    f"{{{names[0]!r}: Evaluation()}})."
+                )
+            pairs = [(0, ev) for ev in args]
+        return tuple(ev for _, ev in pairs), tuple(i for i, _ in pairs)
+
+    def _evaluate(self, batches: Any, evaluations: tuple, outputs: tuple) -> tuple:
+        """Runs every evaluator over ``batches`` (checked device batches); evaluator i reads
+        output ``outputs[i]``."""
         manager = get_workspace_manager()
-        fn = self._evaluation_fn(evaluations)
+        fn = self._evaluation_fn(evaluations, outputs)
         check = LabelCheck.init()
         with self._pinned() as carry, guarded() as guard:
             for ds in batches:
-                if ds.labels is None:
+                if ds.labels is None or (isinstance(ds.labels, tuple) and not ds.labels):
                     raise InvalidBatchError("do_evaluation: a batch has no labels to evaluate against.")
-                shape = self._output_shape(carry, ds)
-                for ev in evaluations:
+                states = []
+                for ev, i in zip(evaluations, outputs):
+                    shape = self._output_shape(carry, ds, i)
                     ev._ensure_state(shape)
-                rows = int(np.prod(shape[:-1]))
-                states = tuple(ev._reserve(ev.state, rows) for ev in evaluations)
+                    states.append(ev._reserve(ev.state, int(np.prod(shape[:-1]))))
+                states = tuple(states)
                 with guard, manager.scope_out_of_workspaces():  # states donated and stored in one commit
                     states, check = fn(states, check, carry.params, carry.state, ds)
                     for ev, state in zip(evaluations, states):
@@ -107,11 +149,12 @@ class EvaluationMixin:
             check.raise_if_invalid("do_evaluation", self._labels_what(), self._num_classes())
         return evaluations
 
-    def _output_shape(self, carry: Any, ds: Any) -> tuple:
-        key = (ds.features.shape, ds.features.dtype, None if ds.features_mask is None else ds.features_mask.shape)
+    def _output_shape(self, carry: Any, ds: Any, index: int = 0) -> tuple:
+        inputs = self._inputs_of(ds)
+        key = (jax.tree.map(lambda a: (a.shape, a.dtype), inputs), index)
         if key not in self._output_shapes:
-            out = jax.eval_shape(self._inference_fn(False), carry.params, carry.state, ds.features, ds.features_mask)
-            self._output_shapes[key] = out.shape
+            out = jax.eval_shape(self._inference_fn(False), carry.params, carry.state, *inputs)
+            self._output_shapes[key] = (out[index] if isinstance(out, (tuple, list)) else out).shape
         return self._output_shapes[key]
 
     def evaluate(self, data: Any, *, batch_size: int | None = None):
@@ -127,11 +170,12 @@ class EvaluationMixin:
         self._require_init()
         with self._feed(data, "evaluate_roc", batch_size=batch_size, rewind="always") as feed:
             batches = iter(feed)
+            self._evaluators(())  # one output, or the error saying so
             first = next(batches)  # its width picks the evaluator; it is evaluated too
             with self._pinned() as carry:
                 width = self._output_shape(carry, first)[-1]
             roc = ROC(threshold_steps) if width <= 2 else ROCMultiClass(threshold_steps)
-            return self._evaluate(itertools.chain([first], batches), (roc,))[0]
+            return self._evaluate(itertools.chain([first], batches), (roc,), (0,))[0]
 
     def evaluate_regression(self, data: Any, *, batch_size: int | None = None):
         """``do_evaluation(data, RegressionEvaluation())``."""

@@ -22,6 +22,24 @@ from jaxws.nn.model import Model
 from jaxws.nn.model import TrainState
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.nn.network import MultiLayerNetwork
+from jaxws.nn.graph import ComputationGraph
+from jaxws.nn.graph_conf import ComputationGraphConfiguration
+from jaxws.nn.graph_conf import GraphBuilder
+from jaxws.nn.graph_conf import InputType
+from jaxws.nn.vertices import DuplicateToTimeSeriesVertex
+from jaxws.nn.vertices import ElementWiseVertex
+from jaxws.nn.vertices import GraphVertex
+from jaxws.nn.vertices import L2Vertex
+from jaxws.nn.vertices import LastTimeStepVertex
+from jaxws.nn.vertices import MergeVertex
+from jaxws.nn.vertices import Preprocessor
+from jaxws.nn.vertices import PreprocessorVertex
+from jaxws.nn.vertices import ReshapePreprocessor
+from jaxws.nn.vertices import ScaleVertex
+from jaxws.nn.vertices import ShiftVertex
+from jaxws.nn.vertices import StackVertex
+from jaxws.nn.vertices import SubsetVertex
+from jaxws.nn.vertices import UnstackVertex
 from jaxws.nn.workspace_mgr import ArrayType
 from jaxws.nn.workspace_mgr import LayerWorkspaceMgr
 from jaxws.nn.updaters import AMSGrad
@@ -55,16 +73,26 @@ __all__ = [
     "Checkpoint",
     "CheckpointListener",
     "CollectScoresListener",
+    "ComputationGraph",
+    "ComputationGraphConfiguration",
     "Dense",
     "Dropout",
+    "DuplicateToTimeSeriesVertex",
+    "ElementWiseVertex",
     "ExponentialSchedule",
     "FunctionalModel",
+    "GraphBuilder",
+    "GraphVertex",
+    "InputType",
     "InverseSchedule",
+    "L2Vertex",
     "LSTM",
     "LabelCheck",
+    "LastTimeStepVertex",
     "Layer",
     "LayerWorkspaceMgr",
     "MapSchedule",
+    "MergeVertex",
     "Model",
     "MultiLayerNetwork",
     "Nadam",
@@ -72,16 +100,24 @@ __all__ = [
     "NeuralNetConfiguration",
     "OutputLayer",
     "PolySchedule",
+    "Preprocessor",
+    "PreprocessorVertex",
+    "ReshapePreprocessor",
     "RmsProp",
     "RnnOutputLayer",
+    "ScaleVertex",
     "Schedule",
     "ScoreIterationListener",
     "Sgd",
+    "ShiftVertex",
     "SigmoidSchedule",
+    "StackVertex",
     "StepLoss",
     "StepSchedule",
+    "SubsetVertex",
     "TrainState",
     "TrainingListener",
+    "UnstackVertex",
     "Updater",
     "WorkspaceMode",
     "read_meta",

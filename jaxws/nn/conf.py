@@ -16,7 +16,32 @@ from jaxws.nn.layers import BaseOutputLayer, Layer, layer_from_dict
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.nn.updaters import Adam, Updater, updater_from_dict
 
-__all__ = ["NeuralNetConfiguration"]
+__all__ = ["NeuralNetConfiguration", "updater_from_saved", "updater_to_dict"]
+
+
+def updater_to_dict(updater: Any) -> dict:
+    """A named updater as JSON-ready data; a raw optax transformation (a closure) only by name."""
+    if isinstance(updater, Updater):
+        return updater.to_dict()
+    return {"type": "optax", "description": repr(updater)}
+
+
+def updater_from_saved(saved: dict, updater: Any, what: str) -> Any:
+    """The updater to build: ``updater`` if given, else the saved named one.
+
+    Raises:
+        ConfigurationError: the saved one was a raw optax transformation and none is given.
+    """
+    if updater is not None:
+        return updater
+    if saved.get("type") == "optax":
+        raise ConfigurationError(
+            f"{what}.from_json: the updater was a raw optax transformation "
+            f"({saved.get('description')}), which JSON cannot hold. Pass it again, "
+            "from_json(text, updater=optax.adam(1e-3)) (load(path, conf=...) for a "
+            "checkpoint), or configure a named updater such as jaxws.nn.Adam(1e-3)."
+        )
+    return updater_from_dict(saved)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -113,10 +138,7 @@ class NeuralNetConfiguration:
 
     def to_dict(self) -> dict:
         """The configuration as JSON-ready data (DL4J's ``toJson``, as a dict)."""
-        if isinstance(self.updater, Updater):
-            updater = self.updater.to_dict()
-        else:  # optax transformations are closures: JSON can only say what it was
-            updater = {"type": "optax", "description": repr(self.updater)}
+        updater = updater_to_dict(self.updater)
         return {
             "format": "jaxws.NeuralNetConfiguration",
             "version": 1,
@@ -156,16 +178,7 @@ class NeuralNetConfiguration:
                 f"NeuralNetConfiguration.from_json: the data holds {data.get('format')!r}, not a "
                 "jaxws.NeuralNetConfiguration (written by conf.to_json())."
             )
-        saved = data["updater"]
-        if updater is None:
-            if saved.get("type") == "optax":
-                raise ConfigurationError(
-                    f"NeuralNetConfiguration.from_json: the updater was a raw optax transformation "
-                    f"({saved.get('description')}), which JSON cannot hold. Pass it again, "
-                    "from_json(text, updater=optax.adam(1e-3)) (load(path, conf=...) for a "
-                    "checkpoint), or configure a named updater such as jaxws.nn.Adam(1e-3)."
-                )
-            updater = updater_from_dict(saved)
+        updater = updater_from_saved(data["updater"], updater, "NeuralNetConfiguration")
         return cls(
             layers=tuple(layer_from_dict(layer, custom_layers) for layer in data["layers"]),
             input_shape=tuple(data["input_shape"]),
@@ -234,3 +247,19 @@ class Builder:
 
     def build(self) -> NeuralNetConfiguration:
         return NeuralNetConfiguration(layers=tuple(self._layers), **self._fields)
+
+    def graph_builder(self):
+        """DL4J's ``graphBuilder()``: a ComputationGraph with this seed, updater and modes.
+
+        Example:
+            >>> from jaxws.nn import NeuralNetConfiguration, Dense, OutputLayer
+            >>> conf = (NeuralNetConfiguration.builder().seed(7).graph_builder()
+            ...         .add_inputs("in").add_layer("hidden", Dense(4), "in")
+            ...         .add_layer("out", OutputLayer(2), "hidden")
+            ...         .set_outputs("out").set_input_types((3,)).build())
+            >>> conf.seed, conf.outputs
+            (7, ('out',))
+        """
+        from jaxws.nn.graph_conf import GraphBuilder
+
+        return GraphBuilder(self._fields)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import functools
+import importlib.util
 import sys
 import threading
 import time
@@ -49,6 +50,15 @@ def _signature(batch: Any) -> tuple:
 def _interactive() -> bool:
     """Progress bars only where someone watches them draw: a terminal or a notebook."""
     return "ipykernel" in sys.modules or sys.stderr.isatty()
+
+
+def _tqdm() -> Any:
+    """tqdm's notebook widget where ipywidgets can draw it, else its text bar (no warning)."""
+    if "ipykernel" in sys.modules and importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.notebook import tqdm
+    else:
+        from tqdm.std import tqdm
+    return tqdm
 
 
 class _Bar:
@@ -320,9 +330,24 @@ class Model(EvaluationMixin, abc.ABC):
 
     # -- the pure step ---------------------------------------------------------------------
 
-    def _loss(self, params, state, ds: DataSet, training: bool, mode: WorkspaceMode):
-        _, loss_input, new_state = self._apply(params, state, ds.features, ds.features_mask, training, mode)
-        return self._loss_of(loss_input, ds.labels, ds.labels_mask), new_state
+    @staticmethod
+    def _request(x: Any, mask: Any) -> Any:
+        """The batch of one inference request (ParallelInference)."""
+        return DataSet(x, None, mask)
+
+    @staticmethod
+    def _inputs_of(ds: Any) -> tuple:
+        """``(inputs, masks)`` of a batch, as ``_apply`` takes them."""
+        return ds.features, ds.features_mask
+
+    @staticmethod
+    def _labels_of(ds: Any) -> tuple:
+        """``(labels, masks)`` of a batch, as ``_loss_of`` takes them."""
+        return ds.labels, ds.labels_mask
+
+    def _loss(self, params, state, ds: Any, training: bool, mode: WorkspaceMode):
+        _, loss_input, new_state = self._apply(params, state, *self._inputs_of(ds), training, mode)
+        return self._loss_of(loss_input, *self._labels_of(ds)), new_state
 
     def train_step(self, mode: WorkspaceMode | None = None, reduce_grads: Callable | None = None) -> Callable:
         """The pure ``(carry, batch) -> (carry, loss)`` function of ``mode`` (not jitted).
@@ -466,8 +491,6 @@ class Model(EvaluationMixin, abc.ABC):
         Returns:
             self.
         """
-        from tqdm.auto import tqdm
-
         self._require_init()
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ConfigurationError(f"fit(epochs={epochs!r}): expected an int >= 1.")
@@ -485,6 +508,7 @@ class Model(EvaluationMixin, abc.ABC):
             total = None
         checks = _Checks(LabelCheck.init())
         progress = progress and _interactive()
+        tqdm = _tqdm() if progress else None
         workspaces = manager._workspaces
         no_cycle = contextlib.nullcontext()  # NONE: nothing invalidated
         with feed, guarded() as guard:
@@ -595,6 +619,11 @@ class Model(EvaluationMixin, abc.ABC):
         check_arrays("output", x, "x")  # named as the caller wrote them
         check_arrays("output", mask, "mask")
         ds = self._input(DataSet(x, None, mask), "output")
+        return self._run_output(ds.features, ds.features_mask, training, key, workspace)
+
+    def _run_output(self, x: Any, mask: Any, training: bool, key: jax.Array | None,
+                    workspace: Workspace | str | None) -> Any:
+        """The inference program on checked device inputs, detached or into ``workspace``."""
         fn = self._inference_fn(training)
         manager = get_workspace_manager()
         ws = None
@@ -614,7 +643,7 @@ class Model(EvaluationMixin, abc.ABC):
             if training and key is None:
                 self._rng, key = jax.random.split(self._rng)
             carry = self._carry
-            out = fn(carry.params, carry.state, ds.features, ds.features_mask, key if training else None)
+            out = fn(carry.params, carry.state, x, mask, key if training else None)
         return out if ws is None else leverage_to(ws, out)
 
     def score(self, data: Any, *, batch_size: int | None = None) -> float:

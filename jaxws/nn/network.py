@@ -6,8 +6,6 @@ ACTIVATIONS, through a ``jax.checkpoint`` name policy per layer).
 
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Any
 
 import jax
@@ -21,34 +19,65 @@ from jaxws.manager import get_workspace_manager
 from jaxws.memory import format_bytes
 from jaxws.nn.checks import LabelCheck
 from jaxws.nn.conf import NeuralNetConfiguration
-from jaxws.nn.functions import activation as get_activation
-from jaxws.nn.layers import LSTM, BaseOutputLayer
+from jaxws.nn.dag import Dag
+from jaxws.nn.layers import BaseOutputLayer
 from jaxws.nn.model import Model, TrainState
-from jaxws.nn.modes import WorkspaceMode
-from jaxws.nn.workspace_mgr import ArrayType, LayerWorkspaceMgr, validate_activations
 from jaxws.step import jit
 
-__all__ = ["MultiLayerNetwork"]
+__all__ = ["MultiLayerNetwork", "check_labels", "check_mask", "class_labels", "labels_in_range"]
 
-_DYNAMIC = 16  # stand-in length of a dynamic (None) axis when shapes are inferred
-
-
-def _policy(choice: str):
-    if choice == "recompute":
-        return jax.checkpoint_policies.save_only_these_names(ArrayType.ACTIVATIONS.value)
-    if choice == "offload":
-        return jax.checkpoint_policies.save_and_offload_only_these_names(
-            names_which_can_be_saved=[],
-            names_which_can_be_offloaded=[ArrayType.ACTIVATIONS.value],
-            offload_src="device",
-            offload_dst="pinned_host",
+def check_mask(op: str, name: str, mask: Any, lead: tuple) -> None:
+    """Raises for a mask whose shape is not ``lead`` (``[batch]`` or ``[batch, time]``)."""
+    if mask is None:
+        return
+    shape = tuple(np.shape(mask))
+    if shape not in (lead, (*lead, 1)):
+        names = ", ".join(["batch", "time"][: len(lead)])
+        raise InvalidBatchError(
+            f"{op}: {name} has shape {list(shape)}, expected {list(lead)} ([{names}]: 1 where "
+            f"data is real, 0 for padding) for this batch."
         )
-    return None  # "save": keep what XLA needs
 
 
-@functools.cache
-def _accepts_mask(cls: type) -> bool:
-    return "mask" in inspect.signature(cls.activate).parameters
+def _sparse_loss(head: BaseOutputLayer) -> bool:
+    return head.loss in ("mcxent", "negativeloglikelihood")
+
+
+def check_labels(op: str, what: str, head: BaseOutputLayer, labels: Any, out_shape: tuple) -> None:
+    """Raises unless ``labels`` fit output layer ``head`` (named ``what``) of outputs ``out_shape``."""
+    shape = tuple(np.shape(labels))
+    sparse = _sparse_loss(head) and shape == out_shape[:-1]
+    if shape != out_shape and not sparse:
+        raise InvalidBatchError(f"{op}: {what} expects labels of shape {head.labels_shape(out_shape)}, received {list(shape)}.")
+    if sparse and not np.issubdtype(labels.dtype, np.integer):
+        raise InvalidBatchError(
+            f"{op}: class labels of shape {list(shape)} for {what} must have an integer dtype, got "
+            f"{labels.dtype}; pass y.astype(int) (or one-hot labels of shape {list(out_shape)})."
+        )
+
+
+def labels_in_range(op: str, labels: Any, mask: Any, head: BaseOutputLayer, rank: int, what: str) -> None:
+    """Host integer class labels (device ones are counted in the step) within ``head``'s classes."""
+    if not (isinstance(labels, np.ndarray) and labels.size and np.issubdtype(labels.dtype, np.integer)
+            and _sparse_loss(head) and labels.ndim == rank):
+        return
+    counted = labels if mask is None else labels[np.broadcast_to(
+        np.asarray(mask).reshape(np.shape(mask)[: labels.ndim]) > 0, labels.shape)]
+    if counted.size:
+        low, high = int(counted.min()), int(counted.max())
+        if low < 0 or high >= head.n_out:
+            raise InvalidBatchError(
+                f"{op}: labels out of range for {what}: found classes {low}..{high}, expected 0..{head.n_out - 1}."
+            )
+
+
+def class_labels(head: BaseOutputLayer, labels: Any, mask: Any, rank: int) -> tuple | None:
+    """``(labels, mask, classes)`` when ``labels`` (traced) are integer classes of ``head``."""
+    if (_sparse_loss(head) and labels is not None and jnp.issubdtype(labels.dtype, jnp.integer)
+            and labels.ndim == rank):
+        return labels, mask, head.n_out
+    return None
+
 
 
 class MultiLayerNetwork(Model):
@@ -76,7 +105,7 @@ class MultiLayerNetwork(Model):
         self.layers = conf.layers
         self.layer_input_shapes: list[tuple] = []
         self.output_shape: tuple = ()
-        self._validated: set = set()
+        self._dag = Dag.chain(self.layers)
         self._rnn_state: dict | None = None
         self._rnn_fn = None
 
@@ -110,29 +139,10 @@ class MultiLayerNetwork(Model):
 
     def init(self) -> MultiLayerNetwork:
         """Initialises parameters and state from ``conf.seed``; returns self."""
-        keys = jax.random.split(jax.random.key(self.conf.seed), len(self.layers))
-        shape = self.conf.input_shape
-        params, states, shapes = [], [], []
-        mgr = LayerWorkspaceMgr.no_workspaces()
-        for i, (layer, key) in enumerate(zip(self.layers, keys)):
-            shapes.append(shape)
-            try:
-                p, s = layer.init(key, shape)
-                x = jax.ShapeDtypeStruct((1, *(d or _DYNAMIC for d in shape)), jnp.float32)
-                out = jax.eval_shape(lambda p, s, x, layer=layer: layer.activate(p, s, x, False, mgr)[0], p, s, x)
-            except (ValueError, TypeError) as e:
-                raise ConfigurationError(
-                    f"Layer {i} ({layer.describe()}, class {type(layer).__name__}) cannot take "
-                    f"per-example input of shape {shape}: {e}"
-                ) from e
-            params.append(p)
-            states.append(s)
-            dims = out.shape[1:]
-            shape = tuple(
-                None if j < len(shape) and shape[j] is None and len(dims) == len(shape) else d
-                for j, d in enumerate(dims)
-            )
-        self.layer_input_shapes, self.output_shape = shapes, shape
+        params, states, shapes = self._dag.init(jax.random.key(self.conf.seed), [self.conf.input_shape])
+        names = [node.name for node in self._dag.nodes]
+        self.layer_input_shapes = [shapes[node.inputs[0]] for node in self._dag.nodes]
+        self.output_shape = shapes[names[-1]]
         self._rng = jax.random.fold_in(jax.random.key(self.conf.seed), len(self.layers))  # output(training=True)
         # buffers the network owns: later fits donate them
         params, states = jax.tree.map(jnp.copy, (params, states))
@@ -142,51 +152,13 @@ class MultiLayerNetwork(Model):
 
     # -- the forward pass ------------------------------------------------------------------
 
-    def _run_layer(self, i: int, params, state, x, mask, training: bool, mgr, mode: WorkspaceMode | None):
-        layer = self.layers[i]
-        kwargs = {"mask": mask} if mask is not None and _accepts_mask(type(layer)) else {}
-
-        def run(p, s, h):
-            return layer.activate(p, s, h, training, mgr, **kwargs)
-
-        if training and mode is not None:
-            choice = layer.remat or ("recompute" if mode is WorkspaceMode.SEPARATE else "save")
-            if choice == "recompute" and self.conf.offload_activations:
-                choice = "offload"
-            policy = _policy(choice)
-            if policy is not None:
-                run = jax.checkpoint(run, policy=policy)
-        return run(params, state, x)
-
     def _apply(self, params, state, x, mask, training, mode):
-        mgr = LayerWorkspaceMgr()
-        if training:
-            self._validate(params, state, x, mgr)
-        states = []
-        for i in range(len(self.layers) - 1):
-            x, s = self._run_layer(i, params[i], state[i], x, mask, training, mgr, mode)
-            states.append(s)
-        out_layer: BaseOutputLayer = self.layers[-1]
-        z = mgr.leverage_to(ArrayType.FF_WORKING_MEM, out_layer.preoutput(params[-1], x))
-        states.append(state[-1])
-        predictions = mgr.leverage_to(ArrayType.ACTIVATIONS, get_activation(out_layer.activation)(z))
-        return predictions, z, states
+        values, zs, _, states = self._dag.forward(params, state, [x], [mask], training, mode, self.conf.offload_activations)
+        out = self._dag.outputs[0]
+        return values[out], zs[out], states
 
     def _loss_of(self, z, labels, mask):
         return self.layers[-1].compute_loss(z, labels, mask)
-
-    def _validate(self, params, state, x, mgr) -> None:
-        """Once per input shape, at trace time: every layer returns ACTIVATIONS."""
-        key = (x.shape, x.dtype)
-        if key in self._validated:
-            return
-        h = jax.ShapeDtypeStruct(x.shape, x.dtype)
-        for i, layer in enumerate(self.layers):
-            fn = functools.partial(lambda l, p, s, h: l.activate(p, s, h, True, mgr), layer)
-            validate_activations(layer, i, fn, params[i], state[i], h)
-            out = jax.eval_shape(fn, params[i], state[i], h)[0]
-            h = jax.ShapeDtypeStruct(out.shape, out.dtype)
-        self._validated.add(key)
 
     # -- input checks (host-side, before anything is donated) ------------------------------
 
@@ -195,23 +167,14 @@ class MultiLayerNetwork(Model):
     def _check_batch(self, ds: DataSet, op: str, shapes: bool = True) -> None:
         """Shapes, ranks, masks and label dtypes (``shapes=False``: already checked for this
         signature), then the values of host class labels."""
-        got = tuple(np.shape(ds.features))
+        if not isinstance(ds, DataSet):
+            raise InvalidBatchError(
+                f"{op}: a MultiLayerNetwork takes DataSets or (features, labels) pairs; got a "
+                f"{type(ds).__name__}. Several inputs or outputs need a ComputationGraph."
+            )
         if shapes:
-            self._check_shapes(ds, op, got)
-        out: BaseOutputLayer = self.layers[-1]
-        labels = ds.labels
-        if (isinstance(labels, np.ndarray) and labels.size and np.issubdtype(labels.dtype, np.integer)
-                and out.loss in ("mcxent", "negativeloglikelihood") and labels.ndim == len(self.output_shape)):
-            # host labels are checked here, before the step; device labels in the step itself
-            counted = labels if ds.labels_mask is None else labels[np.broadcast_to(
-                np.asarray(ds.labels_mask).reshape(np.shape(ds.labels_mask)[: labels.ndim]) > 0, labels.shape)]
-            if counted.size:
-                low, high = int(counted.min()), int(counted.max())
-                if low < 0 or high >= out.n_out:
-                    raise InvalidBatchError(
-                        f"{op}: labels out of range for {self._labels_what()}: found classes "
-                        f"{low}..{high}, expected 0..{out.n_out - 1}."
-                    )
+            self._check_shapes(ds, op, tuple(np.shape(ds.features)))
+        labels_in_range(op, ds.labels, ds.labels_mask, self.layers[-1], len(self.output_shape), self._labels_what())
 
     def _check_shapes(self, ds: DataSet, op: str, got: tuple) -> None:
         first = self.layers[0]
@@ -233,7 +196,7 @@ class MultiLayerNetwork(Model):
                 f"features of shape [{want}], received {list(got)}.{hint}"
             )
         lead = got[:2] if sequences else got[:1]
-        self._check_mask(op, "features_mask", ds.features_mask, lead)
+        check_mask(op, "features_mask", ds.features_mask, lead)
         if ds.labels is None:
             if op not in self._NO_LABELS:
                 raise InvalidBatchError(
@@ -242,43 +205,13 @@ class MultiLayerNetwork(Model):
                 )
             return
         out: BaseOutputLayer = self.layers[-1]
-        index = len(self.layers) - 1
         out_shape = (got[0], *got[1 : 1 + len(self.output_shape) - 1], out.n_out)
-        labels = np.shape(ds.labels)
-        sparse = out.loss in ("mcxent", "negativeloglikelihood") and labels == out_shape[:-1]
-        if labels != out_shape and not sparse:
-            raise InvalidBatchError(
-                f"{op}: layer {index} ({out.describe()}, class {type(out).__name__}, loss "
-                f"{out.loss}) expects labels of shape {out.labels_shape(out_shape)}, received "
-                f"{list(labels)}."
-            )
-        self._check_mask(op, "labels_mask", ds.labels_mask, out_shape[:-1])
-        if sparse and not np.issubdtype(ds.labels.dtype, np.integer):
-            raise InvalidBatchError(
-                f"{op}: class labels of shape {list(labels)} for layer {index} ({type(out).__name__}) "
-                f"must have an integer dtype, got {ds.labels.dtype}; pass y.astype(int) (or one-hot "
-                f"labels of shape {list(out_shape)})."
-            )
-
-    @staticmethod
-    def _check_mask(op: str, name: str, mask: Any, lead: tuple) -> None:
-        if mask is None:
-            return
-        shape = tuple(np.shape(mask))
-        if shape not in (lead, (*lead, 1)):
-            names = ", ".join(["batch", "time"][: len(lead)])
-            raise InvalidBatchError(
-                f"{op}: {name} has shape {list(shape)}, expected {list(lead)} ([{names}]: 1 where "
-                f"data is real, 0 for padding) for this batch."
-            )
+        what = f"layer {len(self.layers) - 1} ({out.describe()}, class {type(out).__name__}, loss {out.loss})"
+        check_labels(op, what, out, ds.labels, out_shape)
+        check_mask(op, "labels_mask", ds.labels_mask, out_shape[:-1])
 
     def _class_labels(self, ds: DataSet):
-        out: BaseOutputLayer = self.layers[-1]
-        labels = ds.labels
-        if (out.loss in ("mcxent", "negativeloglikelihood") and labels is not None
-                and jnp.issubdtype(labels.dtype, jnp.integer) and labels.ndim == len(self.output_shape)):
-            return labels, ds.labels_mask, out.n_out
-        return None
+        return class_labels(self.layers[-1], ds.labels, ds.labels_mask, len(self.output_shape))
 
     def _labels_what(self) -> str:
         out: BaseOutputLayer = self.layers[-1]
@@ -308,21 +241,14 @@ class MultiLayerNetwork(Model):
         x = validate(DataSet(x), "rnn_time_step").features
         single = np.ndim(x) == len(self.conf.input_shape)
         seq = self._input(DataSet(x[:, None] if single else x), "rnn_time_step").features
-        lstms = [i for i, layer in enumerate(self.layers) if isinstance(layer, LSTM)]
+        lstms = self._dag.recurrent()
         batch = seq.shape[0]
         if self._rnn_state is None or next(iter(self._rnn_state.values()), (jnp.zeros((batch,)),))[0].shape[0] != batch:
             self._rnn_state = {str(i): self.layers[i].initial_carry(batch) for i in lstms}
         if self._rnn_fn is None:
             def rnn_step(rnn_state, params, state, x):
-                mgr = LayerWorkspaceMgr.no_workspaces()
-                new = {}
-                for i, layer in enumerate(self.layers[:-1]):
-                    if isinstance(layer, LSTM):
-                        x, new[str(i)] = layer.scan(params[i], x, rnn_state[str(i)], mgr)
-                    else:
-                        x, _ = layer.activate(params[i], state[i], x, False, mgr)
-                out = self.layers[-1]
-                return get_activation(out.activation)(out.preoutput(params[-1], x)), new
+                outputs, new = self._dag.rnn(rnn_state, params, state, [x])
+                return outputs[0], new
 
             rnn_step.__name__ = "MultiLayerNetwork.rnn_time_step"
             donate = (0,) if self.inference_workspace_mode.donates else ()
@@ -354,7 +280,7 @@ class MultiLayerNetwork(Model):
                 f"{str(shapes[i]):<16} {count:>10,}"
             )
         rows.append(f"total parameters: {self.num_params():,}")
-        x = jax.ShapeDtypeStruct((batch_size, *(d or _DYNAMIC for d in self.conf.input_shape)), jnp.float32)
+        x = jax.ShapeDtypeStruct((batch_size, *(d or 16 for d in self.conf.input_shape)), jnp.float32)
         out = self.layers[-1]
         y_shape = (batch_size, *x.shape[1 : len(self.output_shape)], out.n_out)
         ds = DataSet(x, jax.ShapeDtypeStruct(y_shape, jnp.float32))

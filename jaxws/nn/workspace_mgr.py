@@ -87,11 +87,15 @@ def _producer_type(jaxpr: jax.core.Jaxpr, var: Any) -> str | None:
     return None
 
 
-def validate_activations(layer: Any, index: int, fn, *args) -> None:
+def _default_label(layer: Any, index: int) -> str:
+    return f"Layer {index} ({getattr(layer, 'name', None) or type(layer).__name__}, class {type(layer).__name__})"
+
+
+def validate_activations(layer: Any, index: int, fn, *args, label: str | None = None) -> None:
     """Raises WorkspaceValidationError unless ``fn(*args)[0]`` is in ArrayType.ACTIVATIONS.
 
     ``fn`` is traced once (abstractly: nothing runs); the check reads the jaxpr, so it costs
-    nothing per step.
+    nothing per step. ``label`` names the layer in the message (default: by ``index``).
     """
     closed = jax.make_jaxpr(fn)(*args)
     out_vars = closed.jaxpr.outvars[: len(jax.tree.leaves(jax.eval_shape(fn, *args)[0]))]
@@ -100,8 +104,7 @@ def validate_activations(layer: Any, index: int, fn, *args) -> None:
         if found != ArrayType.ACTIVATIONS.value:
             where = f"ArrayType.{found}" if found else "no workspace (a plain array)"
             raise WorkspaceValidationError(
-                f"Layer {index} ({getattr(layer, 'name', None) or type(layer).__name__}, class "
-                f"{type(layer).__name__}) returned activations defined in incorrect workspace: "
+                f"{label or _default_label(layer, index)} returned activations defined in incorrect workspace: "
                 f"expected ArrayType.ACTIVATIONS, found {where}.\n"
                 "Fix: return them through the LayerWorkspaceMgr,\n"
                 "  wrong:  return jnp.tanh(x @ w), state\n"

@@ -10,7 +10,7 @@ from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
-from jaxws.data.dataset import DataSet
+from jaxws.data.dataset import DataSet, MultiDataSet
 from jaxws.data.iterators import as_dataset
 from jaxws.errors import InvalidBatchError
 
@@ -18,59 +18,79 @@ __all__ = ["Group", "deal", "stack"]
 
 
 class Group(NamedTuple):
-    data: DataSet  # leaves [workers, rounds, batch, ...]
+    data: DataSet | MultiDataSet  # leaves [workers, rounds, batch, ...]
     active: np.ndarray  # f32 [workers, rounds]: 1 where the worker had a batch
 
 
-def _labels_mask(ds: DataSet) -> np.ndarray:
-    if ds.labels_mask is not None:
-        return np.asarray(ds.labels_mask, np.float32)
-    labels = np.asarray(ds.labels)
+_FIELDS = ("features", "labels", "features_mask", "labels_mask")
+
+
+def _labels_mask(labels: Any, mask: Any) -> np.ndarray:
+    if mask is not None:
+        return np.asarray(mask, np.float32)
+    labels = np.asarray(labels)
     lead = labels.shape if np.issubdtype(labels.dtype, np.integer) else labels.shape[:-1]
     return np.ones(lead, np.float32)
 
 
-def stack(slots: list[list[DataSet | None]], batch: int | None = None) -> Group:
+def _fields(ds: DataSet | MultiDataSet) -> dict[str, list]:
+    """A batch's arrays by field, one per input or output; every labels mask made explicit
+    (padded examples are masked out of the loss)."""
+    if isinstance(ds, MultiDataSet):
+        inputs, outputs = len(ds.features), len(ds.labels)
+        labels_masks = ds.labels_masks or (None,) * outputs
+        return {"features": list(ds.features), "labels": list(ds.labels),
+                "features_mask": list(ds.features_masks or (None,) * inputs),
+                "labels_mask": [_labels_mask(y, m) for y, m in zip(ds.labels, labels_masks)]}
+    return {"features": [ds.features], "labels": [ds.labels], "features_mask": [ds.features_mask],
+            "labels_mask": [_labels_mask(ds.labels, ds.labels_mask)]}
+
+
+def _rebuild(like: DataSet | MultiDataSet, out: dict[str, list]) -> DataSet | MultiDataSet:
+    if isinstance(like, MultiDataSet):
+        masks = out["features_mask"]
+        return MultiDataSet(tuple(out["features"]), tuple(out["labels"]),
+                            None if all(m is None for m in masks) else tuple(masks), tuple(out["labels_mask"]))
+    return DataSet(**{name: out[name][0] for name in _FIELDS})
+
+
+def stack(slots: list[list[DataSet | MultiDataSet | None]], batch: int | None = None) -> Group:
     """Stacks ``slots[round][worker]`` into a Group, padding batches to ``batch`` examples."""
     present = [ds for row in slots for ds in row if ds is not None]
     first = present[0]
     batch = batch or max(ds.num_examples for ds in present)
     rounds, workers = len(slots), len(slots[0])
-    if first.labels is None:
+    if first.labels is None or (isinstance(first.labels, tuple) and not first.labels):
         raise InvalidBatchError("ParallelWrapper.fit: batches need labels.")
-    template = {
-        "features": np.asarray(first.features),
-        "labels": np.asarray(first.labels),
-        "features_mask": None if first.features_mask is None else np.asarray(first.features_mask, np.float32),
-        "labels_mask": _labels_mask(first),
-    }
-    out = {k: None if v is None else np.zeros((workers, rounds, batch, *v.shape[1:]), v.dtype)
-           for k, v in template.items()}
+    template = _fields(first)
+    out = {name: [None if v is None else np.zeros((workers, rounds, batch, *np.shape(v)[1:]),
+                                                   np.float32 if name.endswith("mask") else np.asarray(v).dtype)
+                  for v in values] for name, values in template.items()}
     active = np.zeros((workers, rounds), np.float32)
     for r, row in enumerate(slots):
         for w, ds in enumerate(row):
             if ds is None:
                 continue
             active[w, r] = 1.0
-            fields = {"features": ds.features, "labels": ds.labels, "features_mask": ds.features_mask,
-                      "labels_mask": _labels_mask(ds)}
-            for name, value in fields.items():
-                if (value is None) != (out[name] is None):
-                    raise InvalidBatchError(
-                        f"ParallelWrapper.fit: batch {r * workers + w} of the group "
-                        f"{'has' if value is not None else 'lacks'} {name}, unlike the first batch."
-                    )
-                if value is None:
-                    continue
-                value = np.asarray(value)
-                if value.shape[1:] != out[name].shape[3:] or value.shape[0] > batch:
-                    raise InvalidBatchError(
-                        f"ParallelWrapper.fit: {name} of shape {list(value.shape)} does not stack with "
-                        f"[{batch}, {', '.join(map(str, out[name].shape[3:]))}] (batch {r * workers + w} "
-                        "of the group); every batch needs the shape of the first."
-                    )
-                out[name][w, r, : value.shape[0]] = value
-    return Group(DataSet(**out), active)
+            for name, values in _fields(ds).items():
+                for j, (value, target) in enumerate(zip(values, out[name])):
+                    label = name if len(values) == 1 else f"{name} {j}"
+                    if (value is None) != (target is None) or len(values) != len(out[name]):
+                        raise InvalidBatchError(
+                            f"ParallelWrapper.fit: batch {r * workers + w} of the group "
+                            f"{'has' if value is not None else 'lacks'} {label}, unlike the first batch."
+                        )
+                    if value is None:
+                        continue
+                    value = np.asarray(value)
+                    if value.shape[1:] != target.shape[3:] or value.shape[0] > batch:
+                        raise InvalidBatchError(
+                            f"ParallelWrapper.fit: {label} of shape {list(value.shape)} does not stack with "
+                            f"[{batch}, {', '.join(map(str, target.shape[3:]))}] (batch {r * workers + w} "
+                            "of the group); every batch needs the shape of the first."
+                        )
+                    target[w, r, : value.shape[0]] = value
+    return Group(_rebuild(first, out), active)
 
 
 def deal(base: Any, workers: int, rounds: int) -> Iterator[list[list[DataSet | None]]]:
@@ -89,7 +109,7 @@ def deal(base: Any, workers: int, rounds: int) -> Iterator[list[list[DataSet | N
                 if item is None:
                     done = True
                     break
-                row[w] = as_dataset(item)
+                row[w] = item if isinstance(item, MultiDataSet) else as_dataset(item)
             if row[0] is not None:
                 slots.append(row)
             if done:

@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jaxws.data.dataset import DataSet
 from jaxws.data.feed import validate
 from jaxws.errors import ConfigurationError, WorkspaceError
 from jaxws.manager import get_workspace_manager
@@ -41,10 +40,15 @@ def _bucket(n: int, limit: int) -> int:
 
 
 class _Request(NamedTuple):
-    x: np.ndarray
-    mask: np.ndarray | None
+    x: Any  # an array, or a tuple of them (a ComputationGraph's inputs)
+    mask: Any
     future: concurrent.futures.Future
     shape: tuple  # what must agree to share a batch: per-example shapes and dtypes
+    rows: int
+
+
+def _concatenate(parts: list) -> Any:
+    return jax.tree.map(lambda *a: np.concatenate(a), *parts)
 
 
 class _Serving(NamedTuple):
@@ -142,8 +146,11 @@ class ParallelInference:
 
     # -- callers ---------------------------------------------------------------------------
 
-    def output(self, x: Any, mask: Any = None) -> np.ndarray:
+    def output(self, x: Any, mask: Any = None) -> Any:
         """The model's output for ``x`` (``[n, ...]``), as numpy; safe from any thread.
+
+        For a ComputationGraph ``x`` is the list of its inputs (``mask`` a list of masks)
+        and the result a tuple with one array per output.
 
         Raises:
             LeakedWorkspacePointerError, OutdatedWorkspacePointerError: ``x`` is dead.
@@ -152,11 +159,12 @@ class ParallelInference:
                 :meth:`close` is called).
         """
         op = "ParallelInference.output"
-        ds = validate(DataSet(x, None, mask), op, lambda d, shapes=True: self.model._check_batch(d, op, shapes), "x")
-        x = np.asarray(ds.features)  # a host copy: the caller's array is only read
-        mask = None if ds.features_mask is None else np.asarray(ds.features_mask)
-        shape = (x.shape[1:], x.dtype, None if mask is None else (mask.shape[1:], mask.dtype))
-        request = _Request(x, mask, concurrent.futures.Future(), shape)
+        model = self.model
+        batch = model._request(x, mask)
+        ds = validate(batch, op, lambda d, shapes=True: model._check_batch(d, op, shapes), "x")
+        x, mask = jax.tree.map(np.asarray, model._inputs_of(ds))  # host copies: the caller's arrays are only read
+        shape = jax.tree.map(lambda a: (a.shape[1:], a.dtype), (x, mask))
+        request = _Request(x, mask, concurrent.futures.Future(), shape, len(jax.tree.leaves(x)[0]))
         with self._has_room:
             while len(self._pending) >= self.queue_limit and not self._closed:
                 self._has_room.wait()
@@ -205,13 +213,13 @@ class ParallelInference:
             if not self._pending:
                 return None  # closed
             first = self._pending.popleft()
-            taken, rows = [first], len(first.x)
+            taken, rows = [first], first.rows
             if self.inference_mode is InferenceMode.BATCHED and rows < self.batch_limit:
                 kept = collections.deque()
                 for request in self._pending:
-                    if request.shape == first.shape and rows + len(request.x) <= self.batch_limit:
+                    if request.shape == first.shape and rows + request.rows <= self.batch_limit:
                         taken.append(request)
-                        rows += len(request.x)
+                        rows += request.rows
                     else:
                         kept.append(request)
                 self._pending = kept
@@ -225,23 +233,19 @@ class ParallelInference:
             try:
                 serving = self._serving  # one version for the whole batch
                 params, state = serving.replicas[index]
-                x = np.concatenate([t.x for t in taken])
-                mask = None if taken[0].mask is None else np.concatenate([t.mask for t in taken])
-                n = len(x)
+                x, mask = _concatenate([(t.x, t.mask) for t in taken])
+                n = sum(t.rows for t in taken)
                 size = _bucket(n, self.batch_limit) if n <= self.batch_limit else n
                 if size > n:  # pad to the bucket: no new program for this size
-                    x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])
-                    if mask is not None:
-                        mask = np.concatenate([mask, np.zeros((size - n, *mask.shape[1:]), mask.dtype)])
+                    x, mask = jax.tree.map(lambda a: np.concatenate([a, np.zeros((size - n, *a.shape[1:]), a.dtype)]), (x, mask))
                 with manager.scope_out_of_workspaces():
-                    out = np.asarray(serving.infer(params, state, jax.device_put(x, device),
-                                                   None if mask is None else jax.device_put(mask, device)))
+                    out = jax.device_get(serving.infer(params, state, *jax.device_put((x, mask), device)))
                 self.executions += 1
                 self.batch_sizes[size] += 1
                 start = 0
                 for request in taken:
-                    request.future.set_result(out[start:start + len(request.x)])
-                    start += len(request.x)
+                    request.future.set_result(jax.tree.map(lambda o: o[start:start + request.rows], out))
+                    start += request.rows
             except BaseException as e:  # noqa: BLE001 - the callers get it, with its traceback
                 for request in taken:
                     if not request.future.done():
