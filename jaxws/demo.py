@@ -134,7 +134,7 @@ def main(out_dir: Path = Path(".")) -> None:
               epochs=20, progress=False)
     elapsed = time.perf_counter() - start
     evaluation = graph.evaluate(([xte[:, :32], xte[:, 32:]], [yte]))
-    print(f"trained {graph.iteration} steps in {elapsed:.1f} s; test accuracy {evaluation.accuracy():.2%}")
+    print(f"trained {graph.iteration} steps in {elapsed:.1f} s; test accuracy {evaluation.accuracy():.2%}\n")
 
     manager = jaxws.get_workspace_manager()
     manager.print_allocation_statistics_for_current_thread()
