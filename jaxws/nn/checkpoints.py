@@ -431,3 +431,56 @@ def _model_from_meta(meta: dict, conf: Any, where: str) -> Any:
             raise CheckpointError(f"The {where} holds no configuration; pass conf=.")
         conf = conf_cls.from_dict(meta["conf"])
     return cls(conf).init()
+
+
+class CheckpointMixin:
+    """``save`` / ``restore`` for models (mixed into :class:`~jaxws.nn.Model`)."""
+
+    def save(self, path: str, *, save_updater: bool = True, iterator: Any = None) -> Any:
+        """Writes the model to the directory ``path`` (DL4J's ``ModelSerializer.writeModel``).
+
+        The arrays (parameters, layer state, the updater state unless ``save_updater`` is
+        False, and the RNG) go through orbax-checkpoint, the configuration and counters as
+        JSON; never pickle. The write is atomic and holds one consistent version, even while
+        another thread trains. With ``iterator`` (an ArrayDataSetIterator, or an async one
+        around it) its position is recorded, to resume mid-epoch with ``load_state_dict``.
+
+        Returns:
+            The checkpoint's absolute path.
+
+        Example:
+            >>> import tempfile
+            >>> from jaxws.nn import MultiLayerNetwork, NeuralNetConfiguration, OutputLayer
+            >>> net = MultiLayerNetwork(NeuralNetConfiguration(layers=[OutputLayer(2)], input_shape=(3,))).init()
+            >>> path = net.save(tempfile.mkdtemp() + "/net")
+            >>> MultiLayerNetwork.load(path).num_params() == net.num_params()
+            True
+        """
+        return save_model(self, path, save_updater=save_updater, iterator=iterator)
+
+    def restore(self, path: str, *, load_updater: bool = True) -> Any:
+        """Loads the checkpoint at ``path`` into this model (the same architecture).
+
+        With ``load_updater=False`` (or a checkpoint saved without it) the updater starts
+        afresh. Counters, layer state and the RNG come back as saved.
+
+        Raises:
+            CheckpointError: no checkpoint there, an unreadable one, or one of another
+                architecture (the message names the leaf); the model is then unchanged.
+        """
+        return restore_model(self, path, load_updater=load_updater)
+
+    @property
+    def restored_iterator_state(self) -> dict | None:
+        """The data position the last restored checkpoint recorded (for ``load_state_dict``)."""
+        return self._restored_position
+
+    def _data_position(self, iterator: Any) -> dict | None:
+        """``iterator``'s state as consumed by training (its own cursor may run ahead under
+        prefetching), or None if it records none."""
+        if iterator is None or not hasattr(iterator, "state_dict"):
+            return None
+        state = iterator.state_dict()
+        if self._position is not None and self._position["source"] is iterator and state is not None:
+            state = {**state, "epoch": self._position["epoch"], "position": self._position["position"]}
+        return state

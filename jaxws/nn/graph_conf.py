@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import optax
@@ -16,7 +16,6 @@ from jaxws.nn.layers import BaseOutputLayer, Layer, layer_from_dict
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.nn.updaters import Adam, Updater
 from jaxws.nn.vertices import GraphVertex
-from jaxws.step import jit
 
 __all__ = ["ComputationGraph", "ComputationGraphConfiguration", "GraphBuilder", "InputType"]
 

@@ -1,4 +1,4 @@
-"""The training and inference machinery shared by MultiLayerNetwork and user models.
+"""The machinery MultiLayerNetwork, ComputationGraph and user models share: fit, output, score.
 
 A model is a pure training step ``(carry, batch) -> (carry, loss)`` (so a scan can fuse k
 of them) plus fit / output / score around it: the carry is donated in every mode but
@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import functools
-import importlib.util
-import sys
 import threading
-import time
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +26,11 @@ from jaxws.eval.kernel import EvaluationMixin
 from jaxws.interrupts import guarded
 from jaxws.manager import get_workspace_manager
 from jaxws.nn.checks import LabelCheck
+from jaxws.nn.checkpoints import CheckpointMixin
 from jaxws.nn.listeners import StepLoss, TrainingListener
 from jaxws.nn.modes import WorkspaceMode
+from jaxws.nn.progress import NO_BAR, Bar, interactive, tqdm_class
+from jaxws.nn.steps import StepsMixin, TrainState
 from jaxws.step import WorkspaceFunction, jit
 from jaxws.workspace import Workspace
 
@@ -47,59 +46,6 @@ def _signature(batch: Any) -> tuple:
     return treedef, tuple([x.aval for x in leaves])
 
 
-def _interactive() -> bool:
-    """Progress bars only where someone watches them draw: a terminal or a notebook."""
-    return "ipykernel" in sys.modules or sys.stderr.isatty()
-
-
-def _tqdm() -> Any:
-    """tqdm's notebook widget where ipywidgets can draw it, else its text bar (no warning)."""
-    if "ipykernel" in sys.modules and importlib.util.find_spec("ipywidgets") is not None:
-        from tqdm.notebook import tqdm
-    else:
-        from tqdm.std import tqdm
-    return tqdm
-
-
-class _Bar:
-    """A tqdm bar redrawn at most every 0.2 s: per step it costs a clock read."""
-
-    __slots__ = ("bar", "pending", "last")
-
-    def __init__(self, bar: Any):
-        self.bar, self.pending, self.last = bar, 0, time.monotonic()
-
-    def update(self, n: int) -> None:
-        self.pending += n
-        now = time.monotonic()
-        if now - self.last >= 0.2:
-            self.bar.update(self.pending)
-            self.pending, self.last = 0, now
-
-    def __enter__(self) -> _Bar:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.bar.update(self.pending)
-        self.bar.close()
-
-
-class _NoBar:
-    """What fit updates when progress=False: nothing at all."""
-
-    def update(self, n: int) -> None:
-        pass
-
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        pass
-
-
-_NO_BAR = _NoBar()
-
-
 class _Checks:
     """A fit call's label check (donated each step), its executions and where its epochs started."""
 
@@ -110,15 +56,7 @@ class _Checks:
         self.epoch_starts: list[int] = []
 
 
-class TrainState(NamedTuple):
-    """The carry of a training step: donated, and back in the same buffers, every step."""
-
-    params: Any
-    state: Any  # non-trainable layer state (batch-norm statistics, dropout keys)
-    opt_state: Any
-
-
-class Model(EvaluationMixin, abc.ABC):
+class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
     """Base class: subclasses define ``_apply`` and ``_loss_of``; the rest is shared.
 
     The model owns its carry (params, layer state, updater state). ``fit`` donates it
@@ -233,61 +171,6 @@ class Model(EvaluationMixin, abc.ABC):
                 leaves.append(jnp.asarray(value, dtype=old.dtype))
             self._carry = carry._replace(params=detach(jax.tree.unflatten(treedef, leaves)))
 
-    # -- checkpoints --------------------------------------------------------------------
-
-    def save(self, path: str, *, save_updater: bool = True, iterator: Any = None) -> Any:
-        """Writes the model to the directory ``path`` (DL4J's ``ModelSerializer.writeModel``).
-
-        The arrays (parameters, layer state, the updater state unless ``save_updater`` is
-        False, and the RNG) go through orbax-checkpoint, the configuration and counters as
-        JSON; never pickle. The write is atomic and holds one consistent version, even while
-        another thread trains. With ``iterator`` (an ArrayDataSetIterator, or an async one
-        around it) its position is recorded, to resume mid-epoch with ``load_state_dict``.
-
-        Returns:
-            The checkpoint's absolute path.
-
-        Example:
-            >>> import tempfile
-            >>> from jaxws.nn import MultiLayerNetwork, NeuralNetConfiguration, OutputLayer
-            >>> net = MultiLayerNetwork(NeuralNetConfiguration(layers=[OutputLayer(2)], input_shape=(3,))).init()
-            >>> path = net.save(tempfile.mkdtemp() + "/net")
-            >>> MultiLayerNetwork.load(path).num_params() == net.num_params()
-            True
-        """
-        from jaxws.nn.checkpoints import save_model
-
-        return save_model(self, path, save_updater=save_updater, iterator=iterator)
-
-    def restore(self, path: str, *, load_updater: bool = True) -> Model:
-        """Loads the checkpoint at ``path`` into this model (the same architecture).
-
-        With ``load_updater=False`` (or a checkpoint saved without it) the updater starts
-        afresh. Counters, layer state and the RNG come back as saved.
-
-        Raises:
-            CheckpointError: no checkpoint there, an unreadable one, or one of another
-                architecture (the message names the leaf); the model is then unchanged.
-        """
-        from jaxws.nn.checkpoints import restore_model
-
-        return restore_model(self, path, load_updater=load_updater)
-
-    @property
-    def restored_iterator_state(self) -> dict | None:
-        """The data position the last restored checkpoint recorded (for ``load_state_dict``)."""
-        return self._restored_position
-
-    def _data_position(self, iterator: Any) -> dict | None:
-        """``iterator``'s state as consumed by training (its own cursor may run ahead under
-        prefetching), or None if it records none."""
-        if iterator is None or not hasattr(iterator, "state_dict"):
-            return None
-        state = iterator.state_dict()
-        if self._position is not None and self._position["source"] is iterator and state is not None:
-            state = {**state, "epoch": self._position["epoch"], "position": self._position["position"]}
-        return state
-
     def add_listeners(self, *listeners: TrainingListener) -> None:
         self.listeners.extend(listeners)
 
@@ -349,105 +232,6 @@ class Model(EvaluationMixin, abc.ABC):
         _, loss_input, new_state = self._apply(params, state, *self._inputs_of(ds), training, mode)
         return self._loss_of(loss_input, *self._labels_of(ds)), new_state
 
-    def train_step(self, mode: WorkspaceMode | None = None, reduce_grads: Callable | None = None) -> Callable:
-        """The pure ``(carry, batch) -> (carry, loss)`` function of ``mode`` (not jitted).
-
-        ``reduce_grads`` (e.g. a cross-device mean) transforms the gradients before the
-        updater sees them.
-        """
-        mode = mode or self.training_workspace_mode
-
-        def step(carry: TrainState, ds: DataSet):
-            (loss, state), grads = jax.value_and_grad(self._loss, has_aux=True)(
-                carry.params, carry.state, ds, True, mode
-            )
-            if reduce_grads is not None:
-                grads = reduce_grads(grads)
-            updates, opt_state = self._updater.update(grads, carry.opt_state, carry.params)
-            return TrainState(optax.apply_updates(carry.params, updates), state, opt_state), loss
-
-        return step
-
-    def compiled_step(self, mode: WorkspaceMode | None = None, fused: bool = False) -> WorkspaceFunction:
-        """The jitted step ``fit`` runs: ``(carry, check, batch) -> (carry, check, loss)``.
-
-        The carry (a :class:`TrainState`) and the :class:`~jaxws.nn.LabelCheck` (invalid
-        class labels counted on the device) are donated unless the mode is NONE.
-        ``fused``: the program that scans a stack of batches ``[k, batch, ...]`` and
-        returns the k losses (``fit(steps_per_execution=k)``). ``train_step`` is the pure,
-        unjitted ``(carry, batch) -> (carry, loss)`` for your own loops.
-
-        Example:
-            >>> import jax.numpy as jnp
-            >>> from jaxws.data import DataSet
-            >>> from jaxws.nn import LabelCheck, MultiLayerNetwork, NeuralNetConfiguration, OutputLayer
-            >>> net = MultiLayerNetwork(NeuralNetConfiguration(layers=[OutputLayer(2)], input_shape=(3,))).init()
-            >>> batch = DataSet(jnp.ones((4, 3)), jnp.zeros(4, jnp.int32))
-            >>> net.compiled_step().memory_plan(net._carry, LabelCheck.init(), batch).alias_bytes > 0
-            True
-        """
-        mode = mode or self.training_workspace_mode
-        if (mode, fused) not in self._steps:
-            checked = self._checked_step(mode)
-
-            def fused_checked(carry, check, stacked):
-                def body(c, ds):
-                    carry, check, loss = checked(*c, ds)
-                    return (carry, check), loss
-
-                (carry, check), losses = jax.lax.scan(body, (carry, check), stacked)
-                return carry, check, losses
-
-            fun = functools.partial(fused_checked) if fused else functools.partial(checked)
-            fun.__name__ = f"{type(self).__name__}.fit[{mode.name}{', fused' if fused else ''}]"
-            self._steps[mode, fused] = jit(fun, donate_argnums=(0, 1) if mode.donates else ())
-        return self._steps[mode, fused]
-
-    def resident_step(self, mode: WorkspaceMode | None = None) -> WorkspaceFunction:
-        """The jitted program ``fit`` runs on device-resident data.
-
-        ``(carry, check, data, order, start, *, count, size) -> (carry, check, losses)``:
-        ``count`` steps, step i on the ``size`` examples at ``order[start + i*size:]`` (or
-        contiguous from there when ``order`` is None), taken inside the program: sliced
-        where they lie, or gathered once per execution when shuffled.
-        """
-        mode = mode or self.training_workspace_mode
-        if (mode, "resident") not in self._steps:
-            checked = self._checked_step(mode)
-
-            def resident(carry, check, data, order, start, count, size):
-                def body(c, xs):
-                    carry, check, loss = checked(*c, xs)
-                    return (carry, check), loss
-
-                if order is None:  # in order: each step slices its batch where it lies
-                    def sliced(c, i):
-                        ds = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start + i * size, size), data)
-                        return body(c, ds)
-
-                    (carry, check), losses = jax.lax.scan(sliced, (carry, check), jnp.arange(count))
-                else:  # shuffled: one gather of the execution's rows, then contiguous batches
-                    rows = jax.lax.dynamic_slice_in_dim(order, start, count * size)
-                    batches = jax.tree.map(
-                        lambda a: jnp.take(a, rows, axis=0).reshape(count, size, *a.shape[1:]), data)
-                    (carry, check), losses = jax.lax.scan(body, (carry, check), batches)
-                return carry, check, losses
-
-            resident.__name__ = f"{type(self).__name__}.fit[{mode.name}, resident]"
-            self._steps[mode, "resident"] = jit(resident, donate_argnums=(0, 1) if mode.donates else (),
-                                                static_argnames=("count", "size"))
-        return self._steps[mode, "resident"]
-
-    def _checked_step(self, mode: WorkspaceMode) -> Callable:
-        """``train_step`` that also counts invalid class labels: ``(carry, check, batch) -> (carry, check, loss)``."""
-        step = self.train_step(mode)
-
-        def checked(carry, check, ds):
-            carry, loss = step(carry, ds)
-            return carry, check.update(*(self._class_labels(ds) or (None, None, 0))), loss
-
-        return checked
-
     # -- fit / output / score --------------------------------------------------------------
 
     def _feed(self, data: Any, op: str, **kwargs: Any) -> Feed:
@@ -507,8 +291,8 @@ class Model(EvaluationMixin, abc.ABC):
         except TypeError:
             total = None
         checks = _Checks(LabelCheck.init())
-        progress = progress and _interactive()
-        tqdm = _tqdm() if progress else None
+        progress = progress and interactive()
+        tqdm = tqdm_class() if progress else None
         workspaces = manager._workspaces
         no_cycle = contextlib.nullcontext()  # NONE: nothing invalidated
         with feed, guarded() as guard:
@@ -516,7 +300,7 @@ class Model(EvaluationMixin, abc.ABC):
                 for listener in self.listeners:
                     listener.on_epoch_start(self, self.epoch)
                 checks.epoch_starts.append(checks.steps)
-                bar = _Bar(tqdm(total=total, desc=f"epoch {self.epoch}", leave=False)) if progress else _NO_BAR
+                bar = Bar(tqdm(total=total, desc=f"epoch {self.epoch}", leave=False)) if progress else NO_BAR
                 with bar:
                     passing = iter(feed)
                     self._position = feed.origin  # where the data stands before this pass

@@ -1,0 +1,132 @@
+"""The pure training step and the jitted programs ``fit`` runs around it.
+
+``train_step`` is ``(carry, batch) -> (carry, loss)``; ``compiled_step`` jits it with the
+carry and a LabelCheck donated (one step, or a scan over a stack of k); ``resident_step``
+takes its batches from device-resident data inside the program.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxws.data.dataset import DataSet
+from jaxws.nn.modes import WorkspaceMode
+from jaxws.step import WorkspaceFunction, jit
+
+__all__ = ["StepsMixin", "TrainState"]
+
+
+class TrainState(NamedTuple):
+    """The carry of a training step: donated, and back in the same buffers, every step."""
+
+    params: Any
+    state: Any  # non-trainable layer state (batch-norm statistics, dropout keys)
+    opt_state: Any
+
+
+class StepsMixin:
+    """The step programs of a model with ``_loss``, ``_updater``, ``_class_labels`` and ``_steps``."""
+
+    def train_step(self, mode: WorkspaceMode | None = None, reduce_grads: Callable | None = None) -> Callable:
+        """The pure ``(carry, batch) -> (carry, loss)`` function of ``mode`` (not jitted).
+
+        ``reduce_grads`` (e.g. a cross-device mean) transforms the gradients before the
+        updater sees them.
+        """
+        mode = mode or self.training_workspace_mode
+
+        def step(carry: TrainState, ds: DataSet):
+            (loss, state), grads = jax.value_and_grad(self._loss, has_aux=True)(
+                carry.params, carry.state, ds, True, mode
+            )
+            if reduce_grads is not None:
+                grads = reduce_grads(grads)
+            updates, opt_state = self._updater.update(grads, carry.opt_state, carry.params)
+            return TrainState(optax.apply_updates(carry.params, updates), state, opt_state), loss
+
+        return step
+
+    def compiled_step(self, mode: WorkspaceMode | None = None, fused: bool = False) -> WorkspaceFunction:
+        """The jitted step ``fit`` runs: ``(carry, check, batch) -> (carry, check, loss)``.
+
+        The carry (a :class:`TrainState`) and the :class:`~jaxws.nn.LabelCheck` (invalid
+        class labels counted on the device) are donated unless the mode is NONE.
+        ``fused``: the program that scans a stack of batches ``[k, batch, ...]`` and
+        returns the k losses (``fit(steps_per_execution=k)``). ``train_step`` is the pure,
+        unjitted ``(carry, batch) -> (carry, loss)`` for your own loops.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from jaxws.data import DataSet
+            >>> from jaxws.nn import LabelCheck, MultiLayerNetwork, NeuralNetConfiguration, OutputLayer
+            >>> net = MultiLayerNetwork(NeuralNetConfiguration(layers=[OutputLayer(2)], input_shape=(3,))).init()
+            >>> batch = DataSet(jnp.ones((4, 3)), jnp.zeros(4, jnp.int32))
+            >>> net.compiled_step().memory_plan(net._carry, LabelCheck.init(), batch).alias_bytes > 0
+            True
+        """
+        mode = mode or self.training_workspace_mode
+        if (mode, fused) not in self._steps:
+            checked = self._checked_step(mode)
+
+            def fused_checked(carry, check, stacked):
+                def body(c, ds):
+                    carry, check, loss = checked(*c, ds)
+                    return (carry, check), loss
+
+                (carry, check), losses = jax.lax.scan(body, (carry, check), stacked)
+                return carry, check, losses
+
+            fun = functools.partial(fused_checked) if fused else functools.partial(checked)
+            fun.__name__ = f"{type(self).__name__}.fit[{mode.name}{', fused' if fused else ''}]"
+            self._steps[mode, fused] = jit(fun, donate_argnums=(0, 1) if mode.donates else ())
+        return self._steps[mode, fused]
+
+    def resident_step(self, mode: WorkspaceMode | None = None) -> WorkspaceFunction:
+        """The jitted program ``fit`` runs on device-resident data.
+
+        ``(carry, check, data, order, start, *, count, size) -> (carry, check, losses)``:
+        ``count`` steps, step i on the ``size`` examples at ``order[start + i*size:]`` (or
+        contiguous from there when ``order`` is None), taken inside the program: sliced
+        where they lie, or gathered once per execution when shuffled.
+        """
+        mode = mode or self.training_workspace_mode
+        if (mode, "resident") not in self._steps:
+            checked = self._checked_step(mode)
+
+            def resident(carry, check, data, order, start, count, size):
+                def body(c, xs):
+                    carry, check, loss = checked(*c, xs)
+                    return (carry, check), loss
+
+                if order is None:  # in order: each step slices its batch where it lies
+                    def sliced(c, i):
+                        ds = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start + i * size, size), data)
+                        return body(c, ds)
+
+                    (carry, check), losses = jax.lax.scan(sliced, (carry, check), jnp.arange(count))
+                else:  # shuffled: one gather of the execution's rows, then contiguous batches
+                    rows = jax.lax.dynamic_slice_in_dim(order, start, count * size)
+                    batches = jax.tree.map(
+                        lambda a: jnp.take(a, rows, axis=0).reshape(count, size, *a.shape[1:]), data)
+                    (carry, check), losses = jax.lax.scan(body, (carry, check), batches)
+                return carry, check, losses
+
+            resident.__name__ = f"{type(self).__name__}.fit[{mode.name}, resident]"
+            self._steps[mode, "resident"] = jit(resident, donate_argnums=(0, 1) if mode.donates else (),
+                                                static_argnames=("count", "size"))
+        return self._steps[mode, "resident"]
+
+    def _checked_step(self, mode: WorkspaceMode) -> Callable:
+        """``train_step`` that also counts invalid class labels: ``(carry, check, batch) -> (carry, check, loss)``."""
+        step = self.train_step(mode)
+
+        def checked(carry, check, ds):
+            carry, loss = step(carry, ds)
+            return carry, check.update(*(self._class_labels(ds) or (None, None, 0))), loss
+
+        return checked
