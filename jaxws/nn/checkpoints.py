@@ -433,6 +433,17 @@ def _model_from_meta(meta: dict, conf: Any, where: str) -> Any:
     return cls(conf).init()
 
 
+def load_model(cls: type, conf_cls: type, path: str, load_updater: bool, conf: Any) -> Any:
+    """A ``cls`` model rebuilt from the checkpoint at ``path`` (its saved configuration, or
+    ``conf``), with the checkpoint's state."""
+    meta = read_meta(path)
+    if meta.get("model") != cls.__name__:
+        raise CheckpointError(f"The checkpoint at {path} holds a {meta.get('model')}, not a {cls.__name__}.")
+    if conf is None:
+        conf = conf_cls.from_dict(meta["conf"])
+    return cls(conf).init().restore(path, load_updater=load_updater)
+
+
 class CheckpointMixin:
     """``save`` / ``restore`` for models (mixed into :class:`~jaxws.nn.Model`)."""
 

@@ -16,7 +16,7 @@ from jaxws.nn.layers import BaseOutputLayer, Layer, layer_from_dict
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.nn.updaters import Adam, Updater, updater_from_dict
 
-__all__ = ["NeuralNetConfiguration", "updater_from_saved", "updater_to_dict"]
+__all__ = ["NetworkSettings", "NeuralNetConfiguration", "updater_from_saved", "updater_to_dict"]
 
 
 def updater_to_dict(updater: Any) -> dict:
@@ -45,7 +45,100 @@ def updater_from_saved(saved: dict, updater: Any, what: str) -> Any:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class NeuralNetConfiguration:
+class NetworkSettings:
+    """What every network configuration holds besides its architecture: the seed, the
+    updater and the workspace modes; with DL4J's ``toJson`` / ``fromJson`` (over the
+    configuration's own ``to_dict`` / ``from_dict``)."""
+
+    seed: int = 0
+    updater: Updater | optax.GradientTransformation = dataclasses.field(default_factory=Adam)
+    training_workspace_mode: WorkspaceMode = WorkspaceMode.ENABLED
+    inference_workspace_mode: WorkspaceMode = WorkspaceMode.ENABLED
+    offload_activations: bool = False
+
+    def _check_settings(self) -> None:
+        name = type(self).__name__
+        for field in ("training_workspace_mode", "inference_workspace_mode"):
+            if not isinstance(getattr(self, field), WorkspaceMode):
+                raise ConfigurationError(
+                    f"{name}({field}={getattr(self, field)!r}): expected "
+                    "WorkspaceMode.NONE, ENABLED, SINGLE or SEPARATE."
+                )
+        if not (hasattr(self.updater, "init") and hasattr(self.updater, "update")):
+            raise TypeError(
+                f"{name}(updater={self.updater!r}): expected a named updater such as "
+                "jaxws.nn.Adam(1e-3), or an optax GradientTransformation, e.g. optax.adam(1e-3)."
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigurationError(f"{name}(seed={self.seed!r}): expected an int.")
+
+    def optax_updater(self) -> optax.GradientTransformation:
+        """The updater as an optax transformation (a named updater builds its own)."""
+        return self.updater.build() if isinstance(self.updater, Updater) else self.updater
+
+    def _settings_dict(self) -> dict:
+        return {
+            "seed": self.seed,
+            "updater": updater_to_dict(self.updater),
+            "training_workspace_mode": self.training_workspace_mode.name,
+            "inference_workspace_mode": self.inference_workspace_mode.name,
+            "offload_activations": self.offload_activations,
+        }
+
+    @classmethod
+    def _settings_from(cls, data: dict, updater: Any) -> dict:
+        """The settings ``_settings_dict`` wrote, as keyword arguments; ``updater`` replaces the saved one."""
+        fmt = f"jaxws.{cls.__name__}"
+        if data.get("format") != fmt:
+            raise ConfigurationError(
+                f"{cls.__name__}.from_json: the data holds {data.get('format')!r}, not a {fmt} "
+                "(written by conf.to_json())."
+            )
+        return {
+            "seed": data["seed"],
+            "updater": updater_from_saved(data["updater"], updater, cls.__name__),
+            "training_workspace_mode": WorkspaceMode[data["training_workspace_mode"]],
+            "inference_workspace_mode": WorkspaceMode[data["inference_workspace_mode"]],
+            "offload_activations": data["offload_activations"],
+        }
+
+    def to_json(self) -> str:
+        """DL4J's ``toJson``: the configuration as a JSON string.
+
+        Raises:
+            ConfigurationError: a custom layer or vertex holds a field JSON cannot write.
+
+        Example:
+            >>> from jaxws.nn import NeuralNetConfiguration, Dense, OutputLayer, Sgd
+            >>> conf = NeuralNetConfiguration(layers=[Dense(4), OutputLayer(2)], input_shape=(3,), updater=Sgd(0.1))
+            >>> NeuralNetConfiguration.from_json(conf.to_json()) == conf
+            True
+        """
+        try:
+            return json.dumps(self.to_dict(), indent=2)
+        except TypeError as e:
+            raise ConfigurationError(f"{type(self).__name__}.to_json(): {e}; a layer's fields must be JSON values.") from None
+
+    @classmethod
+    def from_json(cls, text: str, *, custom_layers: dict[str, type] | None = None, updater: Any = None) -> Any:
+        """DL4J's ``fromJson``: the configuration ``to_json`` wrote.
+
+        Args:
+            text: the JSON.
+            custom_layers: layer classes by saved type name, for layers this process has
+                not imported (jaxws's own and any imported Layer subclass are found by name).
+            updater: the updater to use instead of the saved one (required when a raw optax
+                transformation was saved).
+
+        Raises:
+            ConfigurationError: not a configuration, an unknown layer type, or a raw optax
+                updater without ``updater=``.
+        """
+        return cls.from_dict(json.loads(text), custom_layers=custom_layers, updater=updater)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NeuralNetConfiguration(NetworkSettings):
     """What a MultiLayerNetwork is made of and how it uses memory.
 
     Args:
@@ -77,11 +170,6 @@ class NeuralNetConfiguration:
 
     layers: tuple[Layer, ...]
     input_shape: tuple[int | None, ...]
-    seed: int = 0
-    updater: Updater | optax.GradientTransformation = dataclasses.field(default_factory=Adam)
-    training_workspace_mode: WorkspaceMode = WorkspaceMode.ENABLED
-    inference_workspace_mode: WorkspaceMode = WorkspaceMode.ENABLED
-    offload_activations: bool = False
 
     def __post_init__(self):
         layers = tuple(self.layers) if isinstance(self.layers, (list, tuple)) else self.layers
@@ -113,99 +201,33 @@ class NeuralNetConfiguration:
                 "sequences of any length."
             )
         object.__setattr__(self, "input_shape", tuple(shape))
-        for name in ("training_workspace_mode", "inference_workspace_mode"):
-            if not isinstance(getattr(self, name), WorkspaceMode):
-                raise ConfigurationError(
-                    f"NeuralNetConfiguration({name}={getattr(self, name)!r}): expected "
-                    "WorkspaceMode.NONE, ENABLED, SINGLE or SEPARATE."
-                )
-        if not (hasattr(self.updater, "init") and hasattr(self.updater, "update")):
-            raise TypeError(
-                f"NeuralNetConfiguration(updater={self.updater!r}): expected an optax "
-                "GradientTransformation, e.g. optax.adam(1e-3)."
-            )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigurationError(f"NeuralNetConfiguration(seed={self.seed!r}): expected an int.")
+        self._check_settings()
 
     @staticmethod
     def builder() -> Builder:
         """A DL4J-style fluent builder."""
         return Builder()
 
-    def optax_updater(self) -> optax.GradientTransformation:
-        """The updater as an optax transformation (a named updater builds its own)."""
-        return self.updater.build() if isinstance(self.updater, Updater) else self.updater
-
     def to_dict(self) -> dict:
         """The configuration as JSON-ready data (DL4J's ``toJson``, as a dict)."""
-        updater = updater_to_dict(self.updater)
         return {
             "format": "jaxws.NeuralNetConfiguration",
             "version": 1,
             "layers": [layer.to_dict() for layer in self.layers],
             "input_shape": list(self.input_shape),
-            "seed": self.seed,
-            "updater": updater,
-            "training_workspace_mode": self.training_workspace_mode.name,
-            "inference_workspace_mode": self.inference_workspace_mode.name,
-            "offload_activations": self.offload_activations,
+            **self._settings_dict(),
         }
-
-    def to_json(self) -> str:
-        """DL4J's ``toJson``: the configuration as a JSON string.
-
-        Raises:
-            ConfigurationError: a custom layer holds a field JSON cannot write.
-
-        Example:
-            >>> from jaxws.nn import NeuralNetConfiguration, Dense, OutputLayer, Sgd
-            >>> conf = NeuralNetConfiguration(layers=[Dense(4), OutputLayer(2)], input_shape=(3,), updater=Sgd(0.1))
-            >>> NeuralNetConfiguration.from_json(conf.to_json()) == conf
-            True
-        """
-        data = self.to_dict()
-        try:
-            return json.dumps(data, indent=2)
-        except TypeError as e:
-            raise ConfigurationError(f"NeuralNetConfiguration.to_json(): {e}; a layer's fields must be JSON values.") from None
 
     @classmethod
     def from_dict(cls, data: dict, *, custom_layers: dict[str, type] | None = None,
                   updater: Any = None) -> NeuralNetConfiguration:
         """The configuration ``to_dict`` wrote; ``updater`` replaces the saved one."""
-        if data.get("format") != "jaxws.NeuralNetConfiguration":
-            raise ConfigurationError(
-                f"NeuralNetConfiguration.from_json: the data holds {data.get('format')!r}, not a "
-                "jaxws.NeuralNetConfiguration (written by conf.to_json())."
-            )
-        updater = updater_from_saved(data["updater"], updater, "NeuralNetConfiguration")
+        settings = cls._settings_from(data, updater)
         return cls(
             layers=tuple(layer_from_dict(layer, custom_layers) for layer in data["layers"]),
             input_shape=tuple(data["input_shape"]),
-            seed=data["seed"],
-            updater=updater,
-            training_workspace_mode=WorkspaceMode[data["training_workspace_mode"]],
-            inference_workspace_mode=WorkspaceMode[data["inference_workspace_mode"]],
-            offload_activations=data["offload_activations"],
+            **settings,
         )
-
-    @classmethod
-    def from_json(cls, text: str, *, custom_layers: dict[str, type] | None = None,
-                  updater: Any = None) -> NeuralNetConfiguration:
-        """DL4J's ``fromJson``: the configuration ``to_json`` wrote.
-
-        Args:
-            text: the JSON.
-            custom_layers: layer classes by saved type name, for layers this process has
-                not imported (jaxws's own and any imported Layer subclass are found by name).
-            updater: the updater to use instead of the saved one (required when a raw optax
-                transformation was saved).
-
-        Raises:
-            ConfigurationError: not a configuration, an unknown layer type, or a raw optax
-                updater without ``updater=``.
-        """
-        return cls.from_dict(json.loads(text), custom_layers=custom_layers, updater=updater)
 
 
 class Builder:

@@ -17,7 +17,7 @@ import numpy as np
 from jaxws.arrays import check_arrays
 from jaxws.data.dataset import MultiDataSet
 from jaxws.data.feed import validate
-from jaxws.errors import CheckpointError, ConfigurationError, InvalidBatchError
+from jaxws.errors import ConfigurationError, InvalidBatchError
 from jaxws.manager import get_workspace_manager
 from jaxws.memory import format_bytes
 from jaxws.nn.graph_conf import ComputationGraphConfiguration, GraphBuilder, InputType
@@ -80,14 +80,9 @@ class ComputationGraph(Model):
     @classmethod
     def load(cls, path: str, *, load_updater: bool = True, conf: ComputationGraphConfiguration | None = None) -> ComputationGraph:
         """The graph saved at ``path`` (DL4J's ``restoreComputationGraph``); as MultiLayerNetwork.load."""
-        from jaxws.nn.checkpoints import read_meta
+        from jaxws.nn.checkpoints import load_model
 
-        meta = read_meta(path)
-        if meta.get("model") != "ComputationGraph":
-            raise CheckpointError(f"The checkpoint at {path} holds a {meta.get('model')}, not a ComputationGraph.")
-        if conf is None:
-            conf = ComputationGraphConfiguration.from_dict(meta["conf"])
-        return cls(conf).init().restore(path, load_updater=load_updater)
+        return load_model(cls, ComputationGraphConfiguration, path, load_updater, conf)
 
     def init(self) -> ComputationGraph:
         """Initialises parameters and state from ``conf.seed``; returns self."""

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import jax
-import optax
 
 from jaxws.errors import ConfigurationError
-from jaxws.nn.conf import updater_from_saved, updater_to_dict
+from jaxws.nn.conf import NetworkSettings
 from jaxws.nn.dag import Dag, Node
 from jaxws.nn.layers import BaseOutputLayer, Layer, layer_from_dict
-from jaxws.nn.modes import WorkspaceMode
-from jaxws.nn.updaters import Adam, Updater
 from jaxws.nn.vertices import GraphVertex
 
-__all__ = ["ComputationGraph", "ComputationGraphConfiguration", "GraphBuilder", "InputType"]
+__all__ = ["ComputationGraphConfiguration", "GraphBuilder", "InputType"]
 
 
 class InputType:
@@ -46,7 +42,7 @@ def _shape(value: Any, where: str) -> tuple:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ComputationGraphConfiguration:
+class ComputationGraphConfiguration(NetworkSettings):
     """What a ComputationGraph is made of; built by ``NeuralNetConfiguration.builder().graph_builder()``.
 
     Validated when made: every name known and used, no cycles, one loss-bearing output
@@ -77,11 +73,6 @@ class ComputationGraphConfiguration:
     vertices: tuple[tuple[str, Layer, tuple[str, ...]], ...]
     outputs: tuple[str, ...]
     input_shapes: tuple[tuple, ...]
-    seed: int = 0
-    updater: Updater | optax.GradientTransformation = dataclasses.field(default_factory=Adam)
-    training_workspace_mode: WorkspaceMode = WorkspaceMode.ENABLED
-    inference_workspace_mode: WorkspaceMode = WorkspaceMode.ENABLED
-    offload_activations: bool = False
 
     def __post_init__(self):
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -96,11 +87,7 @@ class ComputationGraphConfiguration:
                 f"{list(self.inputs)}; give one per-example shape per input, in that order."
             )
         put("input_shapes", tuple(_shape(s, f"set_input_types({name!r})") for name, s in zip(self.inputs, self.input_shapes)))
-        for name in ("training_workspace_mode", "inference_workspace_mode"):
-            if not isinstance(getattr(self, name), WorkspaceMode):
-                raise ConfigurationError(f"ComputationGraphConfiguration({name}={getattr(self, name)!r}): expected a WorkspaceMode.")
-        if not (hasattr(self.updater, "init") and hasattr(self.updater, "update")):
-            raise TypeError(f"ComputationGraphConfiguration(updater={self.updater!r}): expected a named updater or an optax GradientTransformation.")
+        self._check_settings()
         self._check_names()
         order = self._order()
         dag = Dag(self.inputs, [self._node(i) for i in order], self.outputs)
@@ -185,9 +172,6 @@ class ComputationGraphConfiguration:
         """The graph's executor: nodes in topological order."""
         return Dag(self.inputs, [self._node(i) for i in self._order()], self.outputs)
 
-    def optax_updater(self) -> optax.GradientTransformation:
-        return self.updater.build() if isinstance(self.updater, Updater) else self.updater
-
     # -- JSON ------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
@@ -198,42 +182,20 @@ class ComputationGraphConfiguration:
             "vertices": [{"name": name, "op": op.to_dict(), "inputs": list(inputs)} for name, op, inputs in self.vertices],
             "outputs": list(self.outputs),
             "input_shapes": [list(s) for s in self.input_shapes],
-            "seed": self.seed,
-            "updater": updater_to_dict(self.updater),
-            "training_workspace_mode": self.training_workspace_mode.name,
-            "inference_workspace_mode": self.inference_workspace_mode.name,
-            "offload_activations": self.offload_activations,
+            **self._settings_dict(),
         }
-
-    def to_json(self) -> str:
-        """DL4J's ``toJson``."""
-        try:
-            return json.dumps(self.to_dict(), indent=2)
-        except TypeError as e:
-            raise ConfigurationError(f"ComputationGraphConfiguration.to_json(): {e}; a vertex's fields must be JSON values.") from None
 
     @classmethod
     def from_dict(cls, data: dict, *, custom_layers: dict[str, type] | None = None,
                   updater: Any = None) -> ComputationGraphConfiguration:
-        if data.get("format") != "jaxws.ComputationGraphConfiguration":
-            raise ConfigurationError(f"ComputationGraphConfiguration.from_json: the data holds {data.get('format')!r}, not a graph configuration.")
+        settings = cls._settings_from(data, updater)
         return cls(
             inputs=tuple(data["inputs"]),
             vertices=tuple((v["name"], layer_from_dict(v["op"], custom_layers), tuple(v["inputs"])) for v in data["vertices"]),
             outputs=tuple(data["outputs"]),
             input_shapes=tuple(tuple(s) for s in data["input_shapes"]),
-            seed=data["seed"],
-            updater=updater_from_saved(data["updater"], updater, "ComputationGraphConfiguration"),
-            training_workspace_mode=WorkspaceMode[data["training_workspace_mode"]],
-            inference_workspace_mode=WorkspaceMode[data["inference_workspace_mode"]],
-            offload_activations=data["offload_activations"],
+            **settings,
         )
-
-    @classmethod
-    def from_json(cls, text: str, *, custom_layers: dict[str, type] | None = None,
-                  updater: Any = None) -> ComputationGraphConfiguration:
-        """DL4J's ``fromJson``; ``updater`` replaces a saved raw optax one."""
-        return cls.from_dict(json.loads(text), custom_layers=custom_layers, updater=updater)
 
 
 class GraphBuilder:

@@ -124,16 +124,9 @@ class MultiLayerNetwork(Model):
             ConfigurationError: the saved updater was a raw optax transformation and no
                 ``conf`` was given.
         """
-        from jaxws.nn.checkpoints import read_meta
+        from jaxws.nn.checkpoints import load_model
 
-        meta = read_meta(path)
-        if meta.get("model") != "MultiLayerNetwork":
-            from jaxws.errors import CheckpointError
-
-            raise CheckpointError(f"The checkpoint at {path} holds a {meta.get('model')}, not a MultiLayerNetwork.")
-        if conf is None:
-            conf = NeuralNetConfiguration.from_dict(meta["conf"])
-        return cls(conf).init().restore(path, load_updater=load_updater)
+        return load_model(cls, NeuralNetConfiguration, path, load_updater, conf)
 
     # -- construction ----------------------------------------------------------------------
 
