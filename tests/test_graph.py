@@ -338,3 +338,17 @@ def test_summary_lists_vertices_and_parameters():
         assert name in text
     assert f"total parameters: {graph.num_params():,}" in text
     assert graph.num_params() == 4 * 6 + 6 + 3 * 6 + 6 + 9 * 6 + 6 + 6 * 3 + 3 + 9 + 1
+
+
+def test_sequence_labels_take_their_length_from_the_labels_whatever_input_comes_first():
+    graph = ComputationGraph(
+        builder().add_inputs("context", "in").add_layer("lstm", LSTM(7), "in")
+        .add_vertex("ctx", DuplicateToTimeSeriesVertex("in"), "context")
+        .add_vertex("merge", MergeVertex(), "lstm", "ctx")
+        .add_layer("out", RnnOutputLayer(3), "merge").set_outputs("out").set_input_types((2,), (None, 5)).build()).init()
+    context = rng.normal(size=(4, 2)).astype(np.float32)
+    labels = np.zeros((4, 6), np.int32)
+    graph.fit(([context, seq], [labels]), progress=False)
+    with pytest.raises(InvalidBatchError, match=r"output 'out' .* expects labels of shape \[4, 5, 3\] or integer classes \[4, 5\], received \[4, 5, 2\]"):
+        graph.fit(([context, seq[:, :5]], [np.zeros((4, 5, 2), np.float32)]), progress=False)
+    assert graph.iteration == 1

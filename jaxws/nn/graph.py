@@ -168,8 +168,9 @@ class ComputationGraph(Model):
             raise InvalidBatchError(f"{op}: the graph has {len(self._heads)} output(s) {list(self.conf.outputs)}, the batch {len(ds.labels)} label array(s).")
         lmasks = _masks(ds.labels_masks, len(ds.labels))
         for i, (name, head, labels, mask) in enumerate(zip(self.conf.outputs, self._heads, ds.labels, lmasks)):
-            shape = self.shapes[name]
-            out_shape = (batch, *(np.shape(ds.features[0])[1:len(shape)] if None in shape else shape[:-1]), head.n_out)
+            shape, given = self.shapes[name], np.shape(labels)
+            lead = [given[j + 1] if d is None and j + 1 < len(given) else d for j, d in enumerate(shape[:-1])]
+            out_shape = (batch, *lead, head.n_out)  # a dynamic (time) axis: as long as the labels say
             check_labels(op, f"output {name!r} ({type(head).__name__}, loss {head.loss})", head, labels, out_shape)
             check_mask(op, f"labels mask of {name!r}", mask, out_shape[:-1])
 
