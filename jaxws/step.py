@@ -11,66 +11,28 @@ import functools
 import inspect
 import types
 import warnings
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
-import numpy as np
 
+from jaxws.aot import Compiled, Lowered
 from jaxws.arrays import stale_error
 from jaxws.errors import ConfigurationError, DeletedArrayError, DonationError, DonationWarning
-from jaxws.manager import DebugMode, _local, get_workspace_manager
+from jaxws.manager import DebugMode, get_workspace_manager
 from jaxws.memory import MemoryPlan, format_bytes, tree_bytes
+from jaxws.plan import (
+    StepPlan,
+    _as_tuple,
+    _device_bytes,
+    _leaf_key,
+    _paths,
+    _pick,
+    _twice_donated,
+)
 from jaxws.workspace import _TAG
 
 __all__ = ["jit", "WorkspaceFunction", "StepPlan", "Lowered", "Compiled"]
 
-
-class StepPlan(NamedTuple):
-    """What jaxws learned about a step for one input signature."""
-
-    donated: tuple[int, ...]  # input leaves donated
-    inherit: tuple[tuple[int, int], ...]  # (output leaf, donated input leaf it reuses)
-    forwarded: tuple[tuple[int, int], ...]  # (output leaf, the non-donated input it returns)
-    fresh: tuple[int, ...]  # output leaves in new buffers: attached to the active cycle
-    out_bytes: int  # bytes of the fresh outputs
-    memory: MemoryPlan | None  # XLA's plan for the donating executable
-    fresh_paths: tuple | None = None  # how to reach each fresh leaf without a flatten (None: flatten)
-
-
-def _paths(out_info: Any, indices: tuple[int, ...]) -> tuple | None:
-    """``(is_attribute, key)`` steps to each output leaf in ``indices``; None if a node has no keys."""
-    flat = jax.tree_util.tree_flatten_with_path(out_info)[0]
-    paths = []
-    for j in indices:
-        steps = []
-        for k in flat[j][0]:
-            if isinstance(k, jax.tree_util.GetAttrKey):
-                steps.append((True, k.name))
-            elif isinstance(k, jax.tree_util.SequenceKey):
-                steps.append((False, k.idx))
-            elif isinstance(k, jax.tree_util.DictKey):
-                steps.append((False, k.key))
-            else:
-                return None
-        paths.append(tuple(steps))
-    return tuple(paths)
-
-
-def _pick(out: Any, paths: tuple) -> list:
-    """The leaves of ``out`` at ``paths`` (a few getattr / getitem: cheaper than a flatten)."""
-    picked = []
-    for path in paths:
-        node = out
-        for attribute, key in path:
-            node = getattr(node, key) if attribute else node[key]
-        picked.append(node)
-    return picked
-
-
-try:  # the concrete array class: an exact type check is the fastest test per leaf
-    from jax._src.array import ArrayImpl as _ArrayImpl
-except ImportError:  # pragma: no cover - a later jax moved it: the slower path still works
-    _ArrayImpl = None
 
 try:  # outside every transformation the current trace is JAX's eval trace
     from jax.extend.core import find_top_trace as _find_top_trace
@@ -84,48 +46,6 @@ except ImportError:  # pragma: no cover - older jax: tracers among the leaves te
 
     def _concrete() -> bool:
         return True
-
-
-def _manager():
-    """The calling thread's workspace manager (get_workspace_manager without its call on the hot path)."""
-    try:
-        return _local.manager
-    except AttributeError:
-        return get_workspace_manager()
-
-
-def _leaf_key(x: Any) -> Any:
-    """What the plan of a leaf depends on: its aval (cached on JAX arrays, typed keys
-    included) and, for arrays committed to a sharding, that sharding."""
-    if type(x) is _ArrayImpl:
-        return (x.aval, x.sharding) if x.committed else x.aval
-    if isinstance(x, jax.Array):
-        return x.aval
-    if isinstance(x, (np.ndarray, np.generic)):
-        return (x.shape, x.dtype)
-    return type(x)  # a Python scalar: weakly typed, its value does not matter
-
-
-def _device_bytes(leaf: Any, info: Any) -> int:
-    """Bytes of one device's shard: what XLA's per-device memory plan counts."""
-    if isinstance(leaf, jax.Array):
-        size = int(np.prod(leaf.shape, dtype=np.int64))
-        shard = int(np.prod(leaf.sharding.shard_shape(leaf.shape), dtype=np.int64))
-        return leaf.nbytes * shard // size if size else 0
-    return tree_bytes(info)
-
-
-def _as_tuple(value: Any) -> tuple:
-    if value is None:
-        return ()
-    if isinstance(value, (int, str)):
-        return (value,)
-    return tuple(value)
-
-
-def _twice_donated(e: Exception) -> bool:
-    text = str(e)
-    return "same buffer twice" in text or "previously donated in the same call" in text
 
 
 class WorkspaceFunction:
@@ -236,7 +156,7 @@ class WorkspaceFunction:
         except AttributeError:  # numpy arrays, Python scalars
             key = (treedef, static, tuple([_leaf_key(x) for x in leaves]))
         plan = self._plans.get(key)
-        manager = _manager()
+        manager = get_workspace_manager()
         stack = manager._stack
         ws = stack[-1] if stack else None
         if plan is None:
@@ -279,7 +199,7 @@ class WorkspaceFunction:
         through :meth:`__call__` (the plan, the donation check); later ones skip the flatten
         and the per-leaf checks, and still admit, donate and attach as a call does."""
         plan = self._planned.get(signature)
-        manager = _manager()
+        manager = get_workspace_manager()
         if plan is None or manager.debug_mode is not DebugMode.DISABLED:
             out = self(*args, **kwargs)
             self._planned[signature] = self._last_plan
@@ -519,64 +439,6 @@ class WorkspaceFunction:
 
     def __repr__(self) -> str:
         return f"jaxws.jit({self._name})"
-
-
-class Lowered:
-    """``jax.stages.Lowered`` of a jaxws step; ``compile()`` keeps the donation checks.
-
-    Everything else (``as_text``, ``cost_analysis``, ...) is the wrapped object's.
-    """
-
-    def __init__(self, fun: WorkspaceFunction, lowered: Any, analysis: tuple, leaves: list):
-        self._fun = fun
-        self._lowered = lowered
-        self._analysis = analysis
-        self._leaves = leaves
-
-    def compile(self, *args: Any, **kwargs: Any) -> Compiled:
-        """Compiles; raises DonationError if XLA would not reuse every donated byte."""
-        plan, compiled = self._fun._finish(self._analysis, lambda: self._lowered.compile(*args, **kwargs), self._leaves)
-        return Compiled(self._fun, compiled, plan)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._lowered, name)
-
-
-class Compiled:
-    """``jax.stages.Compiled`` of a jaxws step: its calls check and attach as the step's do.
-
-    Called with the dynamic arguments (no static ones), as JAX's compiled objects are.
-    """
-
-    def __init__(self, fun: WorkspaceFunction, compiled: Any, plan: StepPlan):
-        self._fun = fun
-        self._compiled = compiled
-        self.plan = plan
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        fun = self._fun
-        leaves = jax.tree.leaves((args, kwargs))
-        tags = [getattr(x, _TAG, None) for x in leaves]
-        if any(tags):
-            fun._check_alive(lambda: fun._leaf_names(args, kwargs, static=False), leaves, tags)
-        try:
-            out = self._compiled(*args, **kwargs)
-        except Exception as e:
-            fun._explain(e, lambda: fun._leaf_names(args, kwargs, static=False), leaves, self.plan)
-            raise
-        manager = get_workspace_manager()
-        if manager.debug_mode is not DebugMode.BYPASS_EVERYTHING:
-            if any(tags):
-                fun._attach_inputs(self.plan, leaves, tags, out)
-            ws = manager.current_workspace
-            if ws is not None:
-                out_leaves = jax.tree.leaves(out)
-                for j in self.plan.fresh:
-                    ws._attach(out_leaves[j], ws.generation)
-        return out
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._compiled, name)
 
 
 def jit(

@@ -1,0 +1,94 @@
+"""What ``jaxws.jit`` learns per input signature: the StepPlan, and the leaf helpers it
+is computed from (leaf keys, per-device bytes, paths to output leaves)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from jaxws.memory import MemoryPlan, tree_bytes
+
+__all__ = ["StepPlan"]
+
+
+try:  # the concrete array class: an exact type check is the fastest test per leaf
+    from jax._src.array import ArrayImpl as _ArrayImpl
+except ImportError:  # pragma: no cover - a later jax moved it: the slower path still works
+    _ArrayImpl = None
+
+class StepPlan(NamedTuple):
+    """What jaxws learned about a step for one input signature."""
+
+    donated: tuple[int, ...]  # input leaves donated
+    inherit: tuple[tuple[int, int], ...]  # (output leaf, donated input leaf it reuses)
+    forwarded: tuple[tuple[int, int], ...]  # (output leaf, the non-donated input it returns)
+    fresh: tuple[int, ...]  # output leaves in new buffers: attached to the active cycle
+    out_bytes: int  # bytes of the fresh outputs
+    memory: MemoryPlan | None  # XLA's plan for the donating executable
+    fresh_paths: tuple | None = None  # how to reach each fresh leaf without a flatten (None: flatten)
+
+
+def _paths(out_info: Any, indices: tuple[int, ...]) -> tuple | None:
+    """``(is_attribute, key)`` steps to each output leaf in ``indices``; None if a node has no keys."""
+    flat = jax.tree_util.tree_flatten_with_path(out_info)[0]
+    paths = []
+    for j in indices:
+        steps = []
+        for k in flat[j][0]:
+            if isinstance(k, jax.tree_util.GetAttrKey):
+                steps.append((True, k.name))
+            elif isinstance(k, jax.tree_util.SequenceKey):
+                steps.append((False, k.idx))
+            elif isinstance(k, jax.tree_util.DictKey):
+                steps.append((False, k.key))
+            else:
+                return None
+        paths.append(tuple(steps))
+    return tuple(paths)
+
+
+def _pick(out: Any, paths: tuple) -> list:
+    """The leaves of ``out`` at ``paths`` (a few getattr / getitem: cheaper than a flatten)."""
+    picked = []
+    for path in paths:
+        node = out
+        for attribute, key in path:
+            node = getattr(node, key) if attribute else node[key]
+        picked.append(node)
+    return picked
+
+
+def _leaf_key(x: Any) -> Any:
+    """What the plan of a leaf depends on: its aval (cached on JAX arrays, typed keys
+    included) and, for arrays committed to a sharding, that sharding."""
+    if type(x) is _ArrayImpl:
+        return (x.aval, x.sharding) if x.committed else x.aval
+    if isinstance(x, jax.Array):
+        return x.aval
+    if isinstance(x, (np.ndarray, np.generic)):
+        return (x.shape, x.dtype)
+    return type(x)  # a Python scalar: weakly typed, its value does not matter
+
+
+def _device_bytes(leaf: Any, info: Any) -> int:
+    """Bytes of one device's shard: what XLA's per-device memory plan counts."""
+    if isinstance(leaf, jax.Array):
+        size = int(np.prod(leaf.shape, dtype=np.int64))
+        shard = int(np.prod(leaf.sharding.shard_shape(leaf.shape), dtype=np.int64))
+        return leaf.nbytes * shard // size if size else 0
+    return tree_bytes(info)
+
+
+def _as_tuple(value: Any) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, (int, str)):
+        return (value,)
+    return tuple(value)
+
+
+def _twice_donated(e: Exception) -> bool:
+    text = str(e)
+    return "same buffer twice" in text or "previously donated in the same call" in text
