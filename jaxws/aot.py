@@ -7,7 +7,7 @@ from typing import Any
 import jax
 
 from jaxws.manager import DebugMode, get_workspace_manager
-from jaxws.plan import StepPlan
+from jaxws.plan import StepPlan, attach_fresh
 from jaxws.workspace import _TAG
 
 __all__ = ["Compiled", "Lowered"]
@@ -61,10 +61,8 @@ class Compiled:
             if any(tags):
                 fun._attach_inputs(self.plan, leaves, tags, out)
             ws = manager.current_workspace
-            if ws is not None:
-                out_leaves = jax.tree.leaves(out)
-                for j in self.plan.fresh:
-                    ws._attach(out_leaves[j], ws.generation)
+            if ws is not None and self.plan.fresh:
+                attach_fresh(ws, self.plan, out)
         return out
 
     def __getattr__(self, name: str) -> Any:

@@ -10,7 +10,7 @@ import numpy as np
 
 from jaxws.memory import MemoryPlan, tree_bytes
 
-__all__ = ["StepPlan"]
+__all__ = ["StepPlan", "attach_fresh"]
 
 
 try:  # the concrete array class: an exact type check is the fastest test per leaf
@@ -58,6 +58,15 @@ def _pick(out: Any, paths: tuple) -> list:
             node = getattr(node, key) if attribute else node[key]
         picked.append(node)
     return picked
+
+
+def attach_fresh(ws: Any, plan: StepPlan, out: Any) -> None:
+    """Attaches a call's fresh outputs (``plan.fresh``) to the open cycle of ``ws``."""
+    leaves = _pick(out, plan.fresh_paths) if plan.fresh_paths is not None else jax.tree.leaves(out)
+    picked = leaves if plan.fresh_paths is not None else [leaves[j] for j in plan.fresh]
+    generation = ws.generation
+    for leaf in picked:
+        ws._attach(leaf, generation)
 
 
 def _leaf_key(x: Any) -> Any:

@@ -26,8 +26,8 @@ from jaxws.plan import (
     _device_bytes,
     _leaf_key,
     _paths,
-    _pick,
     _twice_donated,
+    attach_fresh,
 )
 from jaxws.workspace import _TAG
 
@@ -186,10 +186,7 @@ class WorkspaceFunction:
         if attached:
             self._attach_inputs(plan, leaves, tags, out)
         if ws is not None and plan.fresh:
-            generation = ws.generation
-            for leaf in (_pick(out, plan.fresh_paths) if plan.fresh_paths is not None
-                         else [jax.tree.leaves(out)[j] for j in plan.fresh]):
-                ws._attach(leaf, generation)
+            attach_fresh(ws, plan, out)
         return out
 
     def _call_planned(self, signature: Any, *args: Any, **kwargs: Any) -> Any:
@@ -217,10 +214,7 @@ class WorkspaceFunction:
             self._explain(e, lambda: self._leaf_names(args, kwargs), leaves, plan)
             raise
         if ws is not None and plan.fresh:
-            generation = ws.generation
-            for leaf in (_pick(out, plan.fresh_paths) if plan.fresh_paths is not None
-                         else [jax.tree.leaves(out)[j] for j in plan.fresh]):
-                ws._attach(leaf, generation)
+            attach_fresh(ws, plan, out)
         return out
 
     def _plain_for(self, key: Any) -> Callable:

@@ -87,19 +87,23 @@ class Rows(NamedTuple):
 
 
 def _device_key(ds: Any) -> tuple | None:
-    """A DataSet's fields' avals if all are device arrays attached to no workspace, else None
-    (read from the fields directly: cheaper than a flatten, once per batch)."""
-    if type(ds) is not DataSet:
+    """A batch's avals if all its arrays are device arrays attached to no workspace, else
+    None (a DataSet's read from its fields directly: cheaper than a flatten, once per batch)."""
+    if type(ds) is DataSet:
+        leaves, structure = (ds.features, ds.labels, ds.features_mask, ds.labels_mask), None
+    elif type(ds) is MultiDataSet:
+        leaves, structure = jax.tree.flatten(ds)
+    else:
         return None
     key = []
-    for x in (ds.features, ds.labels, ds.features_mask, ds.labels_mask):
+    for x in leaves:
         if x is None:
             key.append(None)
         elif type(x) is _ArrayImpl and getattr(x, _TAG, None) is None:
             key.append(x.aval)
         else:
             return None
-    return tuple(key)
+    return tuple(key) if structure is None else (structure, tuple(key))
 
 
 def _signature(ds: Any) -> tuple:

@@ -74,6 +74,7 @@ class ComputationGraph(Model):
         self._heads = [self._dag.op(name) for name in conf.outputs]
         self.shapes: dict[str, tuple] = {}  # every input's and vertex's per-example shape
         self._checked_output = conf.outputs[0]  # the output whose class labels the step counts
+        self._whats = tuple(self._labels_what(i) for i in range(len(conf.outputs)))  # for messages
         self._rnn_state: dict | None = None
         self._rnn_fn = None
 
@@ -142,7 +143,7 @@ class ComputationGraph(Model):
             self._check_shapes(ds, op)
         masks = _masks(ds.labels_masks, len(ds.labels))
         for i, (head, labels, mask) in enumerate(zip(self._heads, ds.labels, masks)):
-            labels_in_range(op, labels, mask, head, len(self.shapes[self.conf.outputs[i]]), self._labels_what(i))
+            labels_in_range(op, labels, mask, head, len(self.shapes[self.conf.outputs[i]]), self._whats[i])
 
     def _check_shapes(self, ds: MultiDataSet, op: str) -> None:
         inputs, shapes = self.conf.inputs, self.conf.input_shapes
