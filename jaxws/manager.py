@@ -13,6 +13,7 @@ import gc
 import os
 import threading
 import time
+import weakref
 from typing import Iterator
 
 from jaxws.configuration import WorkspaceConfiguration
@@ -63,8 +64,9 @@ class WorkspaceManager:
         self._thread = threading.get_ident()
         self._workspaces: dict[str, Workspace] = {}
         self._stack: list[Workspace | None] = []  # innermost last; None scopes out
-        self._active = 0
+        self._active = 0  # open cycles of this thread; the memory manager reads it
         self.debug_mode = _debug_mode_from_env()
+        _memory_manager._register(self)
 
     @property
     def current_workspace(self) -> Workspace | None:
@@ -173,11 +175,11 @@ class WorkspaceManager:
         print(text)
         return text
 
-    # called by Workspace
+    # called by Workspace, once per cycle: the loop's path
     def _scope_entered(self, ws: Workspace) -> None:
         self._stack.append(ws)
         self._active += 1
-        if self._active == 1:
+        if self._active == 1 and not _memory_manager._gc_off:
             _memory_manager._loop_entered()
 
     def _scope_left(self, ws: Workspace) -> None:
@@ -218,9 +220,9 @@ class MemoryManager:
 
     def __init__(self, idle_restore_ms: int = 250):
         self.idle_restore_ms = idle_restore_ms
-        self._lock = threading.Lock()  # a C lock: cheap on every cycle
+        self._lock = threading.Lock()  # taken when a loop starts or ends, never per cycle
         self._cond = threading.Condition(self._lock)  # the watcher's waits
-        self._loops = 0  # open outermost cycles, all threads
+        self._managers: weakref.WeakSet = weakref.WeakSet()  # every thread's (their open cycles)
         self._gc_off = False  # True while we hold gc disabled
         self._was_enabled = True
         self._last_exit = 0.0  # when the last cycle ended (monotonic seconds)
@@ -252,19 +254,27 @@ class MemoryManager:
     def end_loop(self) -> None:
         """Restores the gc state now if no cycle is open (the loop is over)."""
         with self._cond:
-            if self._loops == 0:
+            if not self._loop_open():
                 self._restore()
 
     def close(self) -> None:
         """Restores gc and joins the restoring thread; idempotent."""
         with self._cond:
             self._closed = True
-            if self._loops == 0:
+            if not self._loop_open():
                 self._restore()
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def _register(self, manager: WorkspaceManager) -> None:
+        with self._lock:
+            self._managers.add(manager)
+
+    def _loop_open(self) -> bool:
+        """Whether a cycle is open on any thread (called with the lock held)."""
+        return any(m._active for m in self._managers)
 
     def _restore(self) -> None:
         if self._gc_off:
@@ -273,9 +283,9 @@ class MemoryManager:
                 gc.enable()
 
     def _loop_entered(self) -> None:
+        """A loop starts (gc is on): gc off, and the watcher wakes to watch it."""
         with self._lock:
-            self._loops += 1
-            if not self._gc_off:  # a loop starts: gc off, and the watcher wakes to watch it
+            if not self._gc_off:
                 self._was_enabled = gc.isenabled()
                 gc.disable()
                 self._gc_off = True
@@ -288,31 +298,35 @@ class MemoryManager:
                     self._cond.notify()
 
     def _loop_exited(self) -> None:
+        """A thread's outermost cycle ended: at most one young collection per window.
+        No lock and no notify: the watcher reads the managers' open cycles and this time."""
         now = time.monotonic()
         if self._periodic and (now - self._last) * 1000.0 >= self._window_ms:
             self._last = now
             self.collections += 1
             # the loop's garbage is young (no automatic collection promoted it), so the two
             # young generations catch it in ~1 ms where a full collection takes ~30 ms
-            gc.collect(1)  # outside the lock: finalizers may enter workspaces
-        with self._lock:  # no notify: the watcher looks every idle_restore_ms on its own
-            self._loops -= 1
-            self._last_exit = now
+            gc.collect(1)  # finalizers may enter workspaces
+        self._last_exit = now
 
     def _restore_when_idle(self) -> None:
         """Sleeps until a loop disables gc, then looks every ``idle_restore_ms`` (never per
-        cycle) and restores gc once no cycle has been open for that long."""
+        cycle) and restores gc once no cycle has been open for that long. A cycle entered
+        just as gc is restored runs with gc on; the next one turns it off again."""
         idle = self.idle_restore_ms / 1000.0
         with self._cond:
             while not self._closed:
                 if not self._gc_off:
                     self._cond.wait()
                     continue
+                if self._loop_open():
+                    self._cond.wait(idle)
+                    continue
                 left = self._last_exit + idle - time.monotonic()
-                if self._loops == 0 and left <= 0:
+                if left <= 0:
                     self._restore()
                 else:
-                    self._cond.wait(left if self._loops == 0 else idle)
+                    self._cond.wait(left)
 
 
 _memory_manager = MemoryManager()

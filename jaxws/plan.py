@@ -28,6 +28,7 @@ class StepPlan(NamedTuple):
     out_bytes: int  # bytes of the fresh outputs
     memory: MemoryPlan | None  # XLA's plan for the donating executable
     fresh_paths: tuple | None = None  # how to reach each fresh leaf without a flatten (None: flatten)
+    temp_bytes: int = 0  # XLA's working memory for the step (memory.temp_bytes)
 
 
 def _paths(out_info: Any, indices: tuple[int, ...]) -> tuple | None:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["Workspace", "WorkspaceStatistics"]
 
 _TAG = "_jaxws_attachment"  # attribute set on every attached jax.Array
+_get_ident = threading.get_ident
 
 
 class _Attachment:
@@ -102,6 +103,9 @@ class Workspace:
         self._slot: Any = ()  # a ring's current slot (async iterators): strong references
         self.current_size = config.initial_size
         self._initialized = config.policy_learning is LearningPolicy.NONE
+        self._learning = not self._initialized  # learns step sizes (policy_learning is not NONE)
+        # cycles an array outlives its own: 0 with BLOCK_LEFT, steps_number - 1 for a ring
+        self._lag = 0 if config.policy_reset is ResetPolicy.BLOCK_LEFT else config.steps_number - 1
         self._learned = 0
         self.peak_size = 0
         self.spilled_bytes = 0
@@ -145,12 +149,22 @@ class Workspace:
     def __enter__(self) -> Workspace:
         if self._pending_activation:
             self._pending_activation = False  # the cycle activate() opened
+        elif self._depth == 0 and self._owner == _get_ident() and not self._destroyed:
+            # the loop's path, once per step: _enter's outermost case, without the calls
+            self._depth = 1
+            self.generation += 1
+            self._manager._scope_entered(self)
         else:
             self._enter()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._exit()
+        if self._depth == 1 and self._owner == _get_ident() and not self._destroyed:
+            self._depth = 0  # _exit's outermost case, without the call
+            self._end_cycle()
+            self._manager._scope_left(self)
+        else:
+            self._exit()
 
     def _enter(self) -> None:
         if self._owner != threading.get_ident():
@@ -180,9 +194,7 @@ class Workspace:
             self._manager._scope_left(self)
 
     def _end_cycle(self) -> None:
-        generation = self.generation
-        if self.config.policy_reset is not ResetPolicy.BLOCK_LEFT:
-            generation -= self.config.steps_number - 1
+        generation = self.generation - self._lag
         if generation == self._invalid_through + 1:  # the usual case: one cycle to invalidate
             refs = self._arrays.pop(generation, None)
             if refs:
@@ -287,11 +299,21 @@ class Workspace:
         known step that needs more follows the spill policy; spilling a donating step
         costs its donation, which warns once (DonationWarning) with the sizes and the fix.
         """
-        need = self._cycle_out + out_bytes + max(self._cycle_temp, temp_bytes)
-        self._cycle_need = max(self._cycle_need, need)
+        cycle_temp = self._cycle_temp
+        need = self._cycle_out + out_bytes + (cycle_temp if cycle_temp > temp_bytes else temp_bytes)
+        if need > self._cycle_need:
+            self._cycle_need = need
+        learning = self._learning
+        if not spill_all and (need <= self.current_size or not self._initialized):
+            # the loop's path, once per step: it fits (or the workspace is still learning)
+            if learning:
+                self._steps.add(step)
+            self._cycle_out += out_bytes
+            if temp_bytes > cycle_temp:
+                self._cycle_temp = temp_bytes
+            return True
         inside = not spill_all
-        learning = self.config.policy_learning is not LearningPolicy.NONE
-        if inside and self._initialized and need > self.current_size:
+        if inside:  # the workspace learned its size and this cycle needs more
             new_step = learning and step not in self._steps
             policy = SpillPolicy.REALLOCATE if new_step else self.config.policy_spill
             if policy is SpillPolicy.FAIL:

@@ -149,3 +149,27 @@ def test_memory_plan_and_device_stats():
     assert jaxws.memory.peak_bytes_in_use() is None
     assert jaxws.memory.tree_bytes({"a": jnp.ones(3), "b": 1}) == 12
     assert jaxws.memory.format_bytes(1536) == "1.5 KiB"
+
+
+def test_gc_stays_off_while_another_thread_is_inside_a_cycle():
+    memory = jaxws.get_memory_manager()
+    inside, leave = threading.Event(), threading.Event()
+
+    def long_cycle():
+        with jaxws.get_workspace_manager().get_workspace_for_current_thread(id="LONG"):
+            inside.set()
+            leave.wait(10)
+
+    worker = threading.Thread(target=long_cycle, name="long-cycle", daemon=True)
+    worker.start()
+    try:
+        assert inside.wait(10)
+        _run_cycles(0.01)  # this thread's loop ends; the other's cycle is still open
+        time.sleep(memory.idle_restore_ms / 1000 + 0.3)
+        memory.end_loop()
+        assert not gc.isenabled()
+    finally:
+        leave.set()
+        worker.join()
+    time.sleep(memory.idle_restore_ms / 1000 + 0.3)
+    assert gc.isenabled()  # every cycle closed and idle: restored

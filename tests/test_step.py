@@ -369,3 +369,18 @@ def test_aot_compile_keeps_the_donation_checks():
         compiled(new, loss)
     with pytest.raises(DonationError, match="passed 2 times"):
         compiled(new, new)
+
+
+def test_keyword_and_positional_calls_of_one_structure_keep_their_own_plans():
+    # f(x, k=y) and f((x,), {"k": y}) flatten to the same tree; each call form has its own plan
+    f = jaxws.jit(lambda *args, **kw: {"kw": jax.tree.map(lambda a: a * 2, kw)} if kw else jax.tree.map(lambda a: a + 1, args))
+    ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="KWPLANS")
+    x, y = jnp.ones(2), jnp.full(3, 2.0)
+    with ws:
+        by_name = f(x, k=y)
+        by_position = f((x,), {"k": y})
+        assert by_name["kw"]["k"].tolist() == [4.0, 4.0, 4.0]
+        assert [a.tolist() for a in jax.tree.leaves(by_position)] == [[2.0, 2.0], [3.0, 3.0, 3.0]]
+    assert len(f.plans) == 2
+    assert all(a.is_deleted() for a in jax.tree.leaves((by_name, by_position)))  # both attached as fresh
+    assert not x.is_deleted() and not y.is_deleted()

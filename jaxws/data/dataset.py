@@ -121,3 +121,23 @@ class MultiDataSet:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigurationError(f"MultiDataSet.split(n={n!r}): expected an int >= 1.")
         return [jax.tree.map(lambda a, i=i: a[i : i + n], self) for i in range(0, self.num_examples, n)]
+
+
+def signature(ds: Any) -> tuple:
+    """A batch's structure, shapes and dtypes (avals, cached on device arrays): the key of
+    its program. A DataSet of arrays has its read from its four fields, without a flatten."""
+    if type(ds) is DataSet:
+        key = []
+        for x in (ds.features, ds.labels, ds.features_mask, ds.labels_mask):
+            if x is None:
+                key.append(None)
+            elif isinstance(x, jax.Array):
+                key.append(x.aval)
+            elif isinstance(x, np.ndarray):
+                key.append((x.shape, x.dtype))
+            else:  # a field still a list or a tuple of arrays (before collation)
+                break
+        else:
+            return tuple(key)
+    leaves, treedef = jax.tree.flatten(ds)
+    return treedef, tuple([x.aval if isinstance(x, jax.Array) else (np.shape(x), x.dtype) for x in leaves])

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxws.arrays import check_arrays
-from jaxws.data.dataset import DataSet, MultiDataSet
+from jaxws.data.dataset import DataSet, MultiDataSet, signature
 from jaxws.data.iterators import ArrayDataSetIterator, ArrayMultiDataSetIterator, as_dataset, as_multi_dataset, from_iterable
 from jaxws.data.placement import Placement, host_leaf
 from jaxws.data.prefetch import AsyncDataSetIterator, AsyncMultiDataSetIterator
@@ -87,8 +87,8 @@ class Rows(NamedTuple):
 
 
 def _device_key(ds: Any) -> tuple | None:
-    """A batch's avals if all its arrays are device arrays attached to no workspace, else
-    None (a DataSet's read from its fields directly: cheaper than a flatten, once per batch)."""
+    """A batch's :func:`signature` if all its arrays are device arrays attached to no
+    workspace, else None (a DataSet's read from its fields directly, once per batch)."""
     if type(ds) is DataSet:
         leaves, structure = (ds.features, ds.labels, ds.features_mask, ds.labels_mask), None
     elif type(ds) is MultiDataSet:
@@ -104,12 +104,6 @@ def _device_key(ds: Any) -> tuple | None:
         else:
             return None
     return tuple(key) if structure is None else (structure, tuple(key))
-
-
-def _signature(ds: Any) -> tuple:
-    """A batch's structure, shapes and dtypes (avals, cached on device arrays)."""
-    leaves, treedef = jax.tree.flatten(ds)
-    return treedef, tuple([x.aval if isinstance(x, jax.Array) else (np.shape(x), x.dtype) for x in leaves])
 
 
 @jax.jit
@@ -130,13 +124,13 @@ def _grouped(items: Iterator[tuple], k: int) -> Iterator[list]:
     by one, so programs stay few."""
     group: list = []
     first = None
-    for ds, signature in items:
-        signature = signature or _signature(ds)
-        if group and signature != first:
+    for ds, key in items:
+        key = key or signature(ds)
+        if group and key != first:
             yield from ([g] for g in group)
             group = []
         if not group:
-            first = signature
+            first = key
         group.append(ds)
         if len(group) == k:
             yield group
@@ -326,9 +320,17 @@ class Feed:
     def __iter__(self) -> Iterator[Any]:
         """One pass: device batches (stacked ``[steps, ...]`` groups when ``steps > 1``), or
         :class:`Rows` for a device-resident ArrayDataSetIterator (``resident=True``)."""
+        return self._pass(signed=False)
+
+    def signed(self) -> Iterator[tuple[Any, tuple | None]]:
+        """One pass as ``(batch, signature(batch))`` pairs (``(rows, None)`` for Rows): a
+        caller that keys its programs on the signature gets the one computed for the check."""
+        return self._pass(signed=True)
+
+    def _pass(self, signed: bool) -> Iterator[Any]:
         if (self._resident and self._place and isinstance(self.source, ArrayDataSetIterator)
                 and self.source.fits_on_device()):
-            return self._rows()
+            return ((rows, None) for rows in self._rows()) if signed else self._rows()
         items = self._start()
         self._passes += 1
         first = next(items, _END)
@@ -339,11 +341,12 @@ class Feed:
             )
         items = itertools.chain([first], items)
         if not self._place:
-            return (ds for ds, _ in self._batches(items))
+            return self._batches(items) if signed else (ds for ds, _ in self._batches(items))
         on_device = self.placement.holds_all(self._as(first[0] if self._prechecked else first))
         if self.prefetch and not on_device and getattr(self.source, "async_supported", True):
-            return self._prefetched(items)
-        return self._inline(items)
+            ring = self._prefetched(items)
+            return ((ds, signature(ds)) for ds in ring) if signed else ring
+        return self._inline(items, signed)
 
     def _why_empty(self) -> str:
         source = self.source
@@ -360,14 +363,20 @@ class Feed:
             self._pulled = i + 1
             yield item if self._prechecked else self._checked(self._as(item), f"batch {i}")
 
-    def _inline(self, items: Iterator) -> Iterator[Any]:
-        place = self.placement.place
+    def _inline(self, items: Iterator, signed: bool) -> Iterator[Any]:
+        place, anywhere = self.placement.place, self.placement.anywhere
         if self.steps == 1:
-            for ds, _ in self._batches(items):
-                yield place(ds)[0]
+            for ds, key in self._batches(items):
+                if key is None or not anywhere:  # key: unattached device arrays, used where they are
+                    ds = place(ds)[0]
+                if signed:
+                    yield ds, key or signature(ds)  # placing keeps the avals
+                else:
+                    yield ds
         else:
             for group in _grouped(self._batches(items), self.steps):
-                yield place(stack(group))[0]
+                ds = place(stack(group))[0]
+                yield (ds, signature(ds)) if signed else ds
 
     def _prefetched(self, items: Iterator) -> Iterator[Any]:
         if self.steps == 1:

@@ -14,6 +14,8 @@ import numpy as np
 
 __all__ = ["Placement", "host_leaf"]
 
+_NUMERIC: dict = {}  # dtype -> whether it holds numbers
+
 
 def host_leaf(x: Any) -> Any:
     """``x`` unchanged if it is a JAX array, else as a numpy array of numbers.
@@ -24,7 +26,10 @@ def host_leaf(x: Any) -> Any:
     if isinstance(x, jax.Array):
         return x
     array = x if isinstance(x, np.ndarray) else np.asarray(x)
-    if not (jnp.issubdtype(array.dtype, jnp.number) or array.dtype == bool):
+    numeric = _NUMERIC.get(array.dtype)
+    if numeric is None:  # once per dtype: jnp.issubdtype knows bfloat16 and the other ml_dtypes
+        numeric = _NUMERIC[array.dtype] = bool(jnp.issubdtype(array.dtype, jnp.number) or array.dtype == bool)
+    if not numeric:
         raise TypeError(
             f"A batch leaf of type {type(x).__name__} (dtype {array.dtype}) is not numeric data; "
             "pass numpy or JAX arrays of numbers (or nested lists of numbers)."
@@ -44,12 +49,13 @@ class Placement:
         (True, [True])
     """
 
-    __slots__ = ("device", "sharding", "_single")
+    __slots__ = ("device", "sharding", "_single", "anywhere")
 
     def __init__(self, device: jax.Device | None = None, sharding: jax.sharding.Sharding | None = None):
         self.device = device
         self.sharding = sharding
         self._single = None if device is None else jax.sharding.SingleDeviceSharding(device)
+        self.anywhere = device is None and sharding is None  # device arrays pass through as they are
 
     def holds(self, x: Any) -> bool:
         """True if ``x`` is a JAX array already placed here (it then passes through)."""
@@ -65,7 +71,7 @@ class Placement:
     def place(self, tree: Any) -> tuple[Any, list[jax.Array]]:
         """``(placed tree, the new device arrays)``; leaves already placed are not copied."""
         leaves, treedef = jax.tree.flatten(tree)
-        if self.sharding is None and self._single is None and all(isinstance(x, jax.Array) for x in leaves):
+        if self.anywhere and all(isinstance(x, jax.Array) for x in leaves):
             return tree, []  # on a device already, and any device will do
         moved = [i for i, x in enumerate(leaves) if not self.holds(x)]
         if not moved:

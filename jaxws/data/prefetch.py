@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from jaxws.configuration import ResetPolicy, WorkspaceConfiguration
-from jaxws.data.dataset import DataSet
+from jaxws.data.dataset import DataSet, signature
 from jaxws.data.iterators import DataSetIterator, IterableDataSetIterator, as_dataset, from_iterable
 from jaxws.data.placement import Placement
 from jaxws.errors import AsyncIteratorError, ConfigurationError, WorkspaceError
@@ -71,10 +71,10 @@ class _Preparer:
             ds = self.callback(ds) or ds
         if self.pad_axis is not None:
             ds = self._pad(ds)
-        signature = tuple([(np.shape(x), x.dtype) for x in jax.tree.leaves(ds)])
-        nbytes = self._bytes.get(signature)
+        key = signature(ds)
+        nbytes = self._bytes.get(key)
         if nbytes is None:
-            nbytes = self._bytes[signature] = tree_bytes(ds)
+            nbytes = self._bytes[key] = tree_bytes(ds)
         if nbytes > self.slot_bytes:
             self._learn(nbytes)
         return self.placement.place(ds)

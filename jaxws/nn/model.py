@@ -21,6 +21,7 @@ from jaxws.arrays import check_arrays, detach, leverage_to
 from jaxws.configuration import SpillPolicy, WorkspaceConfiguration
 from jaxws.data.dataset import DataSet
 from jaxws.data.feed import Feed, Rows, prepare
+from jaxws.data.feed import signature as signature_of
 from jaxws.errors import ConfigurationError, WorkspaceError
 from jaxws.eval.kernel import EvaluationMixin
 from jaxws.interrupts import guarded
@@ -38,12 +39,6 @@ __all__ = ["Model", "TrainState"]
 
 TRAINING_WORKSPACE = "WS_TRAINING"
 TRAINING_CONF = WorkspaceConfiguration(policy_spill=SpillPolicy.REALLOCATE)
-
-
-def _signature(batch: Any) -> tuple:
-    """A device batch's structure and avals (cached on JAX arrays): its program's key."""
-    leaves, treedef = jax.tree.flatten(batch)
-    return treedef, tuple([x.aval for x in leaves])
 
 
 class _Checks:
@@ -196,18 +191,20 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                 if not self._pins[key]:
                     del self._pins[key]
 
-    def _commit(self, step: WorkspaceFunction, signature: Any, check: LabelCheck, n: int, *args: Any,
-                **kwargs: Any) -> tuple:
+    def _commit(self, step: WorkspaceFunction, signature: Any, check: LabelCheck, n: int, args: tuple,
+                kwargs: dict | None = None, keep_losses: bool = True) -> tuple:
         """Runs ``step`` (``n`` training steps) on the carry; stores the new one and the count.
 
         The carry is the model's own and the batch was checked by the feed, so the step runs
-        on jaxws.jit's lean path, planned per batch ``signature``.
+        on jaxws.jit's lean path, planned per batch ``signature``. ``keep_losses=False``
+        (no listener reads them): the losses are not attached to the cycle, they die with
+        the next step's.
         """
         with self._lock:
             carry = self._carry
             if self._pins and id(carry.params) in self._pins:  # a reader holds this version
                 carry = carry._replace(params=detach(carry.params), state=detach(carry.state))
-            self._carry, check, losses = step._call_planned(signature, carry, check, *args, **kwargs)
+            self._carry, check, losses = step._call_planned(signature, (carry, check, *args), kwargs, keep_losses)
             self.iteration += n
         return check, losses
 
@@ -294,6 +291,7 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         progress = progress and interactive()
         tqdm = tqdm_class() if progress else None
         workspaces = manager._workspaces
+        donates = mode.donates
         no_cycle = contextlib.nullcontext()  # NONE: nothing invalidated
         with feed, guarded() as guard:
             for _ in tqdm(range(epochs), desc="epochs", leave=False) if progress and epochs > 1 else range(epochs):
@@ -302,31 +300,32 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                 checks.epoch_starts.append(checks.steps)
                 bar = Bar(tqdm(total=total, desc=f"epoch {self.epoch}", leave=False)) if progress else NO_BAR
                 with bar:
-                    passing = iter(feed)
+                    passing = feed.signed()
                     self._position = feed.origin  # where the data stands before this pass
-                    for item in passing:
+                    for item, signature in passing:
                         # looked up each step: a listener may have destroyed it
                         cycle = ((workspaces.get(TRAINING_WORKSPACE)
                                   or manager.get_workspace_for_current_thread(TRAINING_CONF, TRAINING_WORKSPACE))
-                                 if mode.donates else no_cycle)
+                                 if donates else no_cycle)
+                        listeners = self.listeners
                         with guard, cycle:
                             if type(item) is Rows:  # device-resident: batches taken in the program
                                 n, fused = item.count, True
-                                signature = (item.count, item.size, item.order is None, _signature(item.data))
+                                signature = (item.count, item.size, item.order is None, signature_of(item.data))
                                 checks.state, losses = self._commit(
-                                    resident, signature, checks.state, n, item.data, item.order, item.start,
-                                    count=item.count, size=item.size)
+                                    resident, signature, checks.state, n, (item.data, item.order, item.start),
+                                    {"count": item.count, "size": item.size}, bool(listeners))
                             else:
-                                signature = _signature(item)
-                                n, fused = (signature[1][0].shape[0] if k > 1 else 1), k > 1
-                                checks.state, losses = self._commit(step, signature, checks.state, n, item)
+                                n, fused = (jax.tree.leaves(item)[0].shape[0] if k > 1 else 1), k > 1
+                                checks.state, losses = self._commit(step, signature, checks.state, n, (item,),
+                                                                    None, bool(listeners))
                             checks.steps += n
                             checks.executions += 1
                             if self._position is not None:  # examples consumed: the resume point
                                 self._position["position"] += (
                                     item.count * item.size if type(item) is Rows else
                                     int(np.prod(jax.tree.leaves(item)[0].shape[:2 if k > 1 else 1])))
-                            if self.listeners:
+                            if listeners:
                                 with guard.released():
                                     self._notify(losses, n, fused, self._verify)
                         bar.update(n)
