@@ -313,3 +313,21 @@ def test_a_signed_pass_pairs_each_batch_with_its_signature(source):
     assert all(isinstance(ds.features, jax.Array) and key == signature(ds) for ds, key in pairs)
     if source.startswith("device") and source != "stacked":
         assert all(ds is given for (ds, _), given in zip(pairs, device))  # passed through, not copied
+
+
+@pytest.mark.parametrize("how", ["fused list", "resident", "resident shuffled"])
+def test_invalid_labels_in_fused_steps_are_named_by_their_own_batch(how):
+    x, y = arrays(200)
+    labels = np.asarray(y).copy()
+    labels[4 * 20 + 3], labels[6 * 20] = 5, -1  # batches 4 and 6 of 20 examples
+    net, xd, yd = network(), jnp.asarray(x), jnp.asarray(labels)
+    if how == "fused list":
+        data = [(xd[i:i + 20], yd[i:i + 20]) for i in range(0, 200, 20)]
+    else:
+        data = ArrayDataSetIterator(xd, yd, batch_size=20, shuffle=how == "resident shuffled", seed=1)
+    with pytest.raises(jaxws.InvalidBatchError) as caught:
+        net.fit(data, steps_per_execution=3, progress=False)
+    message = str(caught.value)
+    assert "2 invalid label(s) in all, over 10 step(s)" in message
+    if how != "resident shuffled":  # shuffled, the bad examples land in other batches
+        assert "batch 4 (counting from 0 in that call)" in message and "found -1..5" in message
