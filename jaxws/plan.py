@@ -3,6 +3,7 @@ is computed from (leaf keys, per-device bytes, paths to output leaves)."""
 
 from __future__ import annotations
 
+import collections
 from typing import Any, NamedTuple
 
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 
 from jaxws.memory import MemoryPlan, tree_bytes
 
-__all__ = ["StepPlan", "attach_fresh"]
+__all__ = ["StepPlan", "attach_fresh", "match_outputs"]
 
 
 try:  # the concrete array class: an exact type check is the fastest test per leaf
@@ -29,6 +30,34 @@ class StepPlan(NamedTuple):
     memory: MemoryPlan | None  # XLA's plan for the donating executable
     fresh_paths: tuple | None = None  # how to reach each fresh leaf without a flatten (None: flatten)
     temp_bytes: int = 0  # XLA's working memory for the step (memory.temp_bytes)
+
+
+def match_outputs(infos: list, outs: list, jaxpr: Any) -> tuple:
+    """Matches a traced step's donated input leaves to its output leaves as XLA does.
+
+    Returns ``(donated, inherit, forwarded, fresh, unused)``: the donated inputs, the
+    ``(output, donated input)`` pairs that share a buffer, the ``(output, input)`` pairs
+    where a non-donated input comes back as it is, the outputs in new buffers, and the
+    donated inputs no output can reuse (they would cost a copy).
+    """
+    donated = [i for i, info in enumerate(infos) if info.donated]
+    # outputs that are non-donated inputs come back as the input (or over its buffer)
+    position = {id(v): i for i, v in enumerate(jaxpr.invars)}
+    forwarded = {
+        j: position[id(v)] for j, v in enumerate(jaxpr.outvars)
+        if id(v) in position and not infos[position[id(v)]].donated
+    }
+    # XLA aliases each output to the first unused donated input of equal shape and dtype
+    free = collections.defaultdict(collections.deque)
+    for i in donated:  # ArgInfo's public shape and dtype
+        free[(infos[i].shape, infos[i].dtype)].append(i)
+    inherit = []
+    for j, out in enumerate(outs):
+        if j not in forwarded and free.get((out.shape, out.dtype)):
+            inherit.append((j, free[(out.shape, out.dtype)].popleft()))
+    unused = sorted(i for queue in free.values() for i in queue)
+    fresh = tuple(sorted(set(range(len(outs))) - set(forwarded) - {j for j, _ in inherit}))
+    return tuple(donated), tuple(inherit), tuple(sorted(forwarded.items())), fresh, unused
 
 
 def _paths(out_info: Any, indices: tuple[int, ...]) -> tuple | None:

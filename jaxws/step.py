@@ -6,7 +6,6 @@ leaf must be reused by an output, or the step would silently hold two copies.
 
 from __future__ import annotations
 
-import collections
 import functools
 import inspect
 import itertools
@@ -30,6 +29,7 @@ from jaxws.plan import (
     _paths,
     _twice_donated,
     attach_fresh,
+    match_outputs,
 )
 from jaxws.workspace import _TAG
 
@@ -324,27 +324,10 @@ class WorkspaceFunction:
                 f"jaxws.jit({self._name}): {len(leaves)} input leaves but JAX traced "
                 f"{len(infos)}; please report this with the call's argument structure."
             )
-        donated = [i for i, info in enumerate(infos) if info.donated]
-        # outputs that are non-donated inputs come back as the input (or over its buffer)
-        position = {id(v): i for i, v in enumerate(jaxpr.invars)}
-        forwarded = {
-            j: position[id(v)] for j, v in enumerate(jaxpr.outvars)
-            if id(v) in position and not infos[position[id(v)]].donated
-        }
-        # XLA aliases each output to the first unused donated input of equal shape and dtype
-        free = collections.defaultdict(collections.deque)
-        for i in donated:  # ArgInfo's public shape and dtype
-            free[(infos[i].shape, infos[i].dtype)].append(i)
-        inherit = []
-        for j, out in enumerate(outs):
-            if j not in forwarded and free.get((out.shape, out.dtype)):
-                inherit.append((j, free[(out.shape, out.dtype)].popleft()))
-        unused = sorted(i for queue in free.values() for i in queue)
+        donated, inherit, forwarded, fresh, unused = match_outputs(infos, outs, jaxpr)
         if unused:
             self._unusable_donation(args, kwargs, infos, outs, unused)
-        fresh = tuple(sorted(set(range(len(outs))) - set(forwarded) - {j for j, _ in inherit}))
-        return (infos, outs, traced.out_info, tuple(donated), tuple(inherit), tuple(sorted(forwarded.items())),
-                fresh, bool(unused))
+        return infos, outs, traced.out_info, donated, inherit, forwarded, fresh, bool(unused)
 
     def _finish(self, analysis: tuple, compile_: Callable[[], Any], leaves: list) -> tuple[StepPlan, Any]:
         """Compiles, checks that XLA reuses every donated byte, and builds the plan."""
