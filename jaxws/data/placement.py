@@ -68,12 +68,8 @@ class Placement:
     def holds_all(self, tree: Any) -> bool:
         return all(self.holds(x) for x in jax.tree.leaves(tree))
 
-    def place(self, tree: Any, stage: Any = None) -> tuple[Any, list[jax.Array]]:
-        """``(placed tree, the new device arrays)``; leaves already placed are not copied.
-
-        ``stage`` (a ``PinnedStage`` for this placement's device) puts host leaves through
-        its page-locked buffers.
-        """
+    def place(self, tree: Any) -> tuple[Any, list[jax.Array]]:
+        """``(placed tree, the new device arrays)``; leaves already placed are not copied."""
         leaves, treedef = jax.tree.flatten(tree)
         if self.anywhere and all(isinstance(x, jax.Array) for x in leaves):
             return tree, []  # on a device already, and any device will do
@@ -83,8 +79,6 @@ class Placement:
         if self.sharding is not None:
             owned = [jax.make_array_from_process_local_data(self.sharding, np.asarray(host_leaf(leaves[i])))
                      for i in moved]
-        elif stage is not None:
-            owned = stage.put([host_leaf(leaves[i]) for i in moved])
         else:  # one transfer call for the batch (arrays on another device are copied)
             owned = jax.device_put([host_leaf(leaves[i]) for i in moved], self.device)
         for i, y in zip(moved, owned):

@@ -22,7 +22,6 @@ import numpy as np
 from jaxws.configuration import ResetPolicy, WorkspaceConfiguration
 from jaxws.data.dataset import DataSet, signature
 from jaxws.data.iterators import DataSetIterator, IterableDataSetIterator, as_dataset, from_iterable
-from jaxws.data.pinned import PinnedStage
 from jaxws.data.placement import Placement
 from jaxws.errors import AsyncIteratorError, ConfigurationError, WorkspaceError
 from jaxws.manager import get_workspace_manager
@@ -49,9 +48,8 @@ class _Preparer:
     Holds no reference to the iterator, so an abandoned iterator can be collected.
     """
 
-    def __init__(self, iterator_id, config, placement, callback, pad_axis, collate, stage):
+    def __init__(self, iterator_id, config, placement, callback, pad_axis, collate):
         self.iterator_id = iterator_id
-        self.stage = stage
         self.collate = collate
         self.config = config
         self.placement = placement
@@ -79,7 +77,7 @@ class _Preparer:
             nbytes = self._bytes[key] = tree_bytes(ds)
         if nbytes > self.slot_bytes:
             self._learn(nbytes)
-        return self.placement.place(ds, self.stage)
+        return self.placement.place(ds)
 
     def _learn(self, nbytes: int) -> None:
         """The slot size: learned from the first batch, grown by a larger one (variable lengths)."""
@@ -180,9 +178,6 @@ class AsyncDataSetIterator(DataSetIterator):
             OVERALLOCATE with limit 1.0, so capacities double).
         collate: turns each item of ``base`` into the pytree placed on the device, in the
             prefetch thread (default: a DataSet from a DataSet, pair, dict or array).
-        pinned: copy numpy batches through reusable page-locked host buffers
-            (``cudaHostRegister``), so each transfer is one DMA. None (the default) uses them
-            where the target is a CUDA GPU; True requires them; False never.
 
     Example:
         >>> import numpy as np
@@ -207,7 +202,6 @@ class AsyncDataSetIterator(DataSetIterator):
         pad_axis: int | None = None,
         config: WorkspaceConfiguration | None = None,
         collate: Callable[[Any], Any] = as_dataset,
-        pinned: bool | None = None,
     ):
         name = type(self).__name__
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
@@ -216,16 +210,6 @@ class AsyncDataSetIterator(DataSetIterator):
             raise ConfigurationError(f"{name}: pass device= or sharding=, not both.")
         if pad_axis is not None and (isinstance(pad_axis, bool) or not isinstance(pad_axis, int) or pad_axis < 0):
             raise ConfigurationError(f"{name}(pad_axis={pad_axis!r}): expected an axis index >= 0 (1 = time).")
-        if pinned not in (None, True, False):
-            raise ConfigurationError(f"{name}(pinned={pinned!r}): expected None (where CUDA is), True or False.")
-        stage = None if pinned is False or sharding is not None else PinnedStage.for_device(device)
-        if pinned and stage is None:
-            where = "sharding= lays batches out over several devices" if sharding is not None else (
-                f"the target is {(device or jax.devices()[0]).platform!r} or no CUDA runtime (libcudart) loads")
-            raise ConfigurationError(
-                f"{name}(pinned=True): page-locked slots need one CUDA GPU as the target, and {where}; "
-                "pass pinned=None to use them only where they apply."
-            )
         if not hasattr(base, "__next__"):
             base = from_iterable(base)
         self.id = f"ASYNC_ITERATOR_{next(_ids)}"
@@ -233,7 +217,7 @@ class AsyncDataSetIterator(DataSetIterator):
         self.queue_size = max(2, queue_size)
         self.use_workspace = use_workspace
         self.config = config or WorkspaceConfiguration(overallocation_limit=1.0)
-        self._prepare = _Preparer(self.id, self.config, Placement(device, sharding), callback, pad_axis, collate, stage)
+        self._prepare = _Preparer(self.id, self.config, Placement(device, sharding), callback, pad_axis, collate)
         self._ring = None
         self._closed = False
         self._exhausted = False
@@ -371,8 +355,6 @@ class AsyncDataSetIterator(DataSetIterator):
         self._stop_worker()
         if inspect.isgenerator(self.base) or isinstance(self.base, IterableDataSetIterator):
             self.base.close()  # the worker has stopped: a generator's own finally runs now
-        if self._prepare.stage is not None:
-            self._prepare.stage.close()  # the worker has stopped: nothing reads the buffers
         ring, self._ring = self._ring, None
         if ring is not None and ring._owner == threading.get_ident():
             get_workspace_manager().destroy_workspace(ring)
@@ -393,11 +375,6 @@ class AsyncDataSetIterator(DataSetIterator):
     @property
     def async_supported(self) -> bool:
         return False  # already asynchronous
-
-    @property
-    def pinned(self) -> bool:
-        """Whether numpy batches go through page-locked host buffers."""
-        return self._prepare.stage is not None
 
     @property
     def slot_bytes(self) -> int:
