@@ -124,18 +124,60 @@ def live_batches(shape):
     return sum(1 for a in jax.live_arrays() if a.shape == shape and not a.is_deleted())
 
 
+@pytest.mark.parametrize("pause", [0.005, 0.0], ids=["slow consumer", "fast consumer: grouped transfers"])
 @pytest.mark.parametrize("queue_size", [2, 5])
-def test_ring_bound_holds_with_a_slow_consumer_that_keeps_everything(queue_size):
+def test_ring_bound_holds_with_a_consumer_that_keeps_everything(queue_size, pause):
     shape = (7, 11)
     base = from_iterable(lambda: (np.full(shape, i, np.float32) for i in range(40)))
     held, peak = [], 0
     with AsyncDataSetIterator(base, queue_size) as it:
-        for batch in it:
+        for i, batch in enumerate(it):
             held.append(batch)  # the consumer keeps references to every batch
-            time.sleep(0.005)
+            time.sleep(pause)
             peak = max(peak, live_batches(shape))
+            np.testing.assert_array_equal(batch.features, i)
         assert all(b.features.is_deleted() for b in held[:-1])
-    assert 2 < peak <= queue_size + 2
+    assert 1 < peak <= queue_size + 2
+
+
+def record_transfers(monkeypatch) -> list:
+    """The size of each group the ring transfers in one call."""
+    from jaxws.data.placement import Placement
+
+    sizes, place_many = [], Placement.place_many
+
+    def recorded(self, trees):
+        sizes.append(len(trees))
+        return place_many(self, trees)
+
+    monkeypatch.setattr(Placement, "place_many", recorded)
+    return sizes
+
+
+def test_an_in_memory_source_is_transferred_in_groups_in_order(monkeypatch):
+    sizes = record_transfers(monkeypatch)
+    labels = np.arange(4, dtype=np.int32)  # one label array shared by every batch
+    host = [(np.full((4, 3), i, np.float32), labels) for i in range(200)]
+    with AsyncDataSetIterator(from_iterable(host), 8) as it:
+        for i, batch in enumerate(it):
+            np.testing.assert_array_equal(batch.features, i)
+            np.testing.assert_array_equal(batch.labels, labels)
+    assert sum(sizes) == 200 and max(sizes) <= 9 and len(sizes) < 200  # some calls carried several
+    np.testing.assert_array_equal(labels, np.arange(4))  # the caller's arrays: read, never written
+    assert all(x[0][0, 0] == i for i, x in enumerate(host))
+
+
+def test_a_slow_loader_gets_each_batch_transferred_as_soon_as_it_is_ready(monkeypatch):
+    sizes = record_transfers(monkeypatch)
+
+    def loader():
+        for i in range(12):
+            time.sleep(0.03)  # far longer than a transfer call: grouping would only delay
+            yield np.full((2, 2), i, np.float32), np.zeros(2, np.int32)
+
+    with AsyncDataSetIterator(from_iterable(loader), 8) as it:
+        assert [float(b.features[0, 0]) for b in it] == list(range(12))
+    assert sizes == [1] * 12
 
 
 def test_stale_batch_raises_outdated_with_the_iterator_workspace():

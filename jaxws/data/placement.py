@@ -70,17 +70,25 @@ class Placement:
 
     def place(self, tree: Any) -> tuple[Any, list[jax.Array]]:
         """``(placed tree, the new device arrays)``; leaves already placed are not copied."""
-        leaves, treedef = jax.tree.flatten(tree)
-        if self.anywhere and all(isinstance(x, jax.Array) for x in leaves):
+        if self.anywhere and all(isinstance(x, jax.Array) for x in jax.tree.leaves(tree)):
             return tree, []  # on a device already, and any device will do
-        moved = [i for i, x in enumerate(leaves) if not self.holds(x)]
-        if not moved:
-            return tree, []
+        return self.place_many([tree])[0]
+
+    def place_many(self, trees: list) -> list[tuple[Any, list[jax.Array]]]:
+        """:meth:`place` for each of ``trees``, with one transfer call for all of them
+        (a call's fixed cost is paid once for a group of small batches)."""
+        flat = [jax.tree.flatten(tree) for tree in trees]
+        moved = [(t, i) for t, (leaves, _) in enumerate(flat) for i, x in enumerate(leaves) if not self.holds(x)]
         if self.sharding is not None:
-            owned = [jax.make_array_from_process_local_data(self.sharding, np.asarray(host_leaf(leaves[i])))
-                     for i in moved]
-        else:  # one transfer call for the batch (arrays on another device are copied)
-            owned = jax.device_put([host_leaf(leaves[i]) for i in moved], self.device)
-        for i, y in zip(moved, owned):
-            leaves[i] = y
-        return jax.tree.unflatten(treedef, leaves), list(owned)
+            arrays = [jax.make_array_from_process_local_data(self.sharding, np.asarray(host_leaf(flat[t][0][i])))
+                      for t, i in moved]
+        elif moved:  # arrays on another device are copied too
+            arrays = jax.device_put([host_leaf(flat[t][0][i]) for t, i in moved], self.device)
+        else:
+            arrays = []
+        owned: list[list] = [[] for _ in trees]
+        for (t, i), y in zip(moved, arrays):
+            flat[t][0][i] = y
+            owned[t].append(y)
+        return [(jax.tree.unflatten(treedef, leaves) if mine else tree, mine)
+                for tree, (leaves, treedef), mine in zip(trees, flat, owned)]

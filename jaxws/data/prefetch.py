@@ -1,8 +1,9 @@
 """AsyncDataSetIterator: a prefetch thread filling a bounded ring of device batches.
 
 A named daemon thread pulls from the base iterator, pads dynamic axes to a capacity
-bucket, puts each batch on the device (or shards it), and hands it over through a bounded
-queue as ``(element, exception)``. What the ring placed is valid until the next ``next()``;
+bucket, puts batches on the device (or shards them; several in one transfer call where
+loading is quicker than a call), and hands each over through a bounded queue as
+``(element, exception)``. What the ring placed is valid until the next ``next()``;
 arrays that were on the device already pass through and stay the caller's.
 """
 
@@ -13,6 +14,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 import weakref
 from typing import Any, Callable
 
@@ -66,6 +68,14 @@ class _Preparer:
 
     def __call__(self, item: Any) -> tuple[Any, list]:
         """``(batch on the device, the arrays the ring placed)``."""
+        return self.place([self.host(item)])[0]
+
+    def place(self, batches: list) -> list[tuple[Any, list]]:
+        """Each of ``batches`` as :meth:`__call__` returns it, in one transfer call."""
+        return self.placement.place_many(batches)
+
+    def host(self, item: Any) -> Any:
+        """The host half: collate, callback, padding and the slot size."""
         ds = self.collate(item)
         if self.callback is not None:
             ds = self.callback(ds) or ds
@@ -77,7 +87,7 @@ class _Preparer:
             nbytes = self._bytes[key] = tree_bytes(ds)
         if nbytes > self.slot_bytes:
             self._learn(nbytes)
-        return self.placement.place(ds)
+        return ds
 
     def _learn(self, nbytes: int) -> None:
         """The slot size: learned from the first batch, grown by a larger one (variable lengths)."""
@@ -121,20 +131,58 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
     return False
 
 
-def _produce(base, q: queue.Queue, stop: threading.Event, prepare: Callable, pads: bool) -> None:
+def _produce(base, q: queue.Queue, stop: threading.Event, prepare: _Preparer, pads: bool) -> None:
+    """The worker: batches through ``prepare`` into ``q``, in groups where that pays.
+
+    One transfer call has a fixed cost, so the worker loads several batches and puts them
+    in one call while loading takes less time than such a call (an in-memory source:
+    several at once; a slow loader: one at a time, as soon as it is ready). A group never
+    outgrows the room left in the queue, so the ring's bound holds; a batch that fails to
+    load ends the group, and the batches before it are delivered first.
+    """
     try:
-        first = True
-        for item in base:
-            if stop.is_set():
+        items = iter(base)
+        item = next(items, _END)
+        if item is _END:
+            _put(q, (_END, None), stop)
+            return
+        ds = prepare.host(item)
+        start = time.perf_counter()
+        prepared = prepare.place([ds])[0]
+        if not prepared[1] and not pads:
+            _put(q, (prepared, _INLINE), stop)  # on the device already: no thread needed
+            return
+        call = time.perf_counter() - start  # the last transfer call's time: the most loading may delay the next
+        if not _put(q, (prepared, None), stop):
+            return
+        while not stop.is_set():
+            group, error, end = [], None, False
+            room = q.maxsize - q.qsize() + 1  # only grows while this group is placed
+            start = time.perf_counter()
+            while len(group) < room:
+                try:
+                    item = next(items, _END)
+                    if item is _END:
+                        end = True
+                        break
+                    group.append(prepare.host(item))
+                except BaseException as e:  # noqa: BLE001 - after the batches loaded before it
+                    error = e
+                    break
+                if time.perf_counter() - start >= call:
+                    break
+            if group:
+                start = time.perf_counter()
+                placed = prepare.place(group)
+                call = time.perf_counter() - start
+                for batch in placed:
+                    if not _put(q, (batch, None), stop):
+                        return
+            if error is not None:
+                raise error
+            if end:
+                _put(q, (_END, None), stop)
                 return
-            prepared = prepare(item)
-            if first and not prepared[1] and not pads:
-                _put(q, (prepared, _INLINE), stop)  # on the device already: no thread needed
-                return
-            first = False
-            if not _put(q, (prepared, None), stop):
-                return
-        _put(q, (_END, None), stop)
     except BaseException as e:  # noqa: BLE001 - every failure crosses to the consumer
         _put(q, (None, e), stop)
 
@@ -155,7 +203,9 @@ class AsyncDataSetIterator(DataSetIterator):
 
     At most ``queue_size + 2`` batches the ring placed are alive on the device whatever the
     consumer does: ``queue_size`` in the queue, one being placed, and the one handed out
-    last. When the first batch is already on the device there is nothing to transfer: the
+    last. Host batches from a fast source go to the device several per transfer call (a
+    call has a fixed cost), as many as load within one call's time and fit the queue's
+    free room; a slow loader's go one at a time, as each is ready. When the first batch is already on the device there is nothing to transfer: the
     thread stops after it and later batches are read on the consumer's thread. With ``use_workspace=True`` such a batch belongs to the iterator's ring workspace:
     the next ``next()`` invalidates it and frees its memory, and passing it to a jaxws entry
     point afterwards raises OutdatedWorkspacePointerError; ``batch.detach()`` keeps it.
