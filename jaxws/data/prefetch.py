@@ -349,7 +349,7 @@ class AsyncDataSetIterator(DataSetIterator):
         self._produced += 1
         batch, owned = item
         if self._origin is not None:
-            self._consumed += int(np.shape(jax.tree.leaves(batch)[0])[0])
+            self._consumed += jax.tree.leaves(batch)[0].shape[0]
         if ring is not None:
             ring._hold_slot(owned)  # never the caller's arrays that passed through
             ring.current_size = self._prepare.slot_bytes * (self.queue_size + 2)

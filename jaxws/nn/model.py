@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import math
 import threading
 from typing import Any, Callable, Iterator
 
@@ -324,7 +325,7 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                             if self._position is not None:  # examples consumed: the resume point
                                 self._position["position"] += (
                                     item.count * item.size if type(item) is Rows else
-                                    int(np.prod(jax.tree.leaves(item)[0].shape[:2 if k > 1 else 1])))
+                                    math.prod(jax.tree.leaves(item)[0].shape[:2 if k > 1 else 1]))
                             if listeners:
                                 with guard.released():
                                     self._notify(losses, n, fused, self._verify)

@@ -1,0 +1,105 @@
+"""Where fit's per-step time goes: each layer of the training loop added to a plain one.
+
+Per step, variants interleaved, best of N, wall time and host time (the loop before its
+final wait: equal to the wall time where the loop is host-bound):
+  * ``checked``: ``jax.jit`` of the step ``fit`` compiles (the train step that also counts
+    invalid labels), carry and check donated: the plain loop's own cost plus the check;
+  * ``planned``: the same program through ``jaxws.jit``'s planned path (what ``fit`` calls);
+  * ``cycled``: that, with one workspace cycle per step;
+  * ``fit``: ``net.fit(iter(batches))``, which adds the feed and its own loop body.
+An MLP (width-width-10, adam) on fresh device batches; ``--sizes`` lists width:batch pairs.
+
+    python benchmarks/breakdown.py [--sizes 64:32,1024:256] [--steps 200] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxws
+from jaxws.data import DataSet
+from jaxws.nn import Dense, LabelCheck, MultiLayerNetwork, NeuralNetConfiguration, OutputLayer
+
+
+def emit(**fields):
+    print(json.dumps({"benchmark": "breakdown", "backend": jax.default_backend(), "device": jax.devices()[0].device_kind, **fields}), flush=True)
+
+
+def model(width: int) -> MultiLayerNetwork:
+    conf = NeuralNetConfiguration(layers=[Dense(width, activation="relu"), Dense(width, activation="relu"), OutputLayer(10)],
+                                  input_shape=(64,), updater=optax.adam(1e-3), seed=0)
+    return MultiLayerNetwork(conf).init()
+
+
+def measure(width: int, batch: int, steps: int, repeats: int) -> None:
+    r = np.random.default_rng(0)
+    epochs = [[DataSet(jnp.asarray(r.normal(size=(batch, 64)).astype(np.float32)),
+                       jnp.asarray(r.integers(0, 10, batch).astype(np.int32))) for _ in range(steps)] for _ in range(3)]
+    net = model(width)
+    checked = jax.jit(net._checked_step(net.training_workspace_mode), donate_argnums=(0, 1))
+    planned = net.compiled_step()
+    ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="BREAKDOWN")
+    state = {k: [jaxws.detach(net._carry), LabelCheck.init()] for k in ("checked", "planned", "cycled")}
+    fitted = model(width)
+    host: dict = {}
+
+    def loop(name, call, cycle):
+        def run(batches):
+            carry, check = state[name]
+            start = time.perf_counter()
+            for ds in batches:
+                if cycle:
+                    with ws:
+                        carry, check, _ = call(carry, check, ds)
+                else:
+                    carry, check, _ = call(carry, check, ds)
+            host[name] = min(host.get(name, float("inf")), time.perf_counter() - start)
+            state[name] = jax.block_until_ready([carry, check])
+        return run
+
+    def lean(carry, check, ds):  # fit's call: the plan looked up by the batch signature
+        return planned._call_planned(("breakdown", batch), (carry, check, ds), None, False)
+
+    def fit(batches):
+        start = time.perf_counter()
+        fitted.fit(iter(batches), progress=False)  # waits for its label check at the end
+        host["fit"] = min(host.get("fit", float("inf")), time.perf_counter() - start)
+        jax.block_until_ready(fitted._carry)
+
+    variants = {"checked": loop("checked", checked, False), "planned": loop("planned", lean, False),
+                "cycled": loop("cycled", lean, True), "fit": fit}
+    for run in variants.values():
+        run(epochs[0])
+    best = {k: float("inf") for k in variants}
+    for i in range(repeats):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run(epochs[i % 3])
+            best[name] = min(best[name], time.perf_counter() - start)
+    us = {k: round(v / steps * 1e6, 1) for k, v in best.items()}
+    emit(width=width, batch=batch, steps=steps, wall_us_per_step=us,
+         host_us_per_step={k: round(v / steps * 1e6, 1) for k, v in host.items()},
+         cycle_us=round(us["cycled"] - us["planned"], 1), planned_path_us=round(us["planned"] - us["checked"], 1),
+         fit_loop_us=round(us["fit"] - us["cycled"], 1), fit_vs_checked=round(us["fit"] / us["checked"], 3))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="64:32,1024:256", help="width:batch pairs")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    for pair in args.sizes.split(","):
+        width, batch = map(int, pair.split(":"))
+        measure(width, batch, args.steps, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
