@@ -236,7 +236,11 @@ class ArrayDataSetIterator(DataSetIterator):
         index = slice(start, stop) if order is None else order[start:stop]
         if isinstance(self._data.features, jax.Array):  # one dispatch, not an eager gather per leaf
             return _take_rows(self._data, np.arange(start, stop, dtype=np.int32) if order is None else index)
-        return jax.tree.map(lambda a: a[index], self._data)
+        data = self._data
+        if type(data) is DataSet:  # the fields directly: a third of the time of a tree.map
+            return DataSet(*[None if a is None else a[index]
+                             for a in (data.features, data.labels, data.features_mask, data.labels_mask)])
+        return jax.tree.map(lambda a: a[index], data)
 
     # -- device-resident use (fit) -------------------------------------------------------------
 
