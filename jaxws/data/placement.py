@@ -69,9 +69,8 @@ class Placement:
         return all(self.holds(x) for x in jax.tree.leaves(tree))
 
     def place(self, tree: Any) -> tuple[Any, list[jax.Array]]:
-        """``(placed tree, the new device arrays)``; leaves already placed are not copied."""
-        if self.anywhere and all(isinstance(x, jax.Array) for x in jax.tree.leaves(tree)):
-            return tree, []  # on a device already, and any device will do
+        """``(placed tree, the new device arrays)``; leaves already placed are not copied
+        (a tree with nothing to move comes back as the same object)."""
         return self.place_many([tree])[0]
 
     def place_many(self, trees: list) -> list[tuple[Any, list[jax.Array]]]:

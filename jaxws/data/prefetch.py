@@ -205,8 +205,10 @@ class AsyncDataSetIterator(DataSetIterator):
     consumer does: ``queue_size`` in the queue, one being placed, and the one handed out
     last. Host batches from a fast source go to the device several per transfer call (a
     call has a fixed cost), as many as load within one call's time and fit the queue's
-    free room; a slow loader's go one at a time, as each is ready. When the first batch is already on the device there is nothing to transfer: the
-    thread stops after it and later batches are read on the consumer's thread. With ``use_workspace=True`` such a batch belongs to the iterator's ring workspace:
+    free room; a slow loader's go one at a time, as each is ready. When the first batch
+    is already on the device there is nothing to transfer: the thread stops after it and
+    later batches are read on the consumer's thread. With ``use_workspace=True`` such a
+    batch belongs to the iterator's ring workspace:
     the next ``next()`` invalidates it and frees its memory, and passing it to a jaxws entry
     point afterwards raises OutdatedWorkspacePointerError; ``batch.detach()`` keeps it.
     Arrays the base iterator yields already on the device (or already laid out with
