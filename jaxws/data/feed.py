@@ -88,22 +88,17 @@ class Rows(NamedTuple):
 
 def _device_key(ds: Any) -> tuple | None:
     """A batch's :func:`signature` if all its arrays are device arrays attached to no
-    workspace, else None (a DataSet's read from its fields directly, once per batch)."""
+    workspace, else None (a DataSet's fields read directly, once per batch)."""
     if type(ds) is DataSet:
-        leaves, structure = (ds.features, ds.labels, ds.features_mask, ds.labels_mask), None
+        leaves = (ds.features, ds.labels, ds.features_mask, ds.labels_mask)
     elif type(ds) is MultiDataSet:
-        leaves, structure = jax.tree.flatten(ds)
+        leaves = jax.tree.leaves(ds)
     else:
         return None
-    key = []
     for x in leaves:
-        if x is None:
-            key.append(None)
-        elif type(x) is _ArrayImpl and getattr(x, _TAG, None) is None:
-            key.append(x.aval)
-        else:
+        if x is not None and (type(x) is not _ArrayImpl or getattr(x, _TAG, None) is not None):
             return None
-    return tuple(key) if structure is None else (structure, tuple(key))
+    return signature(ds)
 
 
 @jax.jit
