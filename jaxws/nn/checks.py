@@ -32,21 +32,34 @@ class LabelCheck(NamedTuple):
 
     def update(self, labels: jax.Array | None, mask: jax.Array | None, classes: int) -> LabelCheck:
         """The check after one step on ``labels`` (traced; None: nothing to check)."""
-        steps, first, count, low, high = (self.values[i] for i in range(5))
-        if labels is None:
-            return LabelCheck(self.values.at[0].add(1))
+        return self.after(None if labels is None else self.stats(labels, mask, classes)[None], 1)
+
+    @staticmethod
+    def stats(labels: jax.Array, mask: jax.Array | None, classes: int) -> jax.Array:
+        """One step's int32[3] (traced): invalid labels counted, the smallest and the largest
+        counted label. Vmapped over a stack of k steps it is one pass over all their labels."""
         labels = labels.astype(jnp.int32)
         counted = jnp.ones(labels.shape, bool) if mask is None else jnp.broadcast_to(
             mask.reshape(mask.shape[: labels.ndim]) > 0, labels.shape)
         bad = counted & ((labels < 0) | (labels >= classes))
-        n = jnp.sum(bad, dtype=jnp.int32)
-        hit = n > 0
+        return jnp.stack([jnp.sum(bad, dtype=jnp.int32), jnp.min(jnp.where(counted, labels, _NONE)),
+                          jnp.max(jnp.where(counted, labels, -_NONE))])
+
+    def after(self, stats: jax.Array | None, steps: int) -> LabelCheck:
+        """The check after ``steps`` steps whose :meth:`stats` are ``stats`` ([steps, 3];
+        None: steps without class labels). Outside a scanned loop, so k steps cost one
+        update, not k."""
+        done, first, count, low, high = (self.values[i] for i in range(5))
+        if stats is None:
+            return LabelCheck(self.values.at[0].add(steps))
+        hits = stats[:, 0] > 0
+        hit = jnp.any(hits)
         return LabelCheck(jnp.stack([
-            steps + 1,
-            jnp.where(hit & (first < 0), steps, first),
-            count + n,
-            jnp.where(hit, jnp.minimum(low, jnp.min(jnp.where(counted, labels, _NONE))), low),
-            jnp.where(hit, jnp.maximum(high, jnp.max(jnp.where(counted, labels, -_NONE))), high),
+            done + steps,
+            jnp.where(hit & (first < 0), done + jnp.argmax(hits).astype(jnp.int32), first),
+            count + jnp.sum(stats[:, 0]),
+            jnp.where(hit, jnp.minimum(low, jnp.min(jnp.where(hits, stats[:, 1], _NONE))), low),
+            jnp.where(hit, jnp.maximum(high, jnp.max(jnp.where(hits, stats[:, 2], -_NONE))), high),
         ]))
 
     def raise_if_invalid(self, op: str, what: str, classes: int, epoch_starts: list[int] | None = None,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxws.data.dataset import DataSet
+from jaxws.nn.checks import LabelCheck
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.step import WorkspaceFunction, jit
 
@@ -71,17 +72,16 @@ class StepsMixin:
         """
         mode = mode or self.training_workspace_mode
         if (mode, fused) not in self._steps:
-            checked = self._checked_step(mode)
+            if fused:  # the scan trains; the labels of all k steps are counted once, beside it
+                step = self.train_step(mode)
 
-            def fused_checked(carry, check, stacked):
-                def body(c, ds):
-                    carry, check, loss = checked(*c, ds)
-                    return (carry, check), loss
+                def fused_checked(carry, check, stacked):
+                    carry, losses = jax.lax.scan(step, carry, stacked)
+                    return carry, self._check_steps(check, stacked, losses.shape[0]), losses
 
-                (carry, check), losses = jax.lax.scan(body, (carry, check), stacked)
-                return carry, check, losses
-
-            fun = functools.partial(fused_checked) if fused else functools.partial(checked)
+                fun = functools.partial(fused_checked)
+            else:
+                fun = functools.partial(self._checked_step(mode))
             fun.__name__ = f"{type(self).__name__}.fit[{mode.name}{', fused' if fused else ''}]"
             self._steps[mode, fused] = jit(fun, donate_argnums=(0, 1) if mode.donates else ())
         return self._steps[mode, fused]
@@ -96,25 +96,23 @@ class StepsMixin:
         """
         mode = mode or self.training_workspace_mode
         if (mode, "resident") not in self._steps:
-            checked = self._checked_step(mode)
+            step = self.train_step(mode)
 
             def resident(carry, check, data, order, start, count, size):
-                def body(c, xs):
-                    carry, check, loss = checked(*c, xs)
-                    return (carry, check), loss
-
                 if order is None:  # in order: each step slices its batch where it lies
-                    def sliced(c, i):
-                        ds = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start + i * size, size), data)
-                        return body(c, ds)
+                    def sliced(carry, i):
+                        return step(carry, jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start + i * size, size), data))
 
-                    (carry, check), losses = jax.lax.scan(sliced, (carry, check), jnp.arange(count))
+                    carry, losses = jax.lax.scan(sliced, carry, jnp.arange(count))
+                    # the check's view of the same rows: only their labels are read
+                    batches = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, count * size).reshape(
+                        count, size, *a.shape[1:]), data)
                 else:  # shuffled: one gather of the execution's rows, then contiguous batches
                     rows = jax.lax.dynamic_slice_in_dim(order, start, count * size)
                     batches = jax.tree.map(
                         lambda a: jnp.take(a, rows, axis=0).reshape(count, size, *a.shape[1:]), data)
-                    (carry, check), losses = jax.lax.scan(body, (carry, check), batches)
-                return carry, check, losses
+                    carry, losses = jax.lax.scan(step, carry, batches)
+                return carry, self._check_steps(check, batches, count), losses
 
             resident.__name__ = f"{type(self).__name__}.fit[{mode.name}, resident]"
             self._steps[mode, "resident"] = jit(resident, donate_argnums=(0, 1) if mode.donates else (),
@@ -130,3 +128,13 @@ class StepsMixin:
             return carry, check.update(*(self._class_labels(ds) or (None, None, 0))), loss
 
         return checked
+
+    def _check_steps(self, check: Any, stacked: Any, steps: int) -> Any:
+        """The label check after the ``steps`` batches of ``stacked`` ([steps, batch, ...]),
+        counted outside the scanned loop: one pass over their labels per program, not two
+        small reductions in every iteration."""
+        def stats(ds):
+            found = self._class_labels(ds)
+            return None if found is None else LabelCheck.stats(*found)
+
+        return check.after(jax.vmap(stats)(stacked), steps)
