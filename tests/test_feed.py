@@ -295,23 +295,30 @@ def test_fit_with_batch_size_on_host_arrays_puts_them_on_the_device_once():
     assert net.iteration == 48 and puts == [2]  # features and labels, once, for all four epochs
 
 
-@pytest.mark.parametrize("source", ["device list", "numpy iterator", "device iterator", "stacked"])
+@pytest.mark.parametrize("source", ["device list", "numpy iterator", "device iterator", "device steps", "numpy steps"])
 def test_a_signed_pass_pairs_each_batch_with_its_signature(source):
     from jaxws.data.dataset import signature
-    from jaxws.data.feed import Feed
+    from jaxws.data.feed import Feed, Steps
 
     x, y = arrays(40)
     host = [DataSet(x[i:i + 8], y[i:i + 8]) for i in range(0, 40, 8)]
     device = [DataSet(jnp.asarray(b.features), jnp.asarray(b.labels)) for b in host]
     data = {"device list": device, "numpy iterator": iter(host), "device iterator": iter(device),
-            "stacked": device}[source]
+            "device steps": device, "numpy steps": host}[source]
     feed = Feed(data, op="fit", prefetch=2 if source == "numpy iterator" else 0,
-                steps=2 if source == "stacked" else 1)
+                steps=2 if source.endswith("steps") else 1)
     with feed:
         pairs = list(feed.signed())
-    assert [ds.features.shape[0] for ds, _ in pairs] == ([2, 2, 1] if source == "stacked" else [8] * 5)
+    if source == "device steps":  # the user's batches, in place: the program stacks them
+        assert [type(s) for s, _ in pairs] == [Steps] * 3
+        given = [b for s, _ in pairs for b in s.batches]
+        assert len(given) == 5 and all(b is d for b, d in zip(given, device))  # the same objects, not copies
+        assert [key for _, key in pairs] == [(2, signature(device[0]))] * 2 + [(1, signature(device[0]))]
+        assert [s.examples for s, _ in pairs] == [16, 16, 8]
+        return
+    assert [ds.features.shape[0] for ds, _ in pairs] == ([2, 2, 1] if source == "numpy steps" else [8] * 5)
     assert all(isinstance(ds.features, jax.Array) and key == signature(ds) for ds, key in pairs)
-    if source.startswith("device") and source != "stacked":
+    if source.startswith("device"):
         assert all(ds is given for (ds, _), given in zip(pairs, device))  # passed through, not copied
 
 

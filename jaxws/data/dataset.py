@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from jaxws.errors import ConfigurationError
+from jaxws.plan import _ArrayImpl
 
 __all__ = ["DataSet", "MultiDataSet"]
 
@@ -131,7 +132,7 @@ def signature(ds: Any) -> tuple:
         for x in (ds.features, ds.labels, ds.features_mask, ds.labels_mask):
             if x is None:
                 key.append(None)
-            elif isinstance(x, jax.Array):
+            elif type(x) is _ArrayImpl or isinstance(x, jax.Array):  # the exact type first: 0.08 us, not 0.37
                 key.append(x.aval)
             elif isinstance(x, np.ndarray):
                 key.append((x.shape, x.dtype))

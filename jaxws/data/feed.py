@@ -23,7 +23,7 @@ from jaxws.errors import AsyncIteratorError, ConfigurationError, InvalidBatchErr
 from jaxws.plan import _ArrayImpl
 from jaxws.workspace import _TAG
 
-__all__ = ["Feed", "Rows", "is_single_batch", "prepare", "stack", "validate"]
+__all__ = ["Feed", "Rows", "Steps", "is_single_batch", "prepare", "stack", "validate"]
 
 _END = object()
 
@@ -113,24 +113,37 @@ def stack(group: list) -> Any:
     return jax.tree.map(lambda *xs: np.stack(xs), *group)
 
 
-def _grouped(items: Iterator[tuple], k: int) -> Iterator[list]:
-    """Groups of ``k`` consecutive batches of one signature from ``(batch, signature)``
-    pairs; a batch that breaks a group (the last, smaller one) flushes what was pending one
-    by one, so programs stay few."""
-    group: list = []
+class Steps(NamedTuple):
+    """k device batches of one signature, used where they lie: the program that runs them
+    stacks them (``[k, batch, ...]``) inside, so no stacked copy is made before it runs."""
+
+    batches: tuple
+
+    @property
+    def examples(self) -> int:
+        return len(self.batches) * self.batches[0].num_examples
+
+
+def _grouped(items: Iterator[tuple], k: int) -> Iterator[tuple[list, tuple | None]]:
+    """``(group, key)``: groups of ``k`` consecutive batches of one signature from
+    ``(batch, key)`` pairs (``key``: the device key :meth:`Feed._checked` gives, None for a
+    batch that is not an unattached device one); the group's key is theirs, or None if any
+    was None. A batch that breaks a group (the last, smaller one) flushes what was pending
+    one by one, so programs stay few."""
+    pending: list = []
     first = None
     for ds, key in items:
-        key = key or signature(ds)
-        if group and key != first:
-            yield from ([g] for g in group)
-            group = []
-        if not group:
-            first = key
-        group.append(ds)
-        if len(group) == k:
-            yield group
-            group = []
-    yield from ([g] for g in group)
+        sig = key or signature(ds)
+        if pending and sig != first:
+            yield from (([d], dk) for d, dk in pending)
+            pending = []
+        if not pending:
+            first = sig
+        pending.append((ds, key))
+        if len(pending) == k:
+            yield [d for d, _ in pending], (first if all(dk for _, dk in pending) else None)
+            pending = []
+    yield from (([d], dk) for d, dk in pending)
 
 
 class Feed:
@@ -313,7 +326,8 @@ class Feed:
             it.seek(n)
 
     def __iter__(self) -> Iterator[Any]:
-        """One pass: device batches (stacked ``[steps, ...]`` groups when ``steps > 1``), or
+        """One pass: device batches (groups of ``steps`` when ``steps > 1``: :class:`Steps`
+        of the user's device batches, or host ones stacked ``[steps, ...]`` and placed), or
         :class:`Rows` for a device-resident ArrayDataSetIterator (``resident=True``)."""
         return self._pass(signed=False)
 
@@ -369,15 +383,19 @@ class Feed:
                 else:
                     yield ds
         else:
-            for group in _grouped(self._batches(items), self.steps):
-                ds = place(stack(group))[0]
-                yield (ds, signature(ds)) if signed else ds
+            for group, key in _grouped(self._batches(items), self.steps):
+                if key is not None and anywhere:  # stacked by the program that runs them
+                    steps = Steps(tuple(group))
+                    yield (steps, (len(group), key)) if signed else steps
+                else:
+                    ds = place(stack(group))[0]
+                    yield (ds, signature(ds)) if signed else ds
 
     def _prefetched(self, items: Iterator) -> Iterator[Any]:
         if self.steps == 1:
             base, collate = (ds for ds, _ in self._batches(items)), self._as
         else:
-            base, collate = _grouped(self._batches(items), self.steps), stack
+            base, collate = (group for group, _ in _grouped(self._batches(items), self.steps)), stack
         ring = self._ring = (AsyncMultiDataSetIterator if self._multi else AsyncDataSetIterator)(
             base, self.prefetch, device=self.placement.device, sharding=self.placement.sharding,
             collate=collate)

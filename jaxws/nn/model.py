@@ -21,7 +21,7 @@ import optax
 from jaxws.arrays import check_arrays, detach, leverage_to
 from jaxws.configuration import SpillPolicy, WorkspaceConfiguration
 from jaxws.data.dataset import DataSet
-from jaxws.data.feed import Feed, Rows, prepare
+from jaxws.data.feed import Feed, Rows, Steps, prepare
 from jaxws.data.feed import signature as signature_of
 from jaxws.errors import ConfigurationError, WorkspaceError
 from jaxws.eval.kernel import EvaluationMixin
@@ -316,16 +316,18 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                                 checks.state, losses = self._commit(
                                     resident, signature, checks.state, n, (item.data, item.order, item.start),
                                     {"count": item.count, "size": item.size}, bool(listeners))
-                            else:
-                                n, fused = (jax.tree.leaves(item)[0].shape[0] if k > 1 else 1), k > 1
+                            else:  # a batch, k stacked ones, or k Steps stacked in the program
+                                n, fused = (1 if k == 1 else len(item.batches) if type(item) is Steps
+                                            else jax.tree.leaves(item)[0].shape[0]), k > 1
                                 checks.state, losses = self._commit(step, signature, checks.state, n, (item,),
                                                                     None, bool(listeners))
                             checks.steps += n
                             checks.executions += 1
                             if self._position is not None:  # examples consumed: the resume point
+                                kind = type(item)
                                 self._position["position"] += (
-                                    item.count * item.size if type(item) is Rows else
-                                    math.prod(jax.tree.leaves(item)[0].shape[:2 if k > 1 else 1]))
+                                    item.count * item.size if kind is Rows else item.examples if kind is Steps
+                                    else math.prod(jax.tree.leaves(item)[0].shape[:2 if k > 1 else 1]))
                             if listeners:
                                 with guard.released():
                                     self._notify(losses, n, fused, self._verify)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxws.data.dataset import DataSet
+from jaxws.data.feed import Steps
 from jaxws.nn.checks import LabelCheck
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.step import WorkspaceFunction, jit
@@ -76,6 +77,8 @@ class StepsMixin:
                 step = self.train_step(mode)
 
                 def fused_checked(carry, check, stacked):
+                    if isinstance(stacked, Steps):  # device batches, stacked here: no copy before the call
+                        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *stacked.batches)
                     carry, losses = jax.lax.scan(step, carry, stacked)
                     return carry, self._check_steps(check, stacked, losses.shape[0]), losses
 
