@@ -8,6 +8,9 @@ final wait: equal to the wall time where the loop is host-bound):
   * ``cycled``: that, with one workspace cycle per step;
   * ``fit``: ``net.fit(iter(batches))``, which adds the feed and its own loop body.
 An MLP (width-width-10, adam) on fresh device batches; ``--sizes`` lists width:batch pairs.
+Then, for the first size, per step inside one program of 100 steps: a hand-written scan,
+the label check counted in every iteration, fit's fused program (the check counted once,
+beside the loop) on a stack, and on the 100 device batches themselves (stacked inside).
 
     python benchmarks/breakdown.py [--sizes 64:32,1024:256] [--steps 200] [--repeats 5]
 """
@@ -25,6 +28,7 @@ import optax
 
 import jaxws
 from jaxws.data import DataSet
+from jaxws.data.feed import Steps
 from jaxws.nn import Dense, LabelCheck, MultiLayerNetwork, NeuralNetConfiguration, OutputLayer
 
 
@@ -90,6 +94,56 @@ def measure(width: int, batch: int, steps: int, repeats: int) -> None:
          fit_loop_us=round(us["fit"] - us["cycled"], 1), fit_vs_checked=round(us["fit"] / us["checked"], 3))
 
 
+def measure_scan(width: int, batch: int, k: int, repeats: int) -> None:
+    """Per step inside one program of k steps: a hand-written scan of the train step, the
+    label check counted in every iteration (how it was), fit's fused program (the check
+    beside the loop) on a stack, and the same on the k device batches themselves (Steps:
+    stacked inside the program)."""
+    r = np.random.default_rng(0)
+    groups = [[DataSet(jnp.asarray(r.normal(size=(batch, 64)).astype(np.float32)),
+                       jnp.asarray(r.integers(0, 10, batch).astype(np.int32))) for _ in range(k)] for _ in range(3)]
+    stacks = [jax.tree.map(lambda *xs: jnp.stack(xs), *g) for g in groups]
+    net = model(width)
+    train, checked = net.train_step(), net._checked_step(net.training_workspace_mode)
+
+    def scan(carry, check, stacked):  # the check passes through untouched
+        carry, losses = jax.lax.scan(train, carry, stacked)
+        return carry, check, losses
+
+    def in_loop(carry, check, stacked):
+        def body(c, ds):
+            carry, check, loss = checked(*c, ds)
+            return (carry, check), loss
+        (carry, check), losses = jax.lax.scan(body, (carry, check), stacked)
+        return carry, check, losses
+
+    programs = {"scan": jax.jit(scan, donate_argnums=(0, 1)),
+                "check_in_loop": jax.jit(in_loop, donate_argnums=(0, 1)),
+                "fused": jax.jit(net.compiled_step(fused=True)._fun, donate_argnums=(0, 1))}
+    state = {name: [jaxws.detach(net._carry), LabelCheck.init()] for name in [*programs, "steps"]}
+
+    def run(name, i):
+        carry, check = state[name]
+        if name == "steps":
+            out = programs["fused"](carry, check, Steps(tuple(groups[i % 3])))
+        else:
+            out = programs[name](carry, check, stacks[i % 3])
+        state[name] = jax.block_until_ready(list(out[:2]))
+
+    best = {name: float("inf") for name in state}
+    for name in best:
+        run(name, 0)
+    for i in range(repeats * 5):
+        for name in best:
+            start = time.perf_counter()
+            run(name, i)
+            best[name] = min(best[name], time.perf_counter() - start)
+    us = {name: round(v / k * 1e6, 2) for name, v in best.items()}
+    emit(figure="per step in one program of k steps", width=width, batch=batch, k=k, wall_us_per_step=us,
+         check_in_loop_us=round(us["check_in_loop"] - us["scan"], 2), check_beside_us=round(us["fused"] - us["scan"], 2),
+         fused_vs_scan=round(us["scan"] / us["fused"], 3), steps_vs_scan=round(us["scan"] / us["steps"], 3))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="64:32,1024:256", help="width:batch pairs")
@@ -99,6 +153,8 @@ def main() -> None:
     for pair in args.sizes.split(","):
         width, batch = map(int, pair.split(":"))
         measure(width, batch, args.steps, args.repeats)
+    width, batch = map(int, args.sizes.split(",")[0].split(":"))
+    measure_scan(width, batch, 100, args.repeats)
 
 
 if __name__ == "__main__":
