@@ -359,3 +359,28 @@ def test_fused_programs_count_labels_beside_the_scanned_loop_not_in_it(program):
     carried = [v.aval for v in scans[0].invars]
     assert not any(a.shape == (5,) and a.dtype == jnp.int32 for a in carried)
     assert any(a.shape == (5,) and a.dtype == jnp.int32 for a in (v.aval for v in jaxpr.jaxpr.outvars))
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_host_data_of_an_array_iterator_is_checked_whole_once_not_per_batch(prefetch, monkeypatch):
+    x, y = arrays(200)
+    net = network()
+    calls = []
+    check = net._check_batch
+    monkeypatch.setattr(net, "_check_batch", lambda ds, op, shapes=True: (calls.append(ds.num_examples), check(ds, op, shapes)))
+    it = ArrayDataSetIterator(x, y, batch_size=20, shuffle=True, resident=False)
+    net.fit(it, epochs=2, prefetch=prefetch, progress=False)
+    assert calls == [200] and net.iteration == 20  # the 200 examples once; 20 batches ran unchecked
+
+
+def test_out_of_range_host_labels_of_an_array_iterator_stop_fit_before_any_step():
+    x, y = arrays(200)
+    labels = y.copy()
+    labels[157] = 7
+    net = network()
+    before = jaxws.detach(net.params)
+    with pytest.raises(jaxws.InvalidBatchError, match=r"fit: labels out of range .* found classes 0\.\.7, expected 0\.\.2"):
+        net.fit(ArrayDataSetIterator(x, labels, batch_size=20, resident=False), progress=False)
+    assert net.iteration == 0
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(net.params), jax.tree.leaves(before)))
+    assert y[157] != 7 and labels[157] == 7  # the caller's arrays untouched

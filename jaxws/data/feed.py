@@ -75,6 +75,10 @@ def prepare(ds: Any, op: str, check: Callable[..., Any] | None = None, placement
     return (placement or Placement()).place(validate(ds, op, check))[0]
 
 
+def _on_host(ds: Any) -> bool:
+    return all(type(x) is np.ndarray for x in jax.tree.leaves(ds))
+
+
 class Rows(NamedTuple):
     """``count`` batches of ``size`` examples of device-resident ``data``, taken inside the
     program from position ``start`` of ``order`` (None: in order)."""
@@ -206,6 +210,7 @@ class Feed:
         self._ring: AsyncDataSetIterator | None = None
         self._passes = 0
         self._pulled = 0
+        self._whole: bool | None = None  # the source's host data checked whole: its batches need no check
         self.origin: dict | None = None  # an ArrayDataSetIterator source's epoch and cursor at a pass's start
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ConfigurationError(
@@ -219,6 +224,7 @@ class Feed:
             )
         if is_single_batch(data, multi):
             ds = self._validated(self._as(data))
+            self._whole = batch_size is not None and _on_host(ds)
             if ds.num_examples == 0:
                 raise ConfigurationError(f"{op}: the data has no examples (0 rows); pass at least one example.")
             if batch_size is None:
@@ -340,6 +346,8 @@ class Feed:
         if (self._resident and self._place and isinstance(self.source, ArrayDataSetIterator)
                 and self.source.fits_on_device()):
             return ((rows, None) for rows in self._rows()) if signed else self._rows()
+        if self._whole is None:
+            self._whole = self._check_whole()
         items = self._start()
         self._passes += 1
         first = next(items, _END)
@@ -366,11 +374,27 @@ class Feed:
         return " (the iterator yields nothing, even after reset())"
 
     def _batches(self, items: Iterator) -> Iterator[tuple]:
-        """``(batch, signature)`` for each item: checked (lists were, up front)."""
+        """``(batch, signature)`` for each item: checked (lists were, up front; the batches
+        of host data checked whole are slices of checked arrays)."""
         self._pulled = 0  # batches taken from the source this pass: the next one is the failing one
+        whole = self._whole
         for i, item in enumerate(items):
             self._pulled = i + 1
-            yield item if self._prechecked else self._checked(self._as(item), f"batch {i}")
+            if self._prechecked:
+                yield item
+            elif whole:
+                yield item, None
+            else:
+                yield self._checked(self._as(item), f"batch {i}")
+
+    def _check_whole(self) -> bool:
+        """Checks an Array(Multi)DataSetIterator's host arrays once, whole (shapes, label
+        values), before its first batch: one pass over its labels, not a check per batch."""
+        source = self.source
+        if not (isinstance(source, ArrayDataSetIterator) and _on_host(source.data)):
+            return False
+        self._validated(source.data)
+        return True
 
     def _inline(self, items: Iterator, signed: bool) -> Iterator[Any]:
         place, anywhere = self.placement.place, self.placement.anywhere
