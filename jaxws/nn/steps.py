@@ -58,7 +58,8 @@ class StepsMixin:
 
         The carry (a :class:`TrainState`) and the :class:`~jaxws.nn.LabelCheck` (invalid
         class labels counted on the device) are donated unless the mode is NONE.
-        ``fused``: the program that scans a stack of batches ``[k, batch, ...]`` and
+        ``fused``: the program that scans k batches, a stack ``[k, batch, ...]`` or the
+        :class:`~jaxws.data.feed.Steps` of k device batches that it stacks itself, and
         returns the k losses (``fit(steps_per_execution=k)``). ``train_step`` is the pure,
         unjitted ``(carry, batch) -> (carry, loss)`` for your own loops.
 
