@@ -257,6 +257,21 @@ def test_bad_batches_name_the_input_or_output():
     assert graph.iteration == 1
 
 
+def test_a_host_array_iterator_is_checked_whole_before_any_step_and_trains_as_its_batches():
+    (a, b), (c, v) = two_by_two_batches(1, size=48)[0]
+    graph, reference = two_by_two(), two_by_two()
+    bad = c.copy()
+    bad[40] = 9
+    with pytest.raises(InvalidBatchError, match=r"labels out of range for loss mcxent of output 'classes'.* found classes 0\.\.9"):
+        graph.fit(ArrayMultiDataSetIterator([a, b], [bad, v], batch_size=12, resident=False), progress=False)
+    assert graph.iteration == 0 and bad[40] == 9  # nothing ran; the caller's arrays untouched
+    graph.fit(ArrayMultiDataSetIterator([a, b], [c, v], batch_size=12, resident=False), progress=False)
+    reference.fit([MultiDataSet((a[i:i + 12], b[i:i + 12]), (c[i:i + 12], v[i:i + 12])) for i in range(0, 48, 12)],
+                  progress=False)
+    assert graph.iteration == 4
+    assert_tree_close(graph.params, reference.params, 1e-6)
+
+
 # -- evaluation, parallel, checkpoints, ownership ------------------------------------------------
 
 def test_do_evaluation_per_output_against_sklearn():
