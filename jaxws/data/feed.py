@@ -125,6 +125,7 @@ class Steps(NamedTuple):
 
     @property
     def examples(self) -> int:
+        """Examples in all k batches (they share one signature, so one batch's rows times k)."""
         return len(self.batches) * self.batches[0].num_examples
 
 
