@@ -361,9 +361,13 @@ def test_fused_programs_count_labels_beside_the_scanned_loop_not_in_it(program):
     assert any(a.shape == (5,) and a.dtype == jnp.int32 for a in (v.aval for v in jaxpr.jaxpr.outvars))
 
 
-@pytest.mark.parametrize("prefetch", [0, 2])
-def test_host_data_of_an_array_iterator_is_checked_whole_once_not_per_batch(prefetch, monkeypatch):
+@pytest.mark.parametrize("prefetch, memmap", [(0, False), (2, False), (2, True)])
+def test_host_data_of_an_array_iterator_is_checked_whole_once_not_per_batch(prefetch, memmap, monkeypatch, tmp_path):
     x, y = arrays(200)
+    if memmap:  # data kept on disk, as data too large for the device often is
+        stored = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=x.dtype, shape=x.shape)
+        stored[:] = x
+        x = stored
     net = network()
     calls = []
     check = net._check_batch

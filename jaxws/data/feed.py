@@ -76,7 +76,7 @@ def prepare(ds: Any, op: str, check: Callable[..., Any] | None = None, placement
 
 
 def _on_host(ds: Any) -> bool:
-    return all(type(x) is np.ndarray for x in jax.tree.leaves(ds))
+    return all(isinstance(x, np.ndarray) for x in jax.tree.leaves(ds))  # np.memmap included
 
 
 class Rows(NamedTuple):
@@ -378,10 +378,10 @@ class Feed:
         """``(batch, signature)`` for each item: checked (lists were, up front; the batches
         of host data checked whole are slices of checked arrays)."""
         self._pulled = 0  # batches taken from the source this pass: the next one is the failing one
-        whole = self._whole
+        prechecked, whole = self._prechecked, self._whole
         for i, item in enumerate(items):
             self._pulled = i + 1
-            if self._prechecked:
+            if prechecked:
                 yield item
             elif whole:
                 yield item, None
