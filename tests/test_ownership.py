@@ -73,6 +73,8 @@ FORMS = {
     "from_iterable": lambda u: (from_iterable(u.batches()), {}),
     "ArrayDataSetIterator, batch = len": lambda u: (ArrayDataSetIterator(u.x, u.y, batch_size=N), {}),
     "ArrayDataSetIterator, batch < len": lambda u: (ArrayDataSetIterator(u.x, u.y, batch_size=8, shuffle=True), {}),
+    "ArrayDataSetIterator over numpy, kept on the host": lambda u: (
+        ArrayDataSetIterator(u.host[0], u.host[1], batch_size=8, shuffle=True, resident=False), {}),
     "AsyncDataSetIterator over device batches": lambda u: (AsyncDataSetIterator(from_iterable(u.batches()), 2), {}),
 }
 
