@@ -89,6 +89,11 @@ class Rows(NamedTuple):
     count: int
     size: int
 
+    @property
+    def examples(self) -> int:
+        """Examples in all ``count`` batches."""
+        return self.count * self.size
+
 
 def _device_key(ds: Any) -> tuple | None:
     """A batch's :func:`signature` if all its arrays are device arrays attached to no
@@ -122,6 +127,10 @@ class Steps(NamedTuple):
     stacks them (``[k, batch, ...]``) inside, so no stacked copy is made before it runs."""
 
     batches: tuple
+
+    @property
+    def count(self) -> int:
+        return len(self.batches)
 
     @property
     def examples(self) -> int:

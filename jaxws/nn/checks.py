@@ -49,9 +49,9 @@ class LabelCheck(NamedTuple):
         """The check after ``steps`` steps whose :meth:`stats` are ``stats`` ([steps, 3];
         None: steps without class labels). Outside a scanned loop, so k steps cost one
         update, not k."""
-        done, first, count, low, high = (self.values[i] for i in range(5))
         if stats is None:
             return LabelCheck(self.values.at[0].add(steps))
+        done, first, count, low, high = (self.values[i] for i in range(5))
         hits = stats[:, 0] > 0
         hit = jnp.any(hits)
         return LabelCheck(jnp.stack([

@@ -317,16 +317,15 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                                     resident, signature, checks.state, n, (item.data, item.order, item.start),
                                     {"count": item.count, "size": item.size}, bool(listeners))
                             else:  # a batch, k stacked ones, or k Steps stacked in the program
-                                n, fused = (1 if k == 1 else len(item.batches) if type(item) is Steps
+                                n, fused = (1 if k == 1 else item.count if type(item) is Steps
                                             else jax.tree.leaves(item)[0].shape[0]), k > 1
                                 checks.state, losses = self._commit(step, signature, checks.state, n, (item,),
                                                                     None, bool(listeners))
                             checks.steps += n
                             checks.executions += 1
                             if self._position is not None:  # examples consumed: the resume point
-                                kind = type(item)
                                 self._position["position"] += (
-                                    item.count * item.size if kind is Rows else item.examples if kind is Steps
+                                    item.examples if type(item) in (Rows, Steps)
                                     else math.prod(jax.tree.leaves(item)[0].shape[:2 if k > 1 else 1]))
                             if listeners:
                                 with guard.released():
