@@ -180,6 +180,47 @@ def test_a_slow_loader_gets_each_batch_transferred_as_soon_as_it_is_ready(monkey
     assert sizes == [1] * 12
 
 
+def test_a_transfer_overlaps_the_loading_of_the_next_batch(monkeypatch):
+    """Each transfer waits until the loader has begun the next batch: with one thread doing
+    both, that never happens and every wait runs out."""
+    from jaxws.data.placement import Placement
+
+    begun = [threading.Event() for _ in range(7)]
+    overlapped, place_many = [], Placement.place_many
+
+    def loader():
+        for i in range(6):
+            begun[i].set()
+            yield np.full((2, 2), i, np.float32), np.zeros(2, np.int32)
+        begun[6].set()  # the end: nothing more to load
+
+    def waiting(self, trees):
+        overlapped.append(begun[len(overlapped) + len(trees)].wait(timeout=1.0))
+        return place_many(self, trees)
+
+    monkeypatch.setattr(Placement, "place_many", waiting)
+    with AsyncDataSetIterator(from_iterable(loader), 8) as it:  # room for all six: no wait for the consumer
+        assert [float(b.features[0, 0]) for b in it] == list(range(6))
+    assert overlapped and all(overlapped)
+
+
+@pytest.mark.parametrize("queue_size", [2, 5])
+def test_the_loader_stays_at_most_queue_size_plus_one_batches_ahead(queue_size):
+    pulled, ahead = [0], []
+
+    def loader():
+        for i in range(30):
+            pulled[0] += 1
+            yield np.full((2,), i, np.float32)
+
+    with AsyncDataSetIterator(from_iterable(loader), queue_size) as it:
+        for taken, batch in enumerate(it, 1):
+            time.sleep(0.005)  # a slow consumer: the loader runs as far ahead as it may
+            ahead.append(pulled[0] - taken)
+            np.testing.assert_array_equal(batch.features, taken - 1)
+    assert max(ahead) == queue_size + 1
+
+
 def test_stale_batch_raises_outdated_with_the_iterator_workspace():
     x, y = arrays(20)
     with AsyncDataSetIterator(ArrayDataSetIterator(x, y, 5), 2) as it:
@@ -290,10 +331,10 @@ def test_close_is_idempotent_and_leaves_no_thread():
         next(it)
 
 
-def test_an_abandoned_iterator_is_collected_and_its_thread_joined():
+def test_an_abandoned_iterator_is_collected_and_its_threads_joined():
     it = AsyncDataSetIterator(from_iterable(lambda: (np.ones(2) for _ in range(1000))), 2)
     next(it)
-    assert len(prefetch_threads()) == 1
+    assert sorted(t.name.rsplit("-", 1)[1] for t in prefetch_threads()) == ["load", "put"]
     del it
     gc.collect()
     assert prefetch_threads() == []

@@ -1,10 +1,11 @@
-"""AsyncDataSetIterator: a prefetch thread filling a bounded ring of device batches.
+"""AsyncDataSetIterator: two prefetch threads filling a bounded ring of device batches.
 
-A named daemon thread pulls from the base iterator, pads dynamic axes to a capacity
-bucket, puts batches on the device (or shards them; several in one transfer call where
-loading is quicker than a call), and hands each over through a bounded queue as
-``(element, exception)``. What the ring placed is valid until the next ``next()``;
-arrays that were on the device already pass through and stay the caller's.
+One named daemon thread pulls from the base iterator and pads dynamic axes to a capacity
+bucket; a second puts what is loaded on the device (or shards it; every batch loaded by
+then in one transfer call), so a transfer overlaps the loading of the next batch. Each
+batch crosses to the consumer as ``(element, exception)``, and a count of tokens bounds
+the batches ahead of it. What the ring placed is valid until the next ``next()``; arrays
+that were on the device already pass through and stay the caller's.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import itertools
 import logging
 import queue
 import threading
-import time
 import weakref
 from typing import Any, Callable
 
@@ -40,6 +40,8 @@ __all__ = [
 log = logging.getLogger("jaxws")
 _END = object()
 _INLINE = object()  # the worker's word that the base yields device batches: the consumer reads it
+_MORE = object()  # the transfer thread's word that nothing else is loaded yet
+_STOP = object()  # the word that the iterator is closing
 _ids = itertools.count()
 _RING_CONF = WorkspaceConfiguration(policy_reset=ResetPolicy.ENDOFBUFFER_REACHED, steps_number=1)
 
@@ -121,94 +123,93 @@ class _Preparer:
         return DataSet(_pad_to(x, axis, cap, 0), labels, mask(ds.features_mask), labels_mask)
 
 
-def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.05)
-            return True
-        except queue.Full:
-            continue
-    return False
+def _load(base, hq: queue.SimpleQueue, tokens: threading.Semaphore, stop: threading.Event,
+          prepare: _Preparer, pads: bool) -> None:
+    """The loading thread: each batch of ``base`` through ``prepare.host`` into ``hq``.
 
-
-def _produce(base, q: queue.Queue, stop: threading.Event, prepare: _Preparer, pads: bool) -> None:
-    """The worker: batches through ``prepare`` into ``q``, in groups where that pays.
-
-    One transfer call has a fixed cost, so the worker loads several batches and puts them
-    in one call while loading takes less time than such a call (an in-memory source:
-    several at once; a slow loader: one at a time, as soon as it is ready). A group never
-    outgrows the room left in the queue, so the ring's bound holds; a batch that fails to
-    load ends the group, and the batches before it are delivered first.
+    It takes a token before each batch and the consumer gives one back for each batch it
+    takes, so the batches loaded and not yet handed out never outnumber the tokens.
     """
     try:
-        items = iter(base)
-        item = next(items, _END)
-        if item is _END:
-            _put(q, (_END, None), stop)
-            return
-        ds = prepare.host(item)
-        start = time.perf_counter()
-        prepared = prepare.place([ds])[0]
-        if not prepared[1] and not pads:
-            _put(q, (prepared, _INLINE), stop)  # on the device already: no thread needed
-            return
-        call = time.perf_counter() - start  # the last transfer call's time: the most loading may delay the next
-        if not _put(q, (prepared, None), stop):
-            return
-        while not stop.is_set():
-            group, error, end = [], None, False
-            room = q.maxsize - q.qsize() + 1  # only grows while this group is placed
-            start = time.perf_counter()
-            while len(group) < room:
-                try:
-                    item = next(items, _END)
-                    if item is _END:
-                        end = True
-                        break
-                    group.append(prepare.host(item))
-                except BaseException as e:  # noqa: BLE001 - after the batches loaded before it
-                    error = e
-                    break
-                if time.perf_counter() - start >= call:
-                    break
-            if group:
-                start = time.perf_counter()
-                placed = prepare.place(group)
-                call = time.perf_counter() - start
-                for batch in placed:
-                    if not _put(q, (batch, None), stop):
-                        return
-            if error is not None:
-                raise error
-            if end:
-                _put(q, (_END, None), stop)
+        items, first = iter(base), True
+        while True:
+            tokens.acquire()
+            if stop.is_set():
                 return
+            item = next(items, _END)
+            if item is _END:
+                hq.put((_END, None))
+                return
+            ds = prepare.host(item)
+            if first and not pads and prepare.placement.holds_all(ds):
+                hq.put((ds, _INLINE))  # on the device already: no thread needed
+                return
+            first = False
+            hq.put((ds, None))
     except BaseException as e:  # noqa: BLE001 - every failure crosses to the consumer
-        _put(q, (None, e), stop)
+        hq.put((None, e))
 
 
-def _shutdown(stop: threading.Event, q: queue.Queue, thread: threading.Thread) -> None:
+def _place(hq: queue.SimpleQueue, q: queue.SimpleQueue, stop: threading.Event, prepare: _Preparer) -> None:
+    """The transfer thread: what ``hq`` holds onto the device into ``q``, in order.
+
+    One transfer call has a fixed cost, so it takes every batch loaded by the time it is
+    free, in one call: an in-memory source's several at once, a slow loader's one at a
+    time as each is ready. The transfer of one batch overlaps the loading of the next.
+    """
+    try:
+        while not stop.is_set():
+            group, (ds, flag) = [], hq.get()
+            while flag is None and ds is not _END:  # a batch: take the others already loaded
+                group.append(ds)
+                try:
+                    ds, flag = hq.get_nowait()
+                except queue.Empty:
+                    ds, flag = None, _MORE
+            if stop.is_set():
+                return  # closing: what was loaded is not transferred
+            if group:
+                for batch in prepare.place(group):
+                    q.put((batch, None))
+            if flag is _MORE:
+                continue
+            if flag is _INLINE:
+                ds = prepare.place([ds])[0]
+            if flag is not _STOP:  # the end, the loader's failure, or the batch on the device
+                q.put((ds, flag))
+            return
+    except BaseException as e:  # noqa: BLE001 - every failure crosses to the consumer
+        q.put((None, e))
+
+
+def _shutdown(stop: threading.Event, tokens: threading.Semaphore, hq: queue.SimpleQueue,
+              q: queue.SimpleQueue, threads: tuple[threading.Thread, ...]) -> None:
     stop.set()
-    while True:  # unblock a worker waiting to put
+    tokens.release()  # wakes a loader waiting for room
+    hq.put((None, _STOP))  # wakes the transfer thread
+    for thread in threads:
+        if thread is not threading.current_thread():
+            thread.join()
+    while True:  # what was placed and never taken: freed now
         try:
             q.get_nowait()
         except queue.Empty:
             break
-    if thread is not threading.current_thread():
-        thread.join()
 
 
 class AsyncDataSetIterator(DataSetIterator):
     """Prefetches batches onto the device in a background thread (DL4J's async iterator).
 
-    At most ``queue_size + 2`` batches the ring placed are alive on the device whatever the
-    consumer does: ``queue_size`` in the queue, one being placed, and the one handed out
-    last. Host batches from a fast source go to the device several per transfer call (a
-    call has a fixed cost), as many as load within one call's time and fit the queue's
-    free room; a slow loader's go one at a time, as each is ready. When the first batch
-    is already on the device there is nothing to transfer: the thread stops after it and
-    later batches are read on the consumer's thread. With ``use_workspace=True`` such a
-    batch belongs to the iterator's ring workspace:
+    Loading and transfer run in two threads, so a batch goes to the device while the next
+    one loads. At most ``queue_size + 1`` batches are ahead of the consumer, loaded or
+    placed, so at most ``queue_size + 2`` batches the ring placed are alive on the device
+    whatever the consumer does (with the one handed out last). Host batches from a fast
+    source go to the device several per transfer call (a call has a fixed cost): every
+    batch loaded by the time the transfer thread is free; a slow loader's go one at a
+    time, as each is ready. When the first batch is already on the device there is
+    nothing to transfer: the threads stop after it and later batches are read on the
+    consumer's thread. With ``use_workspace=True`` a batch the ring placed belongs to the
+    iterator's ring workspace:
     the next ``next()`` invalidates it and frees its memory, and passing it to a jaxws entry
     point afterwards raises OutdatedWorkspacePointerError; ``batch.detach()`` keeps it.
     Arrays the base iterator yields already on the device (or already laid out with
@@ -283,14 +284,19 @@ class AsyncDataSetIterator(DataSetIterator):
     def _start(self) -> None:
         self._origin = self.base.state_dict() if hasattr(self.base, "state_dict") else None
         self._consumed = 0  # examples handed out since _origin
-        self._queue: queue.Queue = queue.Queue(maxsize=self.queue_size)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=_produce, args=(self.base, self._queue, self._stop, self._prepare, self._prepare.pad_axis is not None),
-            name=f"jaxws-prefetch-{self.id}", daemon=True,
+        self._tokens = threading.Semaphore(self.queue_size + 1)  # loaded or placed, not yet handed out
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        stop, loaded = threading.Event(), queue.SimpleQueue()
+        name = f"jaxws-prefetch-{self.id}"
+        threads = (
+            threading.Thread(target=_load, args=(self.base, loaded, self._tokens, stop, self._prepare,
+                                                 self._prepare.pad_axis is not None), name=f"{name}-load", daemon=True),
+            threading.Thread(target=_place, args=(loaded, self._queue, stop, self._prepare), name=f"{name}-put",
+                             daemon=True),
         )
-        self._thread.start()
-        self._finalizer = weakref.finalize(self, _shutdown, self._stop, self._queue, self._thread)
+        for thread in threads:
+            thread.start()
+        self._finalizer = weakref.finalize(self, _shutdown, stop, self._tokens, loaded, self._queue, threads)
 
     def _stop_worker(self) -> None:
         if self._finalizer is not None:
@@ -343,6 +349,8 @@ class AsyncDataSetIterator(DataSetIterator):
                 item = self._next_inline()
             elif error is not None:
                 self._fail(error)
+            elif item is not _END:
+                self._tokens.release()  # room for one more batch ahead
         else:
             item = self._next_inline()
         if item is _END:
