@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxws.plan import _ArrayImpl
+
 __all__ = ["Placement", "host_leaf"]
 
 _NUMERIC: dict = {}  # dtype -> whether it holds numbers
@@ -66,11 +68,16 @@ class Placement:
         return self._single is None or x.sharding == self._single
 
     def holds_all(self, tree: Any) -> bool:
-        return all(self.holds(x) for x in jax.tree.leaves(tree))
+        leaves = jax.tree.leaves(tree)
+        if self.anywhere and all([type(x) is _ArrayImpl for x in leaves]):
+            return True  # device arrays pass through: the exact type, without isinstance
+        return all(map(self.holds, leaves))
 
     def place(self, tree: Any) -> tuple[Any, list[jax.Array]]:
         """``(placed tree, the new device arrays)``; leaves already placed are not copied
         (a tree with nothing to move comes back as the same object)."""
+        if self.holds_all(tree):
+            return tree, []
         return self.place_many([tree])[0]
 
     def place_many(self, trees: list) -> list[tuple[Any, list[jax.Array]]]:

@@ -70,7 +70,7 @@ class _Preparer:
 
     def __call__(self, item: Any) -> tuple[Any, list]:
         """``(batch on the device, the arrays the ring placed)``."""
-        return self.place([self.host(item)])[0]
+        return self.placement.place(self.host(item))
 
     def place(self, batches: list) -> list[tuple[Any, list]]:
         """Each of ``batches`` as :meth:`__call__` returns it, in one transfer call."""
