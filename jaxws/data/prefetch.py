@@ -39,7 +39,7 @@ __all__ = [
 
 log = logging.getLogger("jaxws")
 _END = object()
-_INLINE = object()  # the worker's word that the base yields device batches: the consumer reads it
+_INLINE = object()  # the loader's word that the base yields device batches: the consumer reads them
 _MORE = object()  # the transfer thread's word that nothing else is loaded yet
 _STOP = object()  # the word that the iterator is closing
 _ids = itertools.count()
@@ -198,7 +198,7 @@ def _shutdown(stop: threading.Event, tokens: threading.Semaphore, hq: queue.Simp
 
 
 class AsyncDataSetIterator(DataSetIterator):
-    """Prefetches batches onto the device in a background thread (DL4J's async iterator).
+    """Prefetches batches onto the device in background threads (DL4J's async iterator).
 
     Loading and transfer run in two threads, so a batch goes to the device while the next
     one loads. At most ``queue_size + 1`` batches are ahead of the consumer, loaded or
