@@ -72,10 +72,6 @@ class _Preparer:
         """``(batch on the device, the arrays the ring placed)``."""
         return self.placement.place(self.host(item))
 
-    def place(self, batches: list) -> list[tuple[Any, list]]:
-        """Each of ``batches`` as :meth:`__call__` returns it, in one transfer call."""
-        return self.placement.place_many(batches)
-
     def host(self, item: Any) -> Any:
         """The host half: collate, callback, padding and the slot size."""
         ds = self.collate(item)
@@ -169,12 +165,12 @@ def _place(hq: queue.SimpleQueue, q: queue.SimpleQueue, stop: threading.Event, p
             if stop.is_set():
                 return  # closing: what was loaded is not transferred
             if group:
-                for batch in prepare.place(group):
+                for batch in prepare.placement.place_many(group):
                     q.put((batch, None))
             if flag is _MORE:
                 continue
             if flag is _INLINE:
-                ds = prepare.place([ds])[0]
+                ds = prepare.placement.place(ds)
             if flag is not _STOP:  # the end, the loader's failure, or the batch on the device
                 q.put((ds, flag))
             return
