@@ -47,7 +47,7 @@ _RING_CONF = WorkspaceConfiguration(policy_reset=ResetPolicy.ENDOFBUFFER_REACHED
 
 
 class _Preparer:
-    """The worker's half: pad, place on the device, learn the ring's slot size.
+    """What the prefetch threads run: collate, pad, learn the ring's slot size, place.
 
     Holds no reference to the iterator, so an abandoned iterator can be collected.
     """
@@ -119,8 +119,7 @@ class _Preparer:
         return DataSet(_pad_to(x, axis, cap, 0), labels, mask(ds.features_mask), labels_mask)
 
 
-def _load(base, hq: queue.SimpleQueue, tokens: threading.Semaphore, stop: threading.Event,
-          prepare: _Preparer, pads: bool) -> None:
+def _load(base, hq: queue.SimpleQueue, tokens: threading.Semaphore, stop: threading.Event, prepare: _Preparer) -> None:
     """The loading thread: each batch of ``base`` through ``prepare.host`` into ``hq``.
 
     It takes a token before each batch and the consumer gives one back for each batch it
@@ -137,7 +136,7 @@ def _load(base, hq: queue.SimpleQueue, tokens: threading.Semaphore, stop: thread
                 hq.put((_END, None))
                 return
             ds = prepare.host(item)
-            if first and not pads and prepare.placement.holds_all(ds):
+            if first and prepare.pad_axis is None and prepare.placement.holds_all(ds):
                 hq.put((ds, _INLINE))  # on the device already: no thread needed
                 return
             first = False
@@ -154,7 +153,7 @@ def _place(hq: queue.SimpleQueue, q: queue.SimpleQueue, stop: threading.Event, p
     time as each is ready. The transfer of one batch overlaps the loading of the next.
     """
     try:
-        while not stop.is_set():
+        while True:  # until the end, a failure, or the word to stop (close always sends it)
             group, (ds, flag) = [], hq.get()
             while flag is None and ds is not _END:  # a batch: take the others already loaded
                 group.append(ds)
@@ -271,11 +270,11 @@ class AsyncDataSetIterator(DataSetIterator):
         self._closed = False
         self._exhausted = False
         self._produced = 0
-        self._threaded = True  # False once the worker finds the base yields device batches
-        self._pending = None  # the first batch, which the worker prepared before it stopped
+        self._threaded = True  # False once the loader finds the base yields device batches
+        self._pending = None  # the first batch, which the threads prepared before they stopped
         self._start()
 
-    # -- the worker ------------------------------------------------------------------------
+    # -- the threads -----------------------------------------------------------------------
 
     def _start(self) -> None:
         self._origin = self.base.state_dict() if hasattr(self.base, "state_dict") else None
@@ -285,8 +284,8 @@ class AsyncDataSetIterator(DataSetIterator):
         stop, loaded = threading.Event(), queue.SimpleQueue()
         name = f"jaxws-prefetch-{self.id}"
         threads = (
-            threading.Thread(target=_load, args=(self.base, loaded, self._tokens, stop, self._prepare,
-                                                 self._prepare.pad_axis is not None), name=f"{name}-load", daemon=True),
+            threading.Thread(target=_load, args=(self.base, loaded, self._tokens, stop, self._prepare),
+                             name=f"{name}-load", daemon=True),
             threading.Thread(target=_place, args=(loaded, self._queue, stop, self._prepare), name=f"{name}-put",
                              daemon=True),
         )
@@ -294,14 +293,14 @@ class AsyncDataSetIterator(DataSetIterator):
             thread.start()
         self._finalizer = weakref.finalize(self, _shutdown, stop, self._tokens, loaded, self._queue, threads)
 
-    def _stop_worker(self) -> None:
+    def _stop_threads(self) -> None:
         if self._finalizer is not None:
             self._finalizer()  # idempotent: stop, drain, join
 
     def _fail(self, error: BaseException):
         """Stops after the base iterator raised: reset() starts again."""
         self._exhausted = True
-        self._stop_worker()
+        self._stop_threads()
         if not isinstance(error, Exception):
             raise error  # KeyboardInterrupt, SystemExit: what the loader raised, as it is
         raise AsyncIteratorError(self.id, self._produced) from error
@@ -315,7 +314,7 @@ class AsyncDataSetIterator(DataSetIterator):
             item = next(self.base)
         except StopIteration:
             return _END
-        except BaseException as e:  # noqa: BLE001 - reported as the worker's would be
+        except BaseException as e:  # noqa: BLE001 - reported as the threads' would be
             self._fail(e)
         try:
             return self._prepare(item)
@@ -340,7 +339,7 @@ class AsyncDataSetIterator(DataSetIterator):
         if self._threaded:
             item, error = self._queue.get()
             if error is _INLINE:  # device batches: nothing to transfer, so no thread from here on
-                self._stop_worker()
+                self._stop_threads()
                 self._threaded, self._pending = False, item
                 item = self._next_inline()
             elif error is not None:
@@ -374,7 +373,7 @@ class AsyncDataSetIterator(DataSetIterator):
         """Continues from a ``state_dict()``: the base is moved there and prefetching restarts."""
         if not hasattr(self.base, "load_state_dict"):
             raise ConfigurationError(f"[{self.id}]: the base iterator records no position (it has no load_state_dict).")
-        self._stop_worker()
+        self._stop_threads()
         if self._ring is not None and self.use_workspace:
             self._ring._release_slot()
         self.base.load_state_dict(state)
@@ -394,7 +393,7 @@ class AsyncDataSetIterator(DataSetIterator):
                 f"[{self.id}]: the base iterator does not support reset() (a one-shot iterator such "
                 "as a generator); wrap a function that makes one: from_iterable(lambda: gen())."
             )
-        self._stop_worker()
+        self._stop_threads()
         if self._ring is not None and self.use_workspace:
             self._ring._release_slot()
         self.base.reset()
@@ -408,9 +407,9 @@ class AsyncDataSetIterator(DataSetIterator):
         if self._closed:
             return
         self._closed = True
-        self._stop_worker()
+        self._stop_threads()
         if inspect.isgenerator(self.base) or isinstance(self.base, IterableDataSetIterator):
-            self.base.close()  # the worker has stopped: a generator's own finally runs now
+            self.base.close()  # the threads have stopped: a generator's own finally runs now
         ring, self._ring = self._ring, None
         if ring is not None and ring._owner == threading.get_ident():
             get_workspace_manager().destroy_workspace(ring)
