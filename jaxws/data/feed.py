@@ -97,17 +97,24 @@ class Rows(NamedTuple):
 
 def _device_key(ds: Any) -> tuple | None:
     """A batch's :func:`signature` if all its arrays are device arrays attached to no
-    workspace, else None (a DataSet's fields read directly, once per batch)."""
+    workspace, else None. A DataSet's four fields are read once, in one pass that tests
+    and keys them (the list check of ``fit(list)`` runs it per batch, before any step)."""
     if type(ds) is DataSet:
-        leaves = (ds.features, ds.labels, ds.features_mask, ds.labels_mask)
-    elif type(ds) is MultiDataSet:
-        leaves = jax.tree.leaves(ds)
-    else:
-        return None
-    for x in leaves:
-        if x is not None and (type(x) is not _ArrayImpl or getattr(x, _TAG, None) is not None):
-            return None
-    return signature(ds)
+        key = []
+        for x in (ds.features, ds.labels, ds.features_mask, ds.labels_mask):
+            if x is None:
+                key.append(None)
+            elif type(x) is _ArrayImpl and getattr(x, _TAG, None) is None:
+                key.append(x.aval)
+            else:
+                return None
+        return tuple(key)
+    if type(ds) is MultiDataSet:
+        for x in jax.tree.leaves(ds):
+            if type(x) is not _ArrayImpl or getattr(x, _TAG, None) is not None:
+                return None
+        return signature(ds)
+    return None
 
 
 @jax.jit
