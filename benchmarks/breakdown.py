@@ -10,7 +10,8 @@ final wait: equal to the wall time where the loop is host-bound):
 An MLP (width-width-10, adam) on fresh device batches; ``--sizes`` lists width:batch pairs.
 Then, for the first size, per step inside one program of 100 steps: a hand-written scan,
 the label check counted in every iteration, fit's fused program (the check counted once,
-beside the loop) on a stack, and on the 100 device batches themselves (stacked inside).
+beside the loop) on a stack, on the 100 device batches themselves (stacked inside), and
+``fit(batches, steps_per_execution=100)`` around that last program (its list check and loop).
 
     python benchmarks/breakdown.py [--sizes 64:32,1024:256] [--steps 200] [--repeats 5]
 """
@@ -97,8 +98,10 @@ def measure(width: int, batch: int, steps: int, repeats: int) -> None:
 def measure_scan(width: int, batch: int, k: int, repeats: int) -> None:
     """Per step inside one program of k steps: a hand-written scan of the train step, the
     label check counted in every iteration (how it was), fit's fused program (the check
-    beside the loop) on a stack, and the same on the k device batches themselves (Steps:
-    stacked inside the program)."""
+    beside the loop) on a stack, the same on the k device batches themselves (Steps:
+    stacked inside the program), and ``fit`` of those k batches with
+    ``steps_per_execution=k``, which runs that program once (``fit_vs_steps``: what
+    fit's list check, label-check read and loop cost around it)."""
     r = np.random.default_rng(0)
     groups = [[DataSet(jnp.asarray(r.normal(size=(batch, 64)).astype(np.float32)),
                        jnp.asarray(r.integers(0, 10, batch).astype(np.int32))) for _ in range(k)] for _ in range(3)]
@@ -121,8 +124,13 @@ def measure_scan(width: int, batch: int, k: int, repeats: int) -> None:
                 "check_in_loop": jax.jit(in_loop, donate_argnums=(0, 1)),
                 "fused": jax.jit(net.compiled_step(fused=True)._fun, donate_argnums=(0, 1))}
     state = {name: [jaxws.detach(net._carry), LabelCheck.init()] for name in [*programs, "steps"]}
+    fitted = model(width)
 
     def run(name, i):
+        if name == "fit":  # the same k batches through fit: its feed, check and loop around that program
+            fitted.fit(groups[i % 3], steps_per_execution=k, progress=False)
+            jax.block_until_ready(fitted._carry)
+            return
         carry, check = state[name]
         if name == "steps":
             out = programs["fused"](carry, check, Steps(tuple(groups[i % 3])))
@@ -130,7 +138,7 @@ def measure_scan(width: int, batch: int, k: int, repeats: int) -> None:
             out = programs[name](carry, check, stacks[i % 3])
         state[name] = jax.block_until_ready(list(out[:2]))
 
-    best = {name: float("inf") for name in state}
+    best = {name: float("inf") for name in [*state, "fit"]}
     for name in best:
         run(name, 0)
     for i in range(repeats * 5):
@@ -141,7 +149,8 @@ def measure_scan(width: int, batch: int, k: int, repeats: int) -> None:
     us = {name: round(v / k * 1e6, 2) for name, v in best.items()}
     emit(figure="per step in one program of k steps", width=width, batch=batch, k=k, wall_us_per_step=us,
          check_in_loop_us=round(us["check_in_loop"] - us["scan"], 2), check_beside_us=round(us["fused"] - us["scan"], 2),
-         fused_vs_scan=round(us["scan"] / us["fused"], 3), steps_vs_scan=round(us["scan"] / us["steps"], 3))
+         fused_vs_scan=round(us["scan"] / us["fused"], 3), steps_vs_scan=round(us["scan"] / us["steps"], 3),
+         fit_vs_steps=round(us["steps"] / us["fit"], 3), fit_vs_scan=round(us["scan"] / us["fit"], 3))
 
 
 def main() -> None:
