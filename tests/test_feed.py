@@ -388,3 +388,30 @@ def test_out_of_range_host_labels_of_an_array_iterator_stop_fit_before_any_step(
     assert net.iteration == 0
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(net.params), jax.tree.leaves(before)))
     assert y[157] != 7 and labels[157] == 7  # the caller's arrays untouched
+
+
+def test_the_device_key_is_the_signature_of_unattached_device_batches_only():
+    # the list check keys a DataSet in one pass over its fields; anything else is checked in full
+    from jaxws.data.dataset import signature
+    from jaxws.data.feed import _device_key
+
+    x, y = arrays(8)
+    mask = np.ones(8, np.float32)
+    device = DataSet(jnp.asarray(x), jnp.asarray(y), None, jnp.asarray(mask))
+    assert _device_key(device) == signature(device) == (device.features.aval, device.labels.aval, None, device.labels_mask.aval)
+    assert _device_key(DataSet(jnp.asarray(x), y)) is None  # a numpy field
+    assert _device_key((jnp.asarray(x), jnp.asarray(y))) is None  # not a DataSet yet
+    ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="DEVICE_KEY")
+    with ws:
+        attached = jaxws.jit(lambda a: a * 2)(jnp.asarray(x))  # a cycle's output
+        assert _device_key(DataSet(attached, jnp.asarray(y))) is None  # a workspace's array: named by the full check
+
+
+def test_each_label_check_is_a_new_buffer_that_its_steps_may_donate():
+    from jaxws.nn import LabelCheck
+
+    first, second = LabelCheck.init(), LabelCheck.init()
+    assert first.values.unsafe_buffer_pointer() != second.values.unsafe_buffer_pointer()
+    jax.jit(lambda c: c.values + 1, donate_argnums=0)(first)
+    assert first.values.is_deleted() and not second.values.is_deleted()
+    np.testing.assert_array_equal(second.values, [0, -1, 0, np.iinfo(np.int32).max, -np.iinfo(np.int32).max])
