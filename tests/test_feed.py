@@ -399,12 +399,36 @@ def test_the_device_key_is_the_signature_of_unattached_device_batches_only():
     mask = np.ones(8, np.float32)
     device = DataSet(jnp.asarray(x), jnp.asarray(y), None, jnp.asarray(mask))
     assert _device_key(device) == signature(device) == (device.features.aval, device.labels.aval, None, device.labels_mask.aval)
+    plain = DataSet(jnp.asarray(x), jnp.asarray(y))  # the usual batch: its own short path
+    assert _device_key(plain) == signature(plain) == (plain.features.aval, plain.labels.aval, None, None)
     assert _device_key(DataSet(jnp.asarray(x), y)) is None  # a numpy field
+    assert _device_key(DataSet(x, jnp.asarray(y))) is None
+    assert _device_key(DataSet(jnp.asarray(x))) == (device.features.aval, None, None, None)  # no labels
     assert _device_key((jnp.asarray(x), jnp.asarray(y))) is None  # not a DataSet yet
     ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="DEVICE_KEY")
     with ws:
         attached = jaxws.jit(lambda a: a * 2)(jnp.asarray(x))  # a cycle's output
+        labels = jaxws.jit(lambda a: a + 0)(jnp.asarray(y))
         assert _device_key(DataSet(attached, jnp.asarray(y))) is None  # a workspace's array: named by the full check
+        assert _device_key(DataSet(jnp.asarray(x), labels)) is None
+        assert _device_key(DataSet(jnp.asarray(x), jnp.asarray(y), None, labels)) is None
+
+
+def test_the_list_check_names_a_bad_batch_after_a_run_of_good_ones():
+    # a run of batches keyed as the one before is not checked again; what breaks the run is
+    x, y = arrays(40)
+    good = [DataSet(jnp.asarray(x[i:i + 8]), jnp.asarray(y[i:i + 8])) for i in range(0, 40, 8)]
+    net = network()
+    before = jaxws.detach(net.params)
+    narrow = DataSet(jnp.asarray(x[:8, :3]), jnp.asarray(y[:8]))
+    with pytest.raises(jaxws.InvalidBatchError, match=r"in data\[3\], counting from 0"):
+        net.fit(good[:3] + [narrow] + good[3:], progress=False, steps_per_execution=2)
+    with pytest.raises(jaxws.LeakedWorkspacePointerError, match=r"data\[4\]"):
+        net.fit(good[:4] + [DataSet(dead_features(), jnp.asarray(y[:8]))] + good[4:], progress=False)
+    assert net.iteration == 0
+    jax.tree.map(np.testing.assert_array_equal, net.params, before)
+    net.fit(good, progress=False, steps_per_execution=2)
+    assert net.iteration == 5
 
 
 def test_each_label_check_is_a_new_buffer_that_its_steps_may_donate():

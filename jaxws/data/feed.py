@@ -100,6 +100,12 @@ def _device_key(ds: Any) -> tuple | None:
     workspace, else None. A DataSet's four fields are read once, in one pass that tests
     and keys them (the list check of ``fit(list)`` runs it per batch, before any step)."""
     if type(ds) is DataSet:
+        x, y = ds.features, ds.labels
+        if (ds.features_mask is None and ds.labels_mask is None and type(x) is _ArrayImpl
+                and type(y) is _ArrayImpl):  # the usual batch, keyed at half the loop's cost
+            if getattr(x, _TAG, None) is None and getattr(y, _TAG, None) is None:
+                return (x.aval, y.aval, None, None)
+            return None
         key = []
         for x in (ds.features, ds.labels, ds.features_mask, ds.labels_mask):
             if x is None:
@@ -258,7 +264,7 @@ class Feed:
                 "an iterator already yields batches."
             )
         if isinstance(data, (list, tuple)):  # batches in memory: all checked before the first runs
-            data = [self._checked(self._as(item), f"data[{i}]") for i, item in enumerate(data)]
+            data = self._checked_all(data)
             self._prechecked = True
         else:
             self._prechecked = False
@@ -287,6 +293,21 @@ class Feed:
         if key is not None:
             self._seen.add(key)
         return ds, key  # None: a host batch, whose signature only grouping needs
+
+    def _checked_all(self, items: list | tuple) -> list[tuple[Any, tuple | None]]:
+        """``(batch, key)`` for each item of a list, in order. A device batch keyed as the
+        one before it needs no more: avals are shared objects, so ``key != last`` compares
+        by identity (no hashing), and the list check costs a key a batch."""
+        checked = []
+        last = None
+        for i, item in enumerate(items):
+            ds = self._as(item)
+            key = _device_key(ds)
+            if key is None or key != last:
+                ds, key = self._checked(ds, f"data[{i}]")
+                last = key
+            checked.append((ds, key))
+        return checked
 
     # -- passes ----------------------------------------------------------------------------
 
