@@ -57,6 +57,15 @@ except ImportError:  # pragma: no cover - older jax: tracers among the leaves te
     def _concrete() -> bool:
         return True
 
+try:  # what jax.tree_util.tree_flatten calls, called directly: one frame fewer per call
+    from jax._src.tree_util import default_registry as _registry
+
+    _flatten = _registry.flatten
+    if _flatten((1, [2])) != jax.tree_util.tree_flatten((1, [2])):
+        raise ImportError("not the registry tree_flatten reads")
+except ImportError:  # pragma: no cover - another jax: the public function
+    _flatten = jax.tree_util.tree_flatten
+
 _aval = operator.attrgetter("aval")
 _TAGS = itertools.repeat(_TAG)  # map(hasattr, leaves, _TAGS): a tag test per leaf, no frame
 _KWARGS = object()  # marks a signature with keyword arguments (no static ones)
@@ -163,7 +172,7 @@ class WorkspaceFunction:
             leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
             static = _KWARGS
         else:  # the same leaves as (args, {}), flattened cheaper
-            leaves, treedef = jax.tree_util.tree_flatten(args)
+            leaves, treedef = _flatten(args)
             static = None
         tags = None
         if any(map(hasattr, leaves, _TAGS)):
