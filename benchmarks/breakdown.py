@@ -83,10 +83,11 @@ def measure(width: int, batch: int, steps: int, repeats: int) -> None:
     for run in variants.values():
         run(epochs[0])
     best = {k: float("inf") for k in variants}
-    for i in range(repeats):
-        for name, run in variants.items():
+    names = list(variants)
+    for i in range(repeats):  # round i starts at the i-th variant: none always follows the same one
+        for name in names[i % len(names):] + names[:i % len(names)]:
             start = time.perf_counter()
-            run(epochs[i % 3])
+            variants[name](epochs[i % 3])
             best[name] = min(best[name], time.perf_counter() - start)
     us = {k: round(v / steps * 1e6, 1) for k, v in best.items()}
     emit(width=width, batch=batch, steps=steps, wall_us_per_step=us,
@@ -141,8 +142,9 @@ def measure_scan(width: int, batch: int, k: int, repeats: int) -> None:
     best = {name: float("inf") for name in [*state, "fit"]}
     for name in best:
         run(name, 0)
-    for i in range(repeats * 5):
-        for name in best:
+    names = list(best)
+    for i in range(repeats * 5):  # rotated, as above
+        for name in names[i % len(names):] + names[:i % len(names)]:
             start = time.perf_counter()
             run(name, i)
             best[name] = min(best[name], time.perf_counter() - start)

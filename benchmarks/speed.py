@@ -39,12 +39,15 @@ def emit(**fields):
 
 
 def best_of(repeats: int, variants: dict) -> dict:
-    """Each variant's best wall time over ``repeats`` interleaved rounds."""
+    """Each variant's best wall time over ``repeats`` interleaved rounds. Round r starts at
+    the r-th variant: what runs just before a variant moves its time (a big program leaves
+    the caches cold for the Python after it), so no variant always follows the same one."""
     best = {name: float("inf") for name in variants}
-    for _ in range(repeats):
-        for name, run in variants.items():
+    names = list(variants)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             start = time.perf_counter()
-            run()
+            variants[name]()
             best[name] = min(best[name], time.perf_counter() - start)
     return best
 
