@@ -97,12 +97,13 @@ class Rows(NamedTuple):
 
 def _device_key(ds: Any) -> tuple | None:
     """A batch's :func:`signature` if all its arrays are device arrays attached to no
-    workspace, else None. A DataSet's four fields are read once, in one pass that tests
-    and keys them (the list check of ``fit(list)`` runs it per batch, before any step)."""
+    workspace, else None. An unmasked DataSet of two device arrays, the usual batch, is
+    keyed without the loop over its four fields, at half its cost (the list check of
+    ``fit(list)`` runs this per batch, before any step)."""
     if type(ds) is DataSet:
         x, y = ds.features, ds.labels
         if (ds.features_mask is None and ds.labels_mask is None and type(x) is _ArrayImpl
-                and type(y) is _ArrayImpl):  # the usual batch, keyed at half the loop's cost
+                and type(y) is _ArrayImpl):
             if getattr(x, _TAG, None) is None and getattr(y, _TAG, None) is None:
                 return (x.aval, y.aval, None, None)
             return None
