@@ -9,15 +9,11 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from jaxws._internals import ArrayImpl as _ArrayImpl
 from jaxws.memory import MemoryPlan, tree_bytes
 
 __all__ = ["StepPlan", "attach_fresh", "match_outputs"]
 
-
-try:  # the concrete array class: an exact type check is the fastest test per leaf
-    from jax._src.array import ArrayImpl as _ArrayImpl
-except ImportError:  # pragma: no cover - a later jax moved it: the slower path still works
-    _ArrayImpl = None
 
 class StepPlan(NamedTuple):
     """What jaxws learned about a step for one input signature."""

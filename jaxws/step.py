@@ -16,6 +16,8 @@ from typing import Any, Callable, Sequence
 
 import jax
 
+from jaxws._internals import concrete as _concrete
+from jaxws._internals import flatten as _flatten
 from jaxws.aot import Compiled, Lowered
 from jaxws.arrays import stale_error
 from jaxws.errors import ConfigurationError, DeletedArrayError, DonationError, DonationWarning
@@ -35,36 +37,6 @@ from jaxws.workspace import _TAG
 
 __all__ = ["jit", "WorkspaceFunction", "StepPlan", "Lowered", "Compiled"]
 
-
-try:  # outside every transformation the current trace is JAX's eval trace
-    from jax.extend.core import find_top_trace as _find_top_trace
-
-    _EVAL_TRACE = _find_top_trace(())
-    try:  # the state find_top_trace reads, read directly: two frames fewer, once per call
-        from jax._src.core import trace_state_strong_ref as _trace_state
-
-        if _trace_state.value is not _EVAL_TRACE:
-            raise ImportError("not the state find_top_trace reads")
-
-        def _concrete() -> bool:
-            return _trace_state.value is _EVAL_TRACE
-    except ImportError:  # pragma: no cover - another jax: the public function
-
-        def _concrete() -> bool:
-            return _find_top_trace(()) is _EVAL_TRACE
-except ImportError:  # pragma: no cover - older jax: tracers among the leaves tell instead
-
-    def _concrete() -> bool:
-        return True
-
-try:  # what jax.tree_util.tree_flatten calls, called directly: one frame fewer per call
-    from jax._src.tree_util import default_registry as _registry
-
-    _flatten = _registry.flatten
-    if _flatten((1, [2])) != jax.tree_util.tree_flatten((1, [2])):
-        raise ImportError("not the registry tree_flatten reads")
-except ImportError:  # pragma: no cover - another jax: the public function
-    _flatten = jax.tree_util.tree_flatten
 
 _aval = operator.attrgetter("aval")
 _TAGS = itertools.repeat(_TAG)  # map(hasattr, leaves, _TAGS): a tag test per leaf, no frame

@@ -384,3 +384,25 @@ def test_keyword_and_positional_calls_of_one_structure_keep_their_own_plans():
     assert len(f.plans) == 2
     assert all(a.is_deleted() for a in jax.tree.leaves((by_name, by_position)))  # both attached as fresh
     assert not x.is_deleted() and not y.is_deleted()
+
+
+def test_the_private_fast_paths_answer_as_the_public_api_does():
+    # jaxws reads three things from JAX's private modules; each must mean what its public API says
+    from jaxws._internals import ArrayImpl, concrete, flatten
+
+    tree = ({"b": jnp.ones(2), "a": [1.0, None, np.zeros(3)]}, jaxws.data.DataSet(jnp.ones(3), jnp.zeros(3)))
+    leaves, treedef = flatten(tree)
+    public_leaves, public_treedef = jax.tree_util.tree_flatten(tree)
+    assert treedef == public_treedef and all(a is b for a, b in zip(leaves, public_leaves, strict=True))
+    assert ArrayImpl is None or (type(jnp.ones(2)) is ArrayImpl and isinstance(jnp.ones(2), jax.Array))
+    seen = []
+
+    def record(x):
+        seen.append(concrete())
+        return x * 2
+
+    assert concrete()
+    jax.jit(record)(1.0)
+    jax.grad(record)(1.0)
+    jax.vmap(record)(jnp.ones(2))
+    assert seen == [False, False, False]

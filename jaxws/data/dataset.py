@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from jaxws.errors import ConfigurationError
-from jaxws.plan import _ArrayImpl
+from jaxws._internals import ArrayImpl as _ArrayImpl
 
 __all__ = ["DataSet", "MultiDataSet"]
 

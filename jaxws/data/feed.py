@@ -20,7 +20,7 @@ from jaxws.data.iterators import ArrayDataSetIterator, ArrayMultiDataSetIterator
 from jaxws.data.placement import Placement, host_leaf
 from jaxws.data.prefetch import AsyncDataSetIterator, AsyncMultiDataSetIterator
 from jaxws.errors import AsyncIteratorError, ConfigurationError, InvalidBatchError, WorkspaceError
-from jaxws.plan import _ArrayImpl
+from jaxws._internals import ArrayImpl as _ArrayImpl
 from jaxws.workspace import _TAG
 
 __all__ = ["Feed", "Rows", "Steps", "is_single_batch", "prepare", "stack", "validate"]

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxws.plan import _ArrayImpl
+from jaxws._internals import ArrayImpl as _ArrayImpl
 
 __all__ = ["Placement", "host_leaf"]
 
