@@ -34,7 +34,7 @@ try:  # outside every transformation the current trace is JAX's eval trace
 
         def concrete() -> bool:
             return _trace_state.value is _EVAL_TRACE
-    except ImportError:  # pragma: no cover - another jax: the public function
+    except (ImportError, AttributeError):  # pragma: no cover - another jax: the public function
 
         def concrete() -> bool:
             return _find_top_trace(()) is _EVAL_TRACE
@@ -49,5 +49,5 @@ try:
     flatten = _registry.flatten
     if flatten((1, [2])) != jax.tree_util.tree_flatten((1, [2])):
         raise ImportError("not the registry tree_flatten reads")
-except ImportError:  # pragma: no cover - another jax: the public function
+except (ImportError, AttributeError, TypeError):  # pragma: no cover - another jax: the public function
     flatten = jax.tree_util.tree_flatten
