@@ -225,6 +225,7 @@ class Feed:
         self._multi = multi
         self._check = check
         self._seen: set = set()  # batch signatures whose shapes were checked
+        self._last_key: tuple | None = None  # the last device batch's signature (in _seen)
         self._resident = resident
         self.prefetch = prefetch
         self.steps = steps
@@ -265,7 +266,7 @@ class Feed:
                 "an iterator already yields batches."
             )
         if isinstance(data, (list, tuple)):  # batches in memory: all checked before the first runs
-            data = self._checked_all(data)
+            data = [self._checked(self._as(item), "data[{}]", i) for i, item in enumerate(data)]
             self._prechecked = True
         else:
             self._prechecked = False
@@ -283,32 +284,21 @@ class Feed:
     def _validated(self, ds: Any, where: str = "data") -> Any:
         return validate(ds, self.op, self._check, where, self._seen)
 
-    def _checked(self, ds: Any, where: str) -> tuple[Any, tuple | None]:
-        """``(ds checked, its signature)``. Device arrays of a signature checked before need
-        nothing more on the host: a dead one is refused by the step (a tagged one is named
-        here), and their labels are counted on the device."""
+    def _checked(self, ds: Any, where: str, i: int) -> tuple[Any, tuple | None]:
+        """``(ds checked, its signature)``; ``where.format(i)`` names it in an error. Device
+        arrays of a signature checked before need nothing more on the host: a dead one is
+        refused by the step (a tagged one is named here), and their labels are counted on
+        the device. Avals are shared objects, so a batch keyed as the one before it is
+        recognised by identity (``key == last``), with no hash."""
         key = _device_key(ds)
-        if key is not None and key in self._seen:
+        if key is not None and (key == self._last_key or key in self._seen):
+            self._last_key = key
             return ds, key
-        ds = self._validated(ds, where)
+        ds = self._validated(ds, where.format(i))
         if key is not None:
             self._seen.add(key)
+            self._last_key = key
         return ds, key  # None: a host batch, whose signature only grouping needs
-
-    def _checked_all(self, items: list | tuple) -> list[tuple[Any, tuple | None]]:
-        """``(batch, key)`` for each item of a list, in order. A device batch keyed as the
-        one before it needs no more: avals are shared objects, so ``key != last`` compares
-        by identity (no hashing), and the list check costs a key a batch."""
-        checked = []
-        last = None
-        for i, item in enumerate(items):
-            ds = self._as(item)
-            key = _device_key(ds)
-            if key is None or key != last:
-                ds, key = self._checked(ds, f"data[{i}]")
-                last = key
-            checked.append((ds, key))
-        return checked
 
     # -- passes ----------------------------------------------------------------------------
 
@@ -424,7 +414,7 @@ class Feed:
             elif whole:
                 yield item, None
             else:
-                yield self._checked(self._as(item), f"batch {i}")
+                yield self._checked(self._as(item), "batch {}", i)
 
     def _check_whole(self) -> bool:
         """Checks an Array(Multi)DataSetIterator's host arrays once, whole (shapes, label
