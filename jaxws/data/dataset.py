@@ -12,8 +12,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from jaxws.errors import ConfigurationError
 from jaxws._internals import ArrayImpl as _ArrayImpl
+from jaxws.errors import ConfigurationError
 
 __all__ = ["DataSet", "MultiDataSet"]
 

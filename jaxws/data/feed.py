@@ -14,13 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxws._internals import ArrayImpl as _ArrayImpl
 from jaxws.arrays import check_arrays
 from jaxws.data.dataset import DataSet, MultiDataSet, signature
 from jaxws.data.iterators import ArrayDataSetIterator, ArrayMultiDataSetIterator, as_dataset, as_multi_dataset, from_iterable
 from jaxws.data.placement import Placement, host_leaf
 from jaxws.data.prefetch import AsyncDataSetIterator, AsyncMultiDataSetIterator
 from jaxws.errors import AsyncIteratorError, ConfigurationError, InvalidBatchError, WorkspaceError
-from jaxws._internals import ArrayImpl as _ArrayImpl
 from jaxws.workspace import _TAG
 
 __all__ = ["Feed", "Rows", "Steps", "is_single_batch", "prepare", "stack", "validate"]
