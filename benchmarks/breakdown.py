@@ -32,6 +32,8 @@ from jaxws.data import DataSet
 from jaxws.data.feed import Steps
 from jaxws.nn import Dense, LabelCheck, MultiLayerNetwork, NeuralNetConfiguration, OutputLayer
 
+from speed import rotation  # a sibling script: benchmarks/ is on the path
+
 
 def emit(**fields):
     print(json.dumps({"benchmark": "breakdown", "backend": jax.default_backend(), "device": jax.devices()[0].device_kind, **fields}), flush=True)
@@ -83,9 +85,8 @@ def measure(width: int, batch: int, steps: int, repeats: int) -> None:
     for run in variants.values():
         run(epochs[0])
     best = {k: float("inf") for k in variants}
-    names = list(variants)
-    for i in range(repeats):  # round i starts at the i-th variant: none always follows the same one
-        for name in names[i % len(names):] + names[:i % len(names)]:
+    for i in range(repeats):
+        for name in rotation(list(variants), i):
             start = time.perf_counter()
             variants[name](epochs[i % 3])
             best[name] = min(best[name], time.perf_counter() - start)
@@ -142,9 +143,8 @@ def measure_scan(width: int, batch: int, k: int, repeats: int) -> None:
     best = {name: float("inf") for name in [*state, "fit"]}
     for name in best:
         run(name, 0)
-    names = list(best)
-    for i in range(repeats * 5):  # rotated, as above
-        for name in names[i % len(names):] + names[:i % len(names)]:
+    for i in range(repeats * 5):
+        for name in rotation(list(best), i):
             start = time.perf_counter()
             run(name, i)
             best[name] = min(best[name], time.perf_counter() - start)

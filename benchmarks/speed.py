@@ -38,14 +38,18 @@ def emit(**fields):
     print(json.dumps({"benchmark": "speed", "backend": jax.default_backend(), "device": jax.devices()[0].device_kind, **fields}), flush=True)
 
 
+def rotation(names: list, r: int) -> list:
+    """The order of round ``r``: it starts at the r-th name. What runs just before a variant
+    moves its time (a big program leaves the caches cold for the Python after it), so no
+    variant always follows the same one."""
+    return names[r % len(names):] + names[:r % len(names)]
+
+
 def best_of(repeats: int, variants: dict) -> dict:
-    """Each variant's best wall time over ``repeats`` interleaved rounds. Round r starts at
-    the r-th variant: what runs just before a variant moves its time (a big program leaves
-    the caches cold for the Python after it), so no variant always follows the same one."""
+    """Each variant's best wall time over ``repeats`` interleaved rounds, in :func:`rotation`."""
     best = {name: float("inf") for name in variants}
-    names = list(variants)
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in rotation(list(variants), r):
             start = time.perf_counter()
             variants[name]()
             best[name] = min(best[name], time.perf_counter() - start)
