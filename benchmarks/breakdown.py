@@ -2,11 +2,13 @@
 
 Per step, variants interleaved, best of N, wall time and host time (the loop before its
 final wait: equal to the wall time where the loop is host-bound):
+  * ``plain``: the hand-written loop, ``jax.jit`` of the train step with the carry donated;
   * ``checked``: ``jax.jit`` of the step ``fit`` compiles (the train step that also counts
     invalid labels), carry and check donated: the plain loop's own cost plus the check;
   * ``planned``: the same program through ``jaxws.jit``'s planned path (what ``fit`` calls);
   * ``cycled``: that, with one workspace cycle per step;
-  * ``fit``: ``net.fit(iter(batches))``, which adds the feed and its own loop body.
+  * ``fed``: that, on the batches of fit's feed (``Feed.signed()`` over the iterator);
+  * ``fit``: ``net.fit(iter(batches))``, which adds its own loop body.
 An MLP (width-width-10, adam) on fresh device batches; ``--sizes`` lists width:batch pairs.
 Then, for the first size, per step inside one program of 100 steps: a hand-written scan,
 the label check counted in every iteration, fit's fused program (the check counted once,
@@ -50,10 +52,11 @@ def measure(width: int, batch: int, steps: int, repeats: int) -> None:
     epochs = [[DataSet(jnp.asarray(r.normal(size=(batch, 64)).astype(np.float32)),
                        jnp.asarray(r.integers(0, 10, batch).astype(np.int32))) for _ in range(steps)] for _ in range(3)]
     net = model(width)
+    plain = jax.jit(net.train_step(), donate_argnums=0)
     checked = jax.jit(net._checked_step(net.training_workspace_mode), donate_argnums=(0, 1))
     planned = net.compiled_step()
     ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="BREAKDOWN")
-    state = {k: [jaxws.detach(net._carry), LabelCheck.init()] for k in ("checked", "planned", "cycled")}
+    state = {k: [jaxws.detach(net._carry), LabelCheck.init()] for k in ("plain", "checked", "planned", "cycled", "fed")}
     fitted = model(width)
     host: dict = {}
 
@@ -74,14 +77,28 @@ def measure(width: int, batch: int, steps: int, repeats: int) -> None:
     def lean(carry, check, ds):  # fit's call: the plan looked up by the batch signature
         return planned._call_planned(("breakdown", batch), (carry, check, ds), None, False)
 
+    def unchecked(carry, check, ds):  # the hand-written step: no label check
+        carry, loss = plain(carry, ds)
+        return carry, check, loss
+
+    def fed(batches):  # the cycled lean call on the batches of fit's feed, without fit's loop body
+        carry, check = state["fed"]
+        start = time.perf_counter()
+        with net._feed(iter(batches), "fit", prefetch=8) as feed:
+            for ds, signature in feed.signed():
+                with ws:
+                    carry, check, _ = planned._call_planned(signature, (carry, check, ds), None, False)
+        host["fed"] = min(host.get("fed", float("inf")), time.perf_counter() - start)
+        state["fed"] = jax.block_until_ready([carry, check])
+
     def fit(batches):
         start = time.perf_counter()
         fitted.fit(iter(batches), progress=False)  # waits for its label check at the end
         host["fit"] = min(host.get("fit", float("inf")), time.perf_counter() - start)
         jax.block_until_ready(fitted._carry)
 
-    variants = {"checked": loop("checked", checked, False), "planned": loop("planned", lean, False),
-                "cycled": loop("cycled", lean, True), "fit": fit}
+    variants = {"plain": loop("plain", unchecked, False), "checked": loop("checked", checked, False),
+                "planned": loop("planned", lean, False), "cycled": loop("cycled", lean, True), "fed": fed, "fit": fit}
     for run in variants.values():
         run(epochs[0])
     best = {k: float("inf") for k in variants}
@@ -93,8 +110,10 @@ def measure(width: int, batch: int, steps: int, repeats: int) -> None:
     us = {k: round(v / steps * 1e6, 1) for k, v in best.items()}
     emit(width=width, batch=batch, steps=steps, wall_us_per_step=us,
          host_us_per_step={k: round(v / steps * 1e6, 1) for k, v in host.items()},
-         cycle_us=round(us["cycled"] - us["planned"], 1), planned_path_us=round(us["planned"] - us["checked"], 1),
-         fit_loop_us=round(us["fit"] - us["cycled"], 1), fit_vs_checked=round(us["fit"] / us["checked"], 3))
+         label_check_us=round(us["checked"] - us["plain"], 1), planned_path_us=round(us["planned"] - us["checked"], 1),
+         cycle_us=round(us["cycled"] - us["planned"], 1), feed_us=round(us["fed"] - us["cycled"], 1),
+         fit_loop_us=round(us["fit"] - us["fed"], 1), fit_vs_checked=round(us["fit"] / us["checked"], 3),
+         fit_vs_plain=round(us["fit"] / us["plain"], 3))
 
 
 def measure_scan(width: int, batch: int, k: int, repeats: int) -> None:
