@@ -60,19 +60,26 @@ def measure(width: int, batch: int, steps: int, repeats: int) -> None:
     fitted = model(width)
     host: dict = {}
 
-    def loop(name, call, cycle):
+    def timed(name, steps_of):
+        """A variant: ``steps_of(batches, carry, check)`` runs an epoch on the variant's own
+        carry and check; its host time and wall time are kept."""
         def run(batches):
-            carry, check = state[name]
             start = time.perf_counter()
+            carry, check = steps_of(batches, *state[name])
+            host[name] = min(host.get(name, float("inf")), time.perf_counter() - start)
+            state[name] = jax.block_until_ready([carry, check])
+        return run
+
+    def loop(call, cycle):
+        def steps_of(batches, carry, check):
             for ds in batches:
                 if cycle:
                     with ws:
                         carry, check, _ = call(carry, check, ds)
                 else:
                     carry, check, _ = call(carry, check, ds)
-            host[name] = min(host.get(name, float("inf")), time.perf_counter() - start)
-            state[name] = jax.block_until_ready([carry, check])
-        return run
+            return carry, check
+        return steps_of
 
     def lean(carry, check, ds):  # fit's call: the plan looked up by the batch signature
         return planned._call_planned(("breakdown", batch), (carry, check, ds), None, False)
@@ -81,15 +88,12 @@ def measure(width: int, batch: int, steps: int, repeats: int) -> None:
         carry, loss = plain(carry, ds)
         return carry, check, loss
 
-    def fed(batches):  # the cycled lean call on the batches of fit's feed, without fit's loop body
-        carry, check = state["fed"]
-        start = time.perf_counter()
+    def fed(batches, carry, check):  # the cycled lean call on the batches of fit's feed, without fit's loop body
         with net._feed(iter(batches), "fit", prefetch=8) as feed:
             for ds, signature in feed.signed():
                 with ws:
                     carry, check, _ = planned._call_planned(signature, (carry, check, ds), None, False)
-        host["fed"] = min(host.get("fed", float("inf")), time.perf_counter() - start)
-        state["fed"] = jax.block_until_ready([carry, check])
+        return carry, check
 
     def fit(batches):
         start = time.perf_counter()
@@ -97,8 +101,9 @@ def measure(width: int, batch: int, steps: int, repeats: int) -> None:
         host["fit"] = min(host.get("fit", float("inf")), time.perf_counter() - start)
         jax.block_until_ready(fitted._carry)
 
-    variants = {"plain": loop("plain", unchecked, False), "checked": loop("checked", checked, False),
-                "planned": loop("planned", lean, False), "cycled": loop("cycled", lean, True), "fed": fed, "fit": fit}
+    variants = {"plain": timed("plain", loop(unchecked, False)), "checked": timed("checked", loop(checked, False)),
+                "planned": timed("planned", loop(lean, False)), "cycled": timed("cycled", loop(lean, True)),
+                "fed": timed("fed", fed), "fit": fit}
     for run in variants.values():
         run(epochs[0])
     best = {k: float("inf") for k in variants}
