@@ -47,10 +47,17 @@ def model(width: int) -> MultiLayerNetwork:
     return MultiLayerNetwork(conf).init()
 
 
-def measure(width: int, batch: int, steps: int, repeats: int) -> None:
+def epochs_of(batch: int, steps: int, count: int = 3) -> list:
+    """``count`` epochs of ``steps`` fresh device batches (x: [batch, 64], y: 10 classes)."""
     r = np.random.default_rng(0)
-    epochs = [[DataSet(jnp.asarray(r.normal(size=(batch, 64)).astype(np.float32)),
-                       jnp.asarray(r.integers(0, 10, batch).astype(np.int32))) for _ in range(steps)] for _ in range(3)]
+    return [[DataSet(jnp.asarray(r.normal(size=(batch, 64)).astype(np.float32)),
+                     jnp.asarray(r.integers(0, 10, batch).astype(np.int32))) for _ in range(steps)]
+            for _ in range(count)]
+
+
+def layers(width: int, batch: int) -> dict:
+    """fit's layers, each an epoch on its own carry: ``run(batches)`` trains on them and
+    returns what to wait for (``fit`` has already waited for its label check)."""
     net = model(width)
     plain = jax.jit(net.train_step(), donate_argnums=0)
     checked = jax.jit(net._checked_step(net.training_workspace_mode), donate_argnums=(0, 1))
@@ -58,16 +65,12 @@ def measure(width: int, batch: int, steps: int, repeats: int) -> None:
     ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="BREAKDOWN")
     state = {k: [jaxws.detach(net._carry), LabelCheck.init()] for k in ("plain", "checked", "planned", "cycled", "fed")}
     fitted = model(width)
-    host: dict = {}
 
-    def timed(name, steps_of):
-        """A variant: ``steps_of(batches, carry, check)`` runs an epoch on the variant's own
-        carry and check; its host time and wall time are kept."""
+    def epoch(name, steps_of):
+        """A variant: ``steps_of(batches, carry, check)`` runs an epoch on the variant's own carry and check."""
         def run(batches):
-            start = time.perf_counter()
-            carry, check = steps_of(batches, *state[name])
-            host[name] = min(host.get(name, float("inf")), time.perf_counter() - start)
-            state[name] = jax.block_until_ready([carry, check])
+            state[name] = list(steps_of(batches, *state[name]))
+            return state[name]
         return run
 
     def loop(call, cycle):
@@ -96,14 +99,28 @@ def measure(width: int, batch: int, steps: int, repeats: int) -> None:
         return carry, check
 
     def fit(batches):
-        start = time.perf_counter()
         fitted.fit(iter(batches), progress=False)  # waits for its label check at the end
-        host["fit"] = min(host.get("fit", float("inf")), time.perf_counter() - start)
-        jax.block_until_ready(fitted._carry)
+        return fitted._carry
 
-    variants = {"plain": timed("plain", loop(unchecked, False)), "checked": timed("checked", loop(checked, False)),
-                "planned": timed("planned", loop(lean, False)), "cycled": timed("cycled", loop(lean, True)),
-                "fed": timed("fed", fed), "fit": fit}
+    return {"plain": epoch("plain", loop(unchecked, False)), "checked": epoch("checked", loop(checked, False)),
+            "planned": epoch("planned", loop(lean, False)), "cycled": epoch("cycled", loop(lean, True)),
+            "fed": epoch("fed", fed), "fit": fit}
+
+
+def measure(width: int, batch: int, steps: int, repeats: int) -> None:
+    epochs = epochs_of(batch, steps)
+    host: dict = {}
+
+    def timed(name, run):
+        """``run`` with its host time kept: until it returns, before the wait for the device."""
+        def timed_run(batches):
+            start = time.perf_counter()
+            out = run(batches)
+            host[name] = min(host.get(name, float("inf")), time.perf_counter() - start)
+            jax.block_until_ready(out)
+        return timed_run
+
+    variants = {name: timed(name, run) for name, run in layers(width, batch).items()}
     for run in variants.values():
         run(epochs[0])
     best = {k: float("inf") for k in variants}
