@@ -1,0 +1,117 @@
+"""Host instructions per step, counted by callgrind: where wall time wanders, counts repeat.
+
+On a shared machine a layer of a few microseconds moves by more than itself from one run
+to the next; the instructions the main thread executes repeat to within a fraction of a
+percent. The main thread is the host side of a loop (Python, jaxws, JAX's dispatch); XLA
+runs the steps on its own threads, which are not counted. Figures, each variant counted
+over the same calls in one process:
+  * a tiny donated step: ``jax.jit``, ``jaxws.jit``, ``jaxws.jit`` in one workspace cycle
+    per call, and the empty cycle (``speed.py``'s first figure);
+  * fit's layers (``breakdown.py``'s): plain, checked, planned, cycled, fed, fit.
+
+    python benchmarks/instructions.py [--calls 2000] [--steps 50] [--width 64] [--batch 32]
+
+Needs valgrind (callgrind) on the PATH: the script runs itself under it, with counting
+switched on only around each variant (a few minutes, mostly XLA compiling under valgrind).
+Without it, it prints one line that says so and counts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+_INNER = "JAXWS_INSTRUCTIONS_INNER"  # set in the process that runs under callgrind
+
+
+def _control(*args: str) -> None:
+    subprocess.run(["callgrind_control", *args, str(os.getpid())], check=True, capture_output=True)
+
+
+def _count(group: str, variants: dict, arg: object = None) -> None:
+    """Runs each variant once to warm it, then once counted: counting on, the variant,
+    counting off, a dump named ``group/variant``."""
+    import jax
+
+    def call(run):
+        return run() if arg is None else run(arg)
+
+    for run in variants.values():
+        jax.block_until_ready(call(run))
+    for name, run in variants.items():
+        _control("-i", "on")
+        out = call(run)
+        _control("-i", "off")
+        jax.block_until_ready(out)
+        _control(f"--dump={group}/{name}")
+
+
+def inner(args: argparse.Namespace) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling scripts
+    from breakdown import epochs_of, layers
+    from speed import tiny_steps
+
+    _count("jit", tiny_steps(args.calls))
+    epochs = epochs_of(args.batch, args.steps, 1)
+    _count("fit", layers(args.width, args.batch), epochs[0])
+
+
+def _read(folder: str) -> dict:
+    """``{group: {variant: main-thread instructions}}`` from the dumps in ``folder``."""
+    counts: dict = {}
+    for path in glob.glob(os.path.join(folder, "cg.out*")):
+        with open(path) as f:
+            text = f.read()
+        trigger = re.search(r"^desc: Trigger: dump (\w+)/(\w+)$", text, re.M)
+        thread = re.search(r"^thread: (\d+)$", text, re.M)
+        totals = re.search(r"^totals: (\d+)$", text, re.M)
+        if trigger and thread and totals and thread.group(1) == "1":  # thread 1: the main thread
+            counts.setdefault(trigger.group(1), {})[trigger.group(2)] = int(totals.group(1))
+    return counts
+
+
+def emit(**fields) -> None:
+    print(json.dumps({"benchmark": "instructions", "counter": "callgrind Ir, main thread", **fields}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=2000, help="calls of the tiny step per variant")
+    parser.add_argument("--steps", type=int, default=50, help="fit steps per variant")
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    if os.environ.get(_INNER):
+        return inner(args)
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):  # `make bench` goes on to the next
+        emit(skipped="needs valgrind and callgrind_control on the PATH (apt install valgrind)")
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+                   f"--callgrind-out-file={folder}/cg.out", sys.executable, os.path.abspath(__file__), *sys.argv[1:]]
+        run = subprocess.run(command, env={**os.environ, _INNER: "1"}, capture_output=True, text=True)
+        if run.returncode:
+            sys.exit(f"the counted run failed ({run.returncode}):\n{run.stderr[-3000:]}")
+        counts = _read(folder)
+    jit = {k: v / args.calls / 1000 for k, v in counts["jit"].items()}
+    emit(figure="jaxws.jit + one cycle per call over jax.jit (tiny step), k instructions per call",
+         calls=args.calls, **{k: round(v, 2) for k, v in jit.items()},
+         overhead=round(jit["jaxws"] - jit["jax"], 2), overhead_in_cycle=round(jit["cycle"] - jit["jax"], 2),
+         in_cycle_vs_jax=round(jit["cycle"] / jit["jax"], 3))
+    fit = {k: v / args.steps / 1000 for k, v in counts["fit"].items()}
+    order = ["plain", "checked", "planned", "cycled", "fed", "fit"]
+    emit(figure="fit's layers, k instructions per step", width=args.width, batch=args.batch, steps=args.steps,
+         per_step={k: round(fit[k], 1) for k in order},
+         added={b: round(fit[b] - fit[a], 1) for a, b in zip(order, order[1:])},
+         plain_vs_fit=round(fit["plain"] / fit["fit"], 3))
+
+
+if __name__ == "__main__":
+    main()
