@@ -377,6 +377,41 @@ def test_host_data_of_an_array_iterator_is_checked_whole_once_not_per_batch(pref
     assert calls == [200] and net.iteration == 20  # the 200 examples once; 20 batches ran unchecked
 
 
+def test_a_signature_is_judged_once_per_model_and_host_label_values_on_every_call(monkeypatch):
+    # DL4J's loop calls net.fit(batch) per batch: shapes are judged once per signature and
+    # operation, across calls; the values of host labels on every call, before its step
+    x, y = arrays(100)
+    net = network()
+    judged = []
+    check = net._check_shapes
+    monkeypatch.setattr(net, "_check_shapes", lambda ds, op, got: (judged.append(op), check(ds, op, got)))
+    for i in range(0, 100, 20):
+        net.fit(DataSet(jnp.asarray(x[i:i + 20]), jnp.asarray(y[i:i + 20])), progress=False)
+    for i in range(0, 100, 20):
+        net.fit((x[i:i + 20], y[i:i + 20]), progress=False)
+    assert judged == ["fit", "fit"] and net.iteration == 10  # device arrays once, host arrays once
+    before = jaxws.detach(net.params)
+    with pytest.raises(jaxws.InvalidBatchError, match=r"found classes 0\.\.9, expected 0\.\.2"):
+        net.fit((x[:20], np.arange(20, dtype=np.int32) % 10), progress=False)
+    with pytest.raises(jaxws.InvalidBatchError, match=r"expects features of shape \[batch, 5\], received \[20, 3\]"):
+        net.fit((x[:20, :3], y[:20]), progress=False)  # a new signature is judged
+    assert net.iteration == 10
+    jax.tree.map(np.testing.assert_array_equal, net.params, before)
+    net.score((x[:20], y[:20]))
+    assert judged[-1] == "score"  # each operation judges for itself
+
+
+def test_a_resident_iterator_over_new_host_data_of_a_known_signature_has_its_labels_checked():
+    x, y = arrays(100)
+    net = network()
+    net.fit(ArrayDataSetIterator(x, y, batch_size=20), progress=False)
+    bad = y.copy()
+    bad[57] = 9
+    with pytest.raises(jaxws.InvalidBatchError, match=r"found classes 0\.\.9, expected 0\.\.2"):
+        net.fit(ArrayDataSetIterator(x, bad, batch_size=20), progress=False)
+    assert net.iteration == 5
+
+
 def test_out_of_range_host_labels_of_an_array_iterator_stop_fit_before_any_step():
     x, y = arrays(200)
     labels = y.copy()

@@ -197,6 +197,9 @@ class Feed:
             the device yields them (its batches taken inside the program) instead of batches.
         multi: batches are MultiDataSets (a ComputationGraph's): items become them through
             ``as_multi_dataset``, and the async ring is an AsyncMultiDataSetIterator.
+        seen: the batch signatures whose shapes ``check`` passed before (a model keeps one
+            set per operation, so a signature's shapes are checked once, not once per call);
+            the feed adds the ones it checks.
 
     Each pass checks every batch for leaked, outdated or donated arrays before anything
     else, then with ``check`` (shapes once per signature); a list of batches is checked
@@ -219,12 +222,13 @@ class Feed:
         place: bool = True,
         resident: bool = False,
         multi: bool = False,
+        seen: set | None = None,
     ):
         self.op = op
         self._as = as_multi_dataset if multi else as_dataset
         self._multi = multi
         self._check = check
-        self._seen: set = set()  # batch signatures whose shapes were checked
+        self._seen: set = set() if seen is None else seen  # batch signatures whose shapes were checked
         self._last_key: tuple | None = None  # the last device batch's signature (in _seen)
         self._resident = resident
         self.prefetch = prefetch
@@ -247,13 +251,14 @@ class Feed:
                 f"{op}(data=<a tuple of {len(data)} arrays>): a tuple is read as (features, labels"
                 "[, features_mask, labels_mask]). Pass (x, y), or a DataSet(x, y)."
             )
+        checked = None  # batches in memory, checked
         if is_single_batch(data, multi):
-            ds = self._validated(self._as(data))
+            ds, key = self._checked(self._as(data), "data", 0)
             self._whole = batch_size is not None and _on_host(ds)
             if ds.num_examples == 0:
                 raise ConfigurationError(f"{op}: the data has no examples (0 rows); pass at least one example.")
             if batch_size is None:
-                data = [ds]
+                checked = [(ds, key)]
             elif isinstance(ds, MultiDataSet):
                 data = ArrayMultiDataSetIterator(ds.features, ds.labels, batch_size, features_masks=ds.features_masks,
                                                  labels_masks=ds.labels_masks)
@@ -265,18 +270,18 @@ class Feed:
                 f"{op}(batch_size={batch_size}): batch_size splits one DataSet or (x, y) pair; "
                 "an iterator already yields batches."
             )
-        if isinstance(data, (list, tuple)):  # batches in memory: all checked before the first runs
-            data = [self._checked(self._as(item), "data[{}]", i) for i, item in enumerate(data)]
-            self._prechecked = True
-        else:
-            self._prechecked = False
-            if not hasattr(data, "__next__"):
-                data = from_iterable(data)  # an iterable: restartable
-            elif not hasattr(data, "reset") and epochs > 1:
-                raise ConfigurationError(
-                    f"{op}(epochs={epochs}) got a one-shot iterator; pass something that can be "
-                    "iterated again (a list, an ArrayDataSetIterator, or from_iterable(lambda: ...))."
-                )
+        if checked is None and isinstance(data, (list, tuple)):  # batches in memory: all checked before the first runs
+            checked = [self._checked(self._as(item), "data[{}]", i) for i, item in enumerate(data)]
+        self._prechecked = checked is not None
+        if self._prechecked:
+            data = checked
+        elif not hasattr(data, "__next__"):
+            data = from_iterable(data)  # an iterable: restartable
+        elif not hasattr(data, "reset") and epochs > 1:
+            raise ConfigurationError(
+                f"{op}(epochs={epochs}) got a one-shot iterator; pass something that can be "
+                "iterated again (a list, an ArrayDataSetIterator, or from_iterable(lambda: ...))."
+            )
         self.source = data
 
     # -- validation ------------------------------------------------------------------------
@@ -338,7 +343,7 @@ class Feed:
         self._passes += 1
         self.origin = self._origin(it, False)
         n, size = it.num_examples, it.batch_size
-        if not self._seen:  # all the examples checked once, as one batch
+        if self._passes == 1:  # all the examples checked once, as one batch
             self._validated(it.data)
         data, order = it.on_device(self.placement)
         position = it.position

@@ -75,7 +75,7 @@ class LabelCheck(NamedTuple):
     def raise_if_invalid(self, op: str, what: str, classes: int, epoch_starts: list[int] | None = None,
                          where: str = "") -> None:
         """Reads the check (one small host transfer) and raises InvalidBatchError if it saw any."""
-        steps, first, count, low, high = (int(v) for v in jax.device_get(self.values))
+        steps, first, count, low, high = np.asarray(self.values).tolist()  # 2 us where device_get takes 25
         if count == 0:
             return
         batch = f"batch {first}"

@@ -84,6 +84,7 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         self.epoch = 0
         self._rng = jax.random.key(0)  # fresh randomness for output(training=True)
         self._pending_checks: list[_Checks] = []  # label checks of fits not read yet
+        self._seen_batches: dict[str, set] = {}  # per operation: batch signatures whose shapes were checked
         self._position: dict | None = None  # where fit's ArrayDataSetIterator stands, as consumed
         self._restored_position: dict | None = None  # the iterator position a restored checkpoint holds
 
@@ -233,7 +234,8 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
     # -- fit / output / score --------------------------------------------------------------
 
     def _feed(self, data: Any, op: str, **kwargs: Any) -> Feed:
-        return Feed(data, op=op, check=lambda ds, shapes=True: self._check_batch(ds, op, shapes), **kwargs)
+        return Feed(data, op=op, check=lambda ds, shapes=True: self._check_batch(ds, op, shapes),
+                    seen=self._seen_batches.setdefault(op, set()), **kwargs)
 
     def _input(self, ds: Any, op: str) -> Any:
         """One batch for a single read: checked (dead arrays first), on the device."""
