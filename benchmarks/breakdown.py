@@ -138,16 +138,15 @@ def measure(width: int, batch: int, steps: int, repeats: int) -> None:
          fit_vs_plain=round(us["fit"] / us["plain"], 3))
 
 
-def measure_scan(width: int, batch: int, k: int, repeats: int) -> None:
-    """Per step inside one program of k steps: a hand-written scan of the train step, the
-    label check counted in every iteration (how it was), fit's fused program (the check
-    beside the loop) on a stack, the same on the k device batches themselves (Steps:
-    stacked inside the program), and ``fit`` of those k batches with
-    ``steps_per_execution=k``, which runs that program once (``fit_vs_steps``: what
-    fit's list check, label-check read and loop cost around it)."""
-    r = np.random.default_rng(0)
-    groups = [[DataSet(jnp.asarray(r.normal(size=(batch, 64)).astype(np.float32)),
-                       jnp.asarray(r.integers(0, 10, batch).astype(np.int32))) for _ in range(k)] for _ in range(3)]
+def scan_layers(width: int, batch: int, k: int) -> dict:
+    """Programs of k steps, each on its own carry: ``run(i)`` runs one on the i-th of three
+    groups of k fresh device batches and returns what to wait for. A hand-written scan of
+    the train step, the label check counted in every iteration (how it was), fit's fused
+    program (the check beside the loop) on a stack, the same on the k device batches
+    themselves (Steps: stacked inside the program), and ``fit`` of those k batches with
+    ``steps_per_execution=k``, which runs that program once around its list check,
+    label-check read and loop."""
+    groups = epochs_of(batch, k)
     stacks = [jax.tree.map(lambda *xs: jnp.stack(xs), *g) for g in groups]
     net = model(width)
     train, checked = net.train_step(), net._checked_step(net.training_workspace_mode)
@@ -169,25 +168,32 @@ def measure_scan(width: int, batch: int, k: int, repeats: int) -> None:
     state = {name: [jaxws.detach(net._carry), LabelCheck.init()] for name in [*programs, "steps"]}
     fitted = model(width)
 
-    def run(name, i):
-        if name == "fit":  # the same k batches through fit: its feed, check and loop around that program
-            fitted.fit(groups[i % 3], steps_per_execution=k, progress=False)
-            jax.block_until_ready(fitted._carry)
-            return
-        carry, check = state[name]
-        if name == "steps":
-            out = programs["fused"](carry, check, Steps(tuple(groups[i % 3])))
-        else:
-            out = programs[name](carry, check, stacks[i % 3])
-        state[name] = jax.block_until_ready(list(out[:2]))
+    def program(name):
+        def run(i):
+            carry, check = state[name]
+            data = Steps(tuple(groups[i % 3])) if name == "steps" else stacks[i % 3]
+            state[name] = list(programs["fused" if name == "steps" else name](carry, check, data)[:2])
+            return state[name]
+        return run
 
-    best = {name: float("inf") for name in [*state, "fit"]}
-    for name in best:
-        run(name, 0)
+    def fit(i):  # the same k batches through fit: its feed, check and loop around that program
+        fitted.fit(groups[i % 3], steps_per_execution=k, progress=False)
+        return fitted._carry
+
+    return {**{name: program(name) for name in state}, "fit": fit}
+
+
+def measure_scan(width: int, batch: int, k: int, repeats: int) -> None:
+    """Per step inside one program of k steps (:func:`scan_layers`); ``fit_vs_steps``: what
+    fit costs around the program it runs."""
+    variants = scan_layers(width, batch, k)
+    best = {name: float("inf") for name in variants}
+    for run in variants.values():
+        jax.block_until_ready(run(0))
     for i in range(repeats * 5):
         for name in rotation(list(best), i):
             start = time.perf_counter()
-            run(name, i)
+            jax.block_until_ready(variants[name](i))
             best[name] = min(best[name], time.perf_counter() - start)
     us = {name: round(v / k * 1e6, 2) for name, v in best.items()}
     emit(figure="per step in one program of k steps", width=width, batch=batch, k=k, wall_us_per_step=us,

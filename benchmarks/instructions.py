@@ -7,9 +7,12 @@ runs the steps on its own threads, which are not counted. Figures, each variant 
 over the same calls in one process:
   * a tiny donated step: ``jax.jit``, ``jaxws.jit``, ``jaxws.jit`` in one workspace cycle
     per call, and the empty cycle (``speed.py``'s first figure);
-  * fit's layers (``breakdown.py``'s): plain, checked, planned, cycled, fed, fit.
+  * fit's layers (``breakdown.py``'s): plain, checked, planned, cycled, fed, fit;
+  * programs of k steps (``breakdown.py``'s second figure): a hand-written scan over a stack,
+    fit's fused program on a stack and on the k batches themselves, and
+    ``fit(batches, steps_per_execution=k)`` around that program.
 
-    python benchmarks/instructions.py [--calls 2000] [--steps 50] [--width 64] [--batch 32]
+    python benchmarks/instructions.py [--calls 2000] [--steps 50] [--k 100] [--width 64] [--batch 32]
 
 Needs valgrind (callgrind) on the PATH: the script runs itself under it, with counting
 switched on only around each variant (a few minutes, mostly XLA compiling under valgrind).
@@ -55,12 +58,12 @@ def _count(group: str, variants: dict, arg: object = None) -> None:
 
 def inner(args: argparse.Namespace) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling scripts
-    from breakdown import epochs_of, layers
+    from breakdown import epochs_of, layers, scan_layers
     from speed import tiny_steps
 
     _count("jit", tiny_steps(args.calls))
-    epochs = epochs_of(args.batch, args.steps, 1)
-    _count("fit", layers(args.width, args.batch), epochs[0])
+    _count("fit", layers(args.width, args.batch), epochs_of(args.batch, args.steps, 1)[0])
+    _count("scan", scan_layers(args.width, args.batch, args.k), 1)
 
 
 def _read(folder: str) -> dict:
@@ -85,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=2000, help="calls of the tiny step per variant")
     parser.add_argument("--steps", type=int, default=50, help="fit steps per variant")
+    parser.add_argument("--k", type=int, default=100, help="steps per program in the scan figure")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
@@ -111,6 +115,11 @@ def main() -> None:
          per_step={k: round(fit[k], 1) for k in order},
          added={b: round(fit[b] - fit[a], 1) for a, b in zip(order, order[1:])},
          plain_vs_fit=round(fit["plain"] / fit["fit"], 3))
+    scan = {k: v / args.k / 1000 for k, v in counts["scan"].items()}
+    emit(figure="programs of k steps, k instructions per step", width=args.width, batch=args.batch, k=args.k,
+         per_step={k: round(v, 2) for k, v in scan.items()},
+         batches_as_arguments=round(scan["steps"] - scan["fused"], 2), fit_around_program=round(scan["fit"] - scan["steps"], 2),
+         scan_vs_fit=round(scan["scan"] / scan["fit"], 3))
 
 
 if __name__ == "__main__":
