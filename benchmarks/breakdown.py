@@ -168,11 +168,9 @@ def scan_layers(width: int, batch: int, k: int) -> dict:
     state = {name: [jaxws.detach(net._carry), LabelCheck.init()] for name in [*programs, "steps"]}
     fitted = model(width)
 
-    def program(name):
+    def program(name, call, inputs):
         def run(i):
-            carry, check = state[name]
-            data = Steps(tuple(groups[i % 3])) if name == "steps" else stacks[i % 3]
-            state[name] = list(programs["fused" if name == "steps" else name](carry, check, data)[:2])
+            state[name] = list(call(*state[name], inputs[i % 3])[:2])
             return state[name]
         return run
 
@@ -180,7 +178,9 @@ def scan_layers(width: int, batch: int, k: int) -> dict:
         fitted.fit(groups[i % 3], steps_per_execution=k, progress=False)
         return fitted._carry
 
-    return {**{name: program(name) for name in state}, "fit": fit}
+    steps = [Steps(tuple(g)) for g in groups]  # the fused program on the batches themselves
+    return {**{name: program(name, call, stacks) for name, call in programs.items()},
+            "steps": program("steps", programs["fused"], steps), "fit": fit}
 
 
 def measure_scan(width: int, batch: int, k: int, repeats: int) -> None:

@@ -38,19 +38,16 @@ def _control(*args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(os.getpid())], check=True, capture_output=True)
 
 
-def _count(group: str, variants: dict, arg: object = None) -> None:
-    """Runs each variant once to warm it, then once counted: counting on, the variant,
-    counting off, a dump named ``group/variant``."""
+def _count(group: str, variants: dict, *args: object) -> None:
+    """Runs each variant on ``args`` once to warm it, then once counted: counting on, the
+    variant, counting off, a dump named ``group/variant``."""
     import jax
 
-    def call(run):
-        return run() if arg is None else run(arg)
-
     for run in variants.values():
-        jax.block_until_ready(call(run))
+        jax.block_until_ready(run(*args))
     for name, run in variants.items():
         _control("-i", "on")
-        out = call(run)
+        out = run(*args)
         _control("-i", "off")
         jax.block_until_ready(out)
         _control(f"--dump={group}/{name}")
