@@ -5,7 +5,8 @@ final wait: equal to the wall time where the loop is host-bound):
   * ``plain``: the hand-written loop, ``jax.jit`` of the train step with the carry donated;
   * ``checked``: ``jax.jit`` of the step ``fit`` compiles (the train step that also counts
     invalid labels), carry and check donated: the plain loop's own cost plus the check;
-  * ``planned``: the same program through ``jaxws.jit``'s planned path (what ``fit`` calls);
+  * ``planned``: the same program through ``jaxws.jit``'s planned path, without the loss
+    output (what ``fit`` calls while no listener reads the loss: one buffer fewer);
   * ``cycled``: that, with one workspace cycle per step;
   * ``fed``: that, on the batches of fit's feed (``Feed.signed()`` over the iterator);
   * ``fit``: ``net.fit(iter(batches))``, which adds its own loop body.
@@ -61,7 +62,7 @@ def layers(width: int, batch: int) -> dict:
     net = model(width)
     plain = jax.jit(net.train_step(), donate_argnums=0)
     checked = jax.jit(net._checked_step(net.training_workspace_mode), donate_argnums=(0, 1))
-    planned = net.compiled_step()
+    planned = net.compiled_step(losses=False)
     ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="BREAKDOWN")
     state = {k: [jaxws.detach(net._carry), LabelCheck.init()] for k in ("plain", "checked", "planned", "cycled", "fed")}
     fitted = model(width)
@@ -78,14 +79,14 @@ def layers(width: int, batch: int) -> dict:
             for ds in batches:
                 if cycle:
                     with ws:
-                        carry, check, _ = call(carry, check, ds)
+                        carry, check = call(carry, check, ds)[:2]
                 else:
-                    carry, check, _ = call(carry, check, ds)
+                    carry, check = call(carry, check, ds)[:2]
             return carry, check
         return steps_of
 
     def lean(carry, check, ds):  # fit's call: the plan looked up by the batch signature
-        return planned._call_planned(("breakdown", batch), (carry, check, ds), None, False)
+        return planned._call_planned(("breakdown", batch), (carry, check, ds))
 
     def unchecked(carry, check, ds):  # the hand-written step: no label check
         carry, loss = plain(carry, ds)
@@ -95,7 +96,7 @@ def layers(width: int, batch: int) -> dict:
         with net._feed(iter(batches), "fit", prefetch=8) as feed:
             for ds, signature in feed.signed():
                 with ws:
-                    carry, check, _ = planned._call_planned(signature, (carry, check, ds), None, False)
+                    carry, check = planned._call_planned(signature, (carry, check, ds))
         return carry, check
 
     def fit(batches):

@@ -248,7 +248,7 @@ def test_a_resident_dataset_trains_to_the_numbers_of_the_host_path(k, drop_last)
     host.fit(it_h, epochs=3, progress=False)  # the same permutations, batch by batch on the host
     assert resident.iteration == host.iteration == 3 * (12 if drop_last else 13)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), resident.params, host.params)
-    assert resident.compiled_step().compiles == 0 and resident.resident_step().compiles <= 3
+    assert resident.compiled_step(losses=False).compiles == 0 and 0 < resident.resident_step(losses=False).compiles <= 3
 
 
 def test_a_resident_epoch_uses_the_callers_arrays_in_place_and_reads_nothing_back():

@@ -253,14 +253,16 @@ def test_fit_donates_the_carry_and_compiles_once_per_mode_and_shape(compiles):
     old = net.params
     net.fit((x, y), epochs=3, batch_size=16, progress=False)  # batches 16, 16, 8: taken on the device
     assert all(a.is_deleted() for a in jax.tree.leaves(old))
-    assert net.resident_step().compiles == 2 and net.compiled_step().compiles == 0  # [16] and [8]
+    # no listener reads the losses: the programs without them ran, [16] and [8]
+    assert net.resident_step(losses=False).compiles == 2 and net.compiled_step(losses=False).compiles == 0
     net.fit(DataSet(x, y).split(16), epochs=3, progress=False)  # the same batches, from a list
-    assert net.compiled_step().compiles == 2 and net.iteration == 18
+    assert net.compiled_step(losses=False).compiles == 2 and net.iteration == 18
+    assert net.compiled_step().compiles == net.resident_step().compiles == 0
     none = mlp(WorkspaceMode.NONE)
     kept = none.params
     none.fit((x, y), epochs=2, progress=False)
     assert not any(a.is_deleted() for a in jax.tree.leaves(kept))
-    assert none.compiled_step().compiles == 1
+    assert none.compiled_step(losses=False).compiles == 1
 
 
 def test_fit_adds_no_device_to_host_transfer():
@@ -288,6 +290,39 @@ def test_listeners_report_every_n_iterations():
     before_last = mlp()
     before_last.fit([(x, y)] * 9, progress=False)  # the loss of step 10 is read before its update
     assert collect.scores[-1][1] == pytest.approx(before_last.score((x, y)), rel=1e-5)
+
+
+def test_without_listeners_fit_runs_programs_that_return_no_losses():
+    # nobody reads the loss: the step returns the carry and the check only (one output
+    # buffer fewer a call), and nothing fresh is attached to the cycle; a listener added
+    # mid-fit gets the program with losses from its next step on
+    x, y = data()
+    batches = [(jnp.asarray(x[i:i + 16]), jnp.asarray(y[i:i + 16])) for i in range(0, 64, 16)]
+    quiet, heard = mlp(), mlp()
+    quiet.fit(batches * 2, progress=False)
+    without = quiet.compiled_step(losses=False)
+    assert without.compiles == 1 and quiet.compiled_step().compiles == 0
+    (plan,) = without.plans
+    assert plan.fresh == () and len(plan.donated) == len(plan.inherit)  # all in, all back
+    collect = CollectScoresListener(1)
+
+    def adds_a_listener_before_step_3():
+        for i, ds in enumerate(batches * 2):
+            if i == 2:
+                heard.add_listeners(collect)
+            yield ds
+
+    heard.fit(adds_a_listener_before_step_3(), progress=False)
+    assert heard.compiled_step(losses=False).compiles == heard.compiled_step().compiles == 1
+    assert [i for i, _ in collect.scores] == [3, 4, 5, 6, 7, 8]
+    ref = mlp()  # what the listener saw: the model's score on each batch before its step
+    for i, ds in enumerate(batches * 2):
+        if i >= 2:
+            assert collect.scores[i - 2][1] == pytest.approx(ref.score(ds), rel=1e-5)
+        ref.fit(ds, progress=False)
+    jax.tree.map(lambda a, b, c: (np.testing.assert_allclose(a, b, rtol=1e-6),
+                                  np.testing.assert_allclose(a, c, rtol=1e-6)),
+                 quiet.params, heard.params, ref.params)
 
 
 def test_output_is_detached_and_survives_later_fits():
@@ -548,7 +583,7 @@ def test_steps_per_execution_dispatches_once_per_k_steps_without_host_reads():
     batches = [(jnp.asarray(x[i:i + 8]), jnp.asarray(y[i:i + 8])) for i in range(0, 64, 8)]
     net.fit(batches, progress=False, steps_per_execution=4)  # compile
     calls = []
-    step = net.compiled_step(fused=True)
+    step = net.compiled_step(fused=True, losses=False)
     original = step._donating
     step._donating = lambda *a, **k: calls.append(1) or original(*a, **k)
     with jax.transfer_guard_device_to_host("disallow"):

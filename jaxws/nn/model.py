@@ -74,7 +74,7 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         self._carry: TrainState | None = None
         self._lock = threading.RLock()  # held to commit a carry, or to read one and dispatch
         self._pins: dict[int, int] = {}  # id(params) -> readers on that version
-        self._steps: dict[tuple[WorkspaceMode, bool], WorkspaceFunction] = {}
+        self._steps: dict[tuple, WorkspaceFunction] = {}  # (mode, fused or "resident", losses)
         self._infer: dict[bool, WorkspaceFunction] = {}
         self._score_fn: WorkspaceFunction | None = None
         self._eval_fns: dict[tuple, WorkspaceFunction] = {}
@@ -194,21 +194,20 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                     del self._pins[key]
 
     def _commit(self, step: WorkspaceFunction, signature: Any, check: LabelCheck, n: int, args: tuple,
-                kwargs: dict | None = None, keep_losses: bool = True) -> tuple:
+                kwargs: dict | None = None) -> tuple:
         """Runs ``step`` (``n`` training steps) on the carry; stores the new one and the count.
 
         The carry is the model's own and the batch was checked by the feed, so the step runs
-        on jaxws.jit's lean path, planned per batch ``signature``. ``keep_losses=False``
-        (no listener reads them): the losses are not attached to the cycle, they die with
-        the next step's.
+        on jaxws.jit's lean path, planned per batch ``signature``. Returns the new check and
+        the losses (None from a program without them: no listener reads them).
         """
         with self._lock:
             carry = self._carry
             if self._pins and id(carry.params) in self._pins:  # a reader holds this version
                 carry = carry._replace(params=detach(carry.params), state=detach(carry.state))
-            self._carry, check, losses = step._call_planned(signature, (carry, check, *args), kwargs, keep_losses)
+            self._carry, check, *losses = step._call_planned(signature, (carry, check, *args), kwargs)
             self.iteration += n
-        return check, losses
+        return check, (losses[0] if losses else None)
 
     # -- the pure step ---------------------------------------------------------------------
 
@@ -283,8 +282,9 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
             raise ConfigurationError(f"fit(steps_per_execution={k!r}): expected an int >= 1.")
         feed = self._feed(data, "fit", batch_size=batch_size, prefetch=prefetch, steps=k, epochs=epochs, resident=True)
         mode = self.training_workspace_mode
-        step = self.compiled_step(mode, fused=k > 1)
-        resident = self.resident_step(mode)
+        # per step, by whether a listener reads the losses: the program returns them, or not
+        steps = (self.compiled_step(mode, fused=k > 1, losses=False), self.compiled_step(mode, fused=k > 1))
+        residents = (self.resident_step(mode, losses=False), self.resident_step(mode))
         manager = get_workspace_manager()
         try:
             total = len(feed)
@@ -316,13 +316,13 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                                 n, fused = item.count, True
                                 signature = (item.count, item.size, item.order is None, signature_of(item.data))
                                 checks.state, losses = self._commit(
-                                    resident, signature, checks.state, n, (item.data, item.order, item.start),
-                                    {"count": item.count, "size": item.size}, bool(listeners))
+                                    residents[bool(listeners)], signature, checks.state, n,
+                                    (item.data, item.order, item.start), {"count": item.count, "size": item.size})
                             else:  # a batch, k stacked ones, or k Steps stacked in the program
                                 n, fused = (1 if k == 1 else item.count if type(item) is Steps
                                             else jax.tree.leaves(item)[0].shape[0]), k > 1
-                                checks.state, losses = self._commit(step, signature, checks.state, n, (item,),
-                                                                    None, bool(listeners))
+                                checks.state, losses = self._commit(steps[bool(listeners)], signature,
+                                                                    checks.state, n, (item,))
                             checks.steps += n
                             checks.executions += 1
                             if self._position is not None:  # examples consumed: the resume point

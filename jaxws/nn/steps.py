@@ -53,15 +53,18 @@ class StepsMixin:
 
         return step
 
-    def compiled_step(self, mode: WorkspaceMode | None = None, fused: bool = False) -> WorkspaceFunction:
+    def compiled_step(self, mode: WorkspaceMode | None = None, fused: bool = False,
+                      losses: bool = True) -> WorkspaceFunction:
         """The jitted step ``fit`` runs: ``(carry, check, batch) -> (carry, check, loss)``.
 
         The carry (a :class:`TrainState`) and the :class:`~jaxws.nn.LabelCheck` (invalid
         class labels counted on the device) are donated unless the mode is NONE.
         ``fused``: the program that scans k batches, a stack ``[k, batch, ...]`` or the
         :class:`~jaxws.data.feed.Steps` of k device batches that it stacks itself, and
-        returns the k losses (``fit(steps_per_execution=k)``). ``train_step`` is the pure,
-        unjitted ``(carry, batch) -> (carry, loss)`` for your own loops.
+        returns the k losses (``fit(steps_per_execution=k)``). ``losses=False``: the
+        program returns ``(carry, check)`` only (what ``fit`` runs while no listener reads
+        the loss: one output buffer fewer to make and free per call). ``train_step`` is
+        the pure, unjitted ``(carry, batch) -> (carry, loss)`` for your own loops.
 
         Example:
             >>> import jax.numpy as jnp
@@ -73,33 +76,32 @@ class StepsMixin:
             True
         """
         mode = mode or self.training_workspace_mode
-        if (mode, fused) not in self._steps:
+        if (mode, fused, losses) not in self._steps:
             if fused:  # the scan trains; the labels of all k steps are counted once, beside it
                 step = self.train_step(mode)
 
-                def fused_checked(carry, check, stacked):
+                def fun(carry, check, stacked):
                     if isinstance(stacked, Steps):  # device batches, stacked here: no copy before the call
                         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *stacked.batches)
                     carry, losses = jax.lax.scan(step, carry, stacked)
                     return carry, self._check_steps(check, stacked, losses.shape[0]), losses
-
-                fun = functools.partial(fused_checked)
             else:
-                fun = functools.partial(self._checked_step(mode))
-            fun.__name__ = f"{type(self).__name__}.fit[{mode.name}{', fused' if fused else ''}]"
-            self._steps[mode, fused] = jit(fun, donate_argnums=(0, 1) if mode.donates else ())
-        return self._steps[mode, fused]
+                fun = self._checked_step(mode)
+            self._steps[mode, fused, losses] = self._program(
+                fun, f"{mode.name}{', fused' if fused else ''}", mode, losses)
+        return self._steps[mode, fused, losses]
 
-    def resident_step(self, mode: WorkspaceMode | None = None) -> WorkspaceFunction:
+    def resident_step(self, mode: WorkspaceMode | None = None, losses: bool = True) -> WorkspaceFunction:
         """The jitted program ``fit`` runs on device-resident data.
 
         ``(carry, check, data, order, start, *, count, size) -> (carry, check, losses)``:
         ``count`` steps, step i on the ``size`` examples at ``order[start + i*size:]`` (or
         contiguous from there when ``order`` is None), taken inside the program: sliced
-        where they lie, or gathered once per execution when shuffled.
+        where they lie, or gathered once per execution when shuffled. ``losses=False``:
+        ``(carry, check)`` only, as in :meth:`compiled_step`.
         """
         mode = mode or self.training_workspace_mode
-        if (mode, "resident") not in self._steps:
+        if (mode, "resident", losses) not in self._steps:
             step = self.train_step(mode)
 
             def resident(carry, check, data, order, start, count, size):
@@ -118,10 +120,23 @@ class StepsMixin:
                     carry, losses = jax.lax.scan(step, carry, batches)
                 return carry, self._check_steps(check, batches, count), losses
 
-            resident.__name__ = f"{type(self).__name__}.fit[{mode.name}, resident]"
-            self._steps[mode, "resident"] = jit(resident, donate_argnums=(0, 1) if mode.donates else (),
-                                                static_argnames=("count", "size"))
-        return self._steps[mode, "resident"]
+            self._steps[mode, "resident", losses] = self._program(
+                resident, f"{mode.name}, resident", mode, losses, static_argnames=("count", "size"))
+        return self._steps[mode, "resident", losses]
+
+    def _program(self, fun: Callable, name: str, mode: WorkspaceMode, losses: bool,
+                 **jit_kwargs: Any) -> WorkspaceFunction:
+        """``fun`` jitted as fit runs it: carry and check donated unless the mode is NONE;
+        without its last output (the losses) when ``losses`` is False."""
+        if not losses:
+            with_losses = fun
+
+            @functools.wraps(with_losses)  # keeps the signature: static_argnames resolve
+            def fun(*args, **kwargs):
+                return with_losses(*args, **kwargs)[:2]
+        fun = functools.partial(fun)  # named below, whatever ``fun`` is
+        fun.__name__ = f"{type(self).__name__}.fit[{name}{'' if losses else ', no losses'}]"
+        return jit(fun, donate_argnums=(0, 1) if mode.donates else (), **jit_kwargs)
 
     def _checked_step(self, mode: WorkspaceMode) -> Callable:
         """``train_step`` that also counts invalid class labels: ``(carry, check, batch) -> (carry, check, loss)``."""
