@@ -190,13 +190,12 @@ class WorkspaceFunction:
             attach_fresh(ws, plan, out)
         return out
 
-    def _call_planned(self, signature: Any, args: tuple, kwargs: dict | None = None, attach: bool = True) -> Any:
+    def _call_planned(self, signature: Any, args: tuple, kwargs: dict | None = None) -> Any:
         """A call whose caller vouches for its arguments: ``signature`` stands for their
         structure and avals, and no argument is attached to a workspace or dead (fit's own
         loop: the model's carry, a checked batch). The first call of a signature goes
         through :meth:`__call__` (the plan, the donation check); later ones skip the flatten
-        and the per-leaf checks, and still admit and donate as a call does. ``attach=False``:
-        the fresh outputs stay out of the cycle (the caller keeps them to itself)."""
+        and the per-leaf checks, and still admit, donate and attach as a call does."""
         kwargs = kwargs or {}
         plan = self._planned.get(signature)
         manager = get_workspace_manager()
@@ -216,7 +215,7 @@ class WorkspaceFunction:
             leaves = jax.tree.leaves(self._split(args, kwargs)[0])
             self._explain(e, lambda: self._leaf_names(args, kwargs), leaves, plan)
             raise
-        if attach and ws is not None and plan.fresh:
+        if ws is not None and plan.fresh:
             attach_fresh(ws, plan, out)
         return out
 
