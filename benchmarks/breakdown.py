@@ -9,7 +9,9 @@ final wait: equal to the wall time where the loop is host-bound):
     output (what ``fit`` calls while no listener reads the loss: one buffer fewer);
   * ``cycled``: that, with one workspace cycle per step;
   * ``fed``: that, on the batches of fit's feed (``Feed.signed()`` over the iterator);
-  * ``fit``: ``net.fit(iter(batches))``, which adds its own loop body.
+  * ``fit``: ``net.fit(iter(batches))``, which adds its own loop body;
+  * ``per_batch``: ``net.fit(batch)`` called once per batch (DL4J's loop), which adds fit's
+    set-up and its label check's start and read to every step.
 An MLP (width-width-10, adam) on fresh device batches; ``--sizes`` lists width:batch pairs.
 Then, for the first size, per step inside one program of 100 steps: a hand-written scan,
 the label check counted in every iteration, fit's fused program (the check counted once,
@@ -65,7 +67,7 @@ def layers(width: int, batch: int) -> dict:
     planned = net.compiled_step(losses=False)
     ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="BREAKDOWN")
     state = {k: [jaxws.detach(net._carry), LabelCheck.init()] for k in ("plain", "checked", "planned", "cycled", "fed")}
-    fitted = model(width)
+    fitted, per_batch_net = model(width), model(width)
 
     def epoch(name, steps_of):
         """A variant: ``steps_of(batches, carry, check)`` runs an epoch on the variant's own carry and check."""
@@ -103,9 +105,14 @@ def layers(width: int, batch: int) -> dict:
         fitted.fit(iter(batches), progress=False)  # waits for its label check at the end
         return fitted._carry
 
+    def per_batch(batches):
+        for ds in batches:
+            per_batch_net.fit(ds, progress=False)
+        return per_batch_net._carry
+
     return {"plain": epoch("plain", loop(unchecked, False)), "checked": epoch("checked", loop(checked, False)),
             "planned": epoch("planned", loop(lean, False)), "cycled": epoch("cycled", loop(lean, True)),
-            "fed": epoch("fed", fed), "fit": fit}
+            "fed": epoch("fed", fed), "fit": fit, "per_batch": per_batch}
 
 
 def measure(width: int, batch: int, steps: int, repeats: int) -> None:
@@ -136,7 +143,7 @@ def measure(width: int, batch: int, steps: int, repeats: int) -> None:
          label_check_us=round(us["checked"] - us["plain"], 1), planned_path_us=round(us["planned"] - us["checked"], 1),
          cycle_us=round(us["cycled"] - us["planned"], 1), feed_us=round(us["fed"] - us["cycled"], 1),
          fit_loop_us=round(us["fit"] - us["fed"], 1), fit_vs_checked=round(us["fit"] / us["checked"], 3),
-         fit_vs_plain=round(us["fit"] / us["plain"], 3))
+         fit_vs_plain=round(us["fit"] / us["plain"], 3), per_batch_vs_plain=round(us["per_batch"] / us["plain"], 3))
 
 
 def scan_layers(width: int, batch: int, k: int) -> dict:
@@ -167,7 +174,7 @@ def scan_layers(width: int, batch: int, k: int) -> dict:
                 "check_in_loop": jax.jit(in_loop, donate_argnums=(0, 1)),
                 "fused": jax.jit(net.compiled_step(fused=True)._fun, donate_argnums=(0, 1))}
     state = {name: [jaxws.detach(net._carry), LabelCheck.init()] for name in [*programs, "steps"]}
-    fitted = model(width)
+    fitted, per_batch_net = model(width), model(width)
 
     def program(name, call, inputs):
         def run(i):

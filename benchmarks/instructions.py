@@ -7,7 +7,8 @@ runs the steps on its own threads, which are not counted. Figures, each variant 
 over the same calls in one process:
   * a tiny donated step: ``jax.jit``, ``jaxws.jit``, ``jaxws.jit`` in one workspace cycle
     per call, and the empty cycle (``speed.py``'s first figure);
-  * fit's layers (``breakdown.py``'s): plain, checked, planned, cycled, fed, fit;
+  * fit's layers (``breakdown.py``'s): plain, checked, planned, cycled, fed, fit, and fit(batch)
+    called once per batch (DL4J's loop);
   * programs of k steps (``breakdown.py``'s second figure): a hand-written scan over a stack,
     fit's fused program on a stack and on the k batches themselves, and
     ``fit(batches, steps_per_execution=k)`` around that program.
@@ -111,7 +112,8 @@ def main() -> None:
     emit(figure="fit's layers, k instructions per step", width=args.width, batch=args.batch, steps=args.steps,
          per_step={k: round(fit[k], 1) for k in order},
          added={b: round(fit[b] - fit[a], 1) for a, b in zip(order, order[1:])},
-         plain_vs_fit=round(fit["plain"] / fit["fit"], 3))
+         plain_vs_fit=round(fit["plain"] / fit["fit"], 3), per_batch=round(fit["per_batch"], 1),
+         plain_vs_per_batch=round(fit["plain"] / fit["per_batch"], 3))
     scan = {k: v / args.k / 1000 for k, v in counts["scan"].items()}
     emit(figure="programs of k steps, k instructions per step", width=args.width, batch=args.batch, k=args.k,
          per_step={k: round(v, 2) for k, v in scan.items()},
