@@ -474,3 +474,34 @@ def test_each_label_check_is_a_new_buffer_that_its_steps_may_donate():
     jax.jit(lambda c: c.values + 1, donate_argnums=0)(first)
     assert first.values.is_deleted() and not second.values.is_deleted()
     np.testing.assert_array_equal(second.values, [0, -1, 0, np.iinfo(np.int32).max, -np.iinfo(np.int32).max])
+
+
+def test_dl4j_per_batch_loop_recycles_label_checks_read_as_valid_and_names_the_bad_call(monkeypatch):
+    # fit(batch) per batch: each call reads the checks of the calls before it that are done, and
+    # later calls donate those (valid) checks on, so at most two serve this loop (one per call
+    # in flight); a bad label is still named by its own call's step, not by the steps the
+    # recycled check counted before
+    from jaxws.nn import LabelCheck
+
+    made = []
+    init = LabelCheck.init.__func__
+    monkeypatch.setattr(LabelCheck, "init", classmethod(lambda cls: made.append(net.iteration) or init(cls)))
+    x, y = arrays(160)
+    net = network()
+    batches = [DataSet(jnp.asarray(x[i:i + 16]), jnp.asarray(y[i:i + 16])) for i in range(0, 160, 16)]
+    for ds in batches:
+        net.fit(ds, progress=False)
+        jax.block_until_ready(net.params)  # done: the next call reads its check
+    assert len(made) <= 2 and net.iteration == 10, made
+    labels = np.asarray(y[:16]).copy()
+    labels[3] = C + 2
+    with pytest.raises(jaxws.InvalidBatchError) as caught:  # read in its own call if done by then, else in the next
+        net.fit(DataSet(batches[0].features, jnp.asarray(labels)), progress=False)  # on a recycled check
+        jax.block_until_ready(net.params)
+        net.fit(batches[1], progress=False)
+    message = str(caught.value)
+    assert "batch 0 (counting from 0 in that call)" in message, message
+    assert f"..{C + 2}); 1 invalid label(s) in all, over 1 step(s)" in message, message
+    assert len(made) <= 2, made
+    net.fit(batches[2], progress=False)  # training goes on; the bad check is not donated on
+    net.score(batches[2])  # reads every pending check: nothing more to report

@@ -73,11 +73,14 @@ class LabelCheck(NamedTuple):
         ]))
 
     def raise_if_invalid(self, op: str, what: str, classes: int, epoch_starts: list[int] | None = None,
-                         where: str = "") -> None:
-        """Reads the check (one small host transfer) and raises InvalidBatchError if it saw any."""
+                         where: str = "", offset: int = 0) -> None:
+        """Reads the check (one small host transfer) and raises InvalidBatchError if it saw any.
+        ``offset``: the steps it counted before the call it reports on (a recycled check,
+        valid until then); steps are named from that call's first."""
         steps, first, count, low, high = np.asarray(self.values).tolist()  # 2 us where device_get takes 25
         if count == 0:
             return
+        steps, first = steps - offset, first - offset
         batch = f"batch {first}"
         if epoch_starts and len(epoch_starts) > 1:
             epoch = max(i for i, start in enumerate(epoch_starts) if start <= first)

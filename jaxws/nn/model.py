@@ -42,11 +42,16 @@ TRAINING_WORKSPACE = "WS_TRAINING"
 TRAINING_CONF = WorkspaceConfiguration(policy_spill=SpillPolicy.REALLOCATE)
 
 
-class _Checks:
-    """A fit call's label check (donated each step), its executions and where its epochs started."""
+_RECYCLE_BELOW = 2**30  # steps a recycled check may have counted: its int32 counters stay exact
 
-    def __init__(self, state: LabelCheck):
+
+class _Checks:
+    """A fit call's label check (donated each step), its executions and where its epochs
+    started. ``offset``: the steps a recycled check counted before this call."""
+
+    def __init__(self, state: LabelCheck, offset: int = 0):
         self.state = state
+        self.offset = offset
         self.steps = 0
         self.executions = 0
         self.epoch_starts: list[int] = []
@@ -84,6 +89,7 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         self.epoch = 0
         self._rng = jax.random.key(0)  # fresh randomness for output(training=True)
         self._pending_checks: list[_Checks] = []  # label checks of fits not read yet
+        self._spare_checks: list[_Checks] = []  # checks read as valid: later fits donate them on
         self._seen_batches: dict[str, set] = {}  # per operation: batch signatures whose shapes were checked
         self._position: dict | None = None  # where fit's ArrayDataSetIterator stands, as consumed
         self._restored_position: dict | None = None  # the iterator position a restored checkpoint holds
@@ -290,7 +296,7 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
             total = len(feed)
         except TypeError:
             total = None
-        checks = _Checks(LabelCheck.init())
+        checks = self._new_checks()
         progress = progress and interactive()
         tqdm = tqdm_class() if progress else None
         workspaces = manager._workspaces
@@ -342,6 +348,16 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         self._verify(wait=checks.executions > 1)
         return self
 
+    def _new_checks(self) -> _Checks:
+        """A fit's label check: one read as valid, donated on with its count as the offset, or
+        a new one. In DL4J's loop (``fit(batch)`` per batch) each call reads the checks of the
+        calls before it, so a few checks serve the whole loop."""
+        with self._lock:  # one taker: a check is donated once
+            spare = self._spare_checks.pop() if self._spare_checks else None
+        if spare is None or spare.offset + spare.steps >= _RECYCLE_BELOW:
+            return _Checks(LabelCheck.init())
+        return _Checks(spare.state, spare.offset + spare.steps)
+
     def _verify(self, wait: bool = True) -> None:
         """Reads pending label checks (all, or those already computed) and raises for invalid labels."""
         while self._pending_checks:
@@ -352,7 +368,8 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
             where = "an earlier fit call: " if self._pending_checks else ""
             with jax.transfer_guard_device_to_host("allow"):  # asked for: not a hidden sync
                 checks.state.raise_if_invalid("fit", self._labels_what(), self._num_classes(),
-                                              checks.epoch_starts, where)
+                                              checks.epoch_starts, where, checks.offset)
+            self._spare_checks.append(checks)
 
     def _num_classes(self) -> int:
         return 0
