@@ -5,7 +5,8 @@ An attached array carries a tag naming its workspace and cycle; these functions 
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, ContextManager
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,20 @@ from jaxws.errors import (
 from jaxws.workspace import _TAG, Workspace
 
 __all__ = ["detach", "leverage_to", "is_attached", "check_arrays", "stale_error"]
+
+
+_NO_GUARD = (None, "allow")
+_UNGUARDED = contextlib.nullcontext()
+
+
+def allow_reads() -> ContextManager:
+    """``jax.transfer_guard_device_to_host("allow")`` for a read jaxws is asked for (a label
+    check, a score), where a guard is set; where none is, nothing: entering JAX's context
+    costs 3 us, a cost a ``fit(batch)`` loop pays on every call. Internal to jaxws."""
+    config = jax.config
+    if config.jax_transfer_guard_device_to_host in _NO_GUARD and config.jax_transfer_guard in _NO_GUARD:
+        return _UNGUARDED
+    return jax.transfer_guard_device_to_host("allow")
 
 
 def stale_error(op: str, arg: str, array: Any) -> WorkspaceError | None:

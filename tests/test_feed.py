@@ -4,6 +4,8 @@ fit resets an exhausted resettable iterator; evaluation always starts over and c
 of the data; a call that would process nothing says so; invalid labels never train silently.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -505,3 +507,29 @@ def test_dl4j_per_batch_loop_recycles_label_checks_read_as_valid_and_names_the_b
     assert len(made) <= 2, made
     net.fit(batches[2], progress=False)  # training goes on; the bad check is not donated on
     net.score(batches[2])  # reads every pending check: nothing more to report
+
+
+@pytest.mark.parametrize("guard", [None, "device_to_host", "log", "all"])
+def test_the_reads_fit_and_score_are_asked_for_pass_any_transfer_guard_and_leave_it_set(guard):
+    from jaxws.arrays import allow_reads
+
+    contexts = {None: contextlib.nullcontext(), "device_to_host": jax.transfer_guard_device_to_host("disallow"),
+                "log": jax.transfer_guard_device_to_host("log"), "all": jax.transfer_guard("disallow")}
+    x, y = arrays(96)
+    y[70] = 99  # batch 2 of 3: out of range for 3 classes
+    batches = [DataSet(jnp.asarray(x[i:i + 32]), jnp.asarray(y[i:i + 32])) for i in range(0, 96, 32)]
+    net = network()
+    net.fit(batches[0], progress=False)
+    with contexts[guard]:
+        set_here = jax.config.jax_transfer_guard_device_to_host
+        with allow_reads():  # where a guard is set, JAX's "allow" context; where none is, nothing
+            assert jax.config.jax_transfer_guard_device_to_host == (None if guard is None else "allow")
+        assert jax.config.jax_transfer_guard_device_to_host == set_here
+        if guard != "all":  # "all" also refuses host-to-device: score's Python scalars
+            with pytest.raises(jaxws.InvalidBatchError, match=r"outside 0\.\.2 \(found 0\.\.99\); 1 invalid"):
+                for ds in batches:  # DL4J's loop: each call reads the checks of the calls before it
+                    net.fit(ds, progress=False)
+                net.score(batches[0])  # reads the last one
+            assert np.isfinite(net.score(batches[0]))
+            assert net.iteration == 4
+        assert jax.config.jax_transfer_guard_device_to_host == set_here

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxws.arrays import allow_reads
 from jaxws.errors import ConfigurationError, InvalidBatchError
 from jaxws.interrupts import guarded
 from jaxws.manager import get_workspace_manager
@@ -145,7 +146,7 @@ class EvaluationMixin:
                     for ev, state in zip(evaluations, states):
                         ev.state = state
         self._verify()
-        with jax.transfer_guard_device_to_host("allow"):  # one read, at the end: not per batch
+        with allow_reads():  # one read, at the end: not per batch
             check.raise_if_invalid("do_evaluation", self._labels_what(), self._num_classes())
         return evaluations
 

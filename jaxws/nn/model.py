@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxws.arrays import check_arrays, detach, leverage_to
+from jaxws.arrays import allow_reads, check_arrays, detach, leverage_to
 from jaxws.configuration import SpillPolicy, WorkspaceConfiguration
 from jaxws.data.dataset import DataSet
 from jaxws.data.feed import Feed, Rows, Steps, prepare
@@ -366,7 +366,7 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                 return
             self._pending_checks.pop(0)
             where = "an earlier fit call: " if self._pending_checks else ""
-            with jax.transfer_guard_device_to_host("allow"):  # asked for: not a hidden sync
+            with allow_reads():  # asked for: not a hidden sync
                 checks.state.raise_if_invalid("fit", self._labels_what(), self._num_classes(),
                                               checks.epoch_starts, where, checks.offset)
             self._spare_checks.append(checks)
@@ -472,7 +472,7 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                 total, check = self._score_fn(total, check, carry.params, carry.state, ds)
                 count += ds.num_examples
         self._verify()
-        with jax.transfer_guard_device_to_host("allow"):
+        with allow_reads():
             check.raise_if_invalid("score", self._labels_what(), self._num_classes())
         if count == 0:
             raise ConfigurationError("score(data): the data has no examples; pass at least one example.")
