@@ -30,6 +30,10 @@ class WorkspaceMode(enum.Enum):
     SINGLE = "single"
     SEPARATE = "separate"
 
+    # members are singletons compared by identity: hash them so, in C (Enum's own __hash__
+    # runs Python, and fit looks its programs up by mode on every call)
+    __hash__ = object.__hash__
+
     @property
     def donates(self) -> bool:
         return self is not WorkspaceMode.NONE

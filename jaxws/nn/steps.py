@@ -76,7 +76,8 @@ class StepsMixin:
             True
         """
         mode = mode or self.training_workspace_mode
-        if (mode, fused, losses) not in self._steps:
+        program = self._steps.get((mode, fused, losses))
+        if program is None:
             if fused:  # the scan trains; the labels of all k steps are counted once, beside it
                 step = self.train_step(mode)
 
@@ -87,9 +88,9 @@ class StepsMixin:
                     return carry, self._check_steps(check, stacked, losses.shape[0]), losses
             else:
                 fun = self._checked_step(mode)
-            self._steps[mode, fused, losses] = self._program(
+            program = self._steps[mode, fused, losses] = self._program(
                 fun, f"{mode.name}{', fused' if fused else ''}", mode, losses)
-        return self._steps[mode, fused, losses]
+        return program
 
     def resident_step(self, mode: WorkspaceMode | None = None, losses: bool = True) -> WorkspaceFunction:
         """The jitted program ``fit`` runs on device-resident data.
@@ -101,7 +102,8 @@ class StepsMixin:
         ``(carry, check)`` only, as in :meth:`compiled_step`.
         """
         mode = mode or self.training_workspace_mode
-        if (mode, "resident", losses) not in self._steps:
+        program = self._steps.get((mode, "resident", losses))
+        if program is None:
             step = self.train_step(mode)
 
             def resident(carry, check, data, order, start, count, size):
@@ -120,9 +122,9 @@ class StepsMixin:
                     carry, losses = jax.lax.scan(step, carry, batches)
                 return carry, self._check_steps(check, batches, count), losses
 
-            self._steps[mode, "resident", losses] = self._program(
+            program = self._steps[mode, "resident", losses] = self._program(
                 resident, f"{mode.name}, resident", mode, losses, static_argnames=("count", "size"))
-        return self._steps[mode, "resident", losses]
+        return program
 
     def _program(self, fun: Callable, name: str, mode: WorkspaceMode, losses: bool,
                  **jit_kwargs: Any) -> WorkspaceFunction:
