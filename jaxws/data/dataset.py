@@ -70,7 +70,8 @@ class DataSet:
 
     @property
     def num_examples(self) -> int:
-        return int(np.shape(self.features)[0])
+        shape = getattr(self.features, "shape", None)  # an array's, without np.shape's 1 us (fit(batch) reads it per call)
+        return int((np.shape(self.features) if shape is None else shape)[0])
 
     def detach(self) -> DataSet:
         """An independent copy that outlives every workspace (and async ring)."""

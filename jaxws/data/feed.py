@@ -393,7 +393,10 @@ class Feed:
         items = itertools.chain([first], items)
         if not self._place:
             return self._batches(items) if signed else (ds for ds, _ in self._batches(items))
-        on_device = self.placement.holds_all(self._as(first[0] if self._prechecked else first))
+        if self._prechecked:  # a device key: unattached device arrays, which pass through where anywhere
+            on_device = (first[1] is not None and self.placement.anywhere) or self.placement.holds_all(first[0])
+        else:
+            on_device = self.placement.holds_all(self._as(first))
         if self.prefetch and not on_device and getattr(self.source, "async_supported", True):
             ring = self._prefetched(items)
             return ((ds, signature(ds)) for ds in ring) if signed else ring
