@@ -325,6 +325,49 @@ def test_without_listeners_fit_runs_programs_that_return_no_losses():
                  quiet.params, heard.params, ref.params)
 
 
+def test_progress_bars_where_they_show_progress_and_none_per_call_in_dl4j_loop(monkeypatch):
+    # as in a terminal: every bar fit makes is recorded (its total, its last count)
+    import jaxws.nn.model as model_module
+
+    bars = []
+
+    class Recording:
+        def __init__(self, iterable=None, total=None, desc="", leave=True):
+            self.iterable, self.total, self.desc, self.n = iterable, total, desc, 0
+            bars.append(self)
+
+        def __iter__(self):
+            for item in self.iterable:
+                yield item
+                self.n += 1
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(model_module, "interactive", lambda: True)
+    monkeypatch.setattr(model_module, "tqdm_class", lambda: Recording)
+    x, y = data()
+    batches = [DataSet(jnp.asarray(x[i:i + 16]), jnp.asarray(y[i:i + 16])) for i in range(0, 64, 16)]
+    net = mlp()
+    for ds in batches:  # DL4J's loop: an epoch of one batch per call, no bar drawn and cleared each time
+        net.fit(ds)
+    assert bars == []
+    net.fit(batches, progress=False)
+    assert bars == []
+    net.fit(batches)  # one epoch of 4 batches
+    assert [(b.desc, b.total, b.n) for b in bars] == [("epoch 5", 4, 4)]
+    bars.clear()
+    net.fit(batches[0], epochs=3)  # full-batch training: the bar over the epochs only
+    assert [(b.desc, b.total, b.n) for b in bars] == [("epochs", None, 3)]
+    bars.clear()
+    net.fit(iter(batches))  # length unknown: a bar of the epoch, counting
+    assert [(b.desc, b.total, b.n) for b in bars] == [("epoch 9", None, 4)]
+    assert net.iteration == 19
+
+
 def test_output_is_detached_and_survives_later_fits():
     x, y = data()
     net = mlp()

@@ -270,7 +270,9 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
             epochs: passes over ``data``.
             batch_size: split a single DataSet / pair into batches of this size.
             progress: show tqdm progress bars (in a terminal or a notebook; never when the
-                output goes to a file or a pipe).
+                output goes to a file or a pipe): one per epoch, and one over the epochs when
+                there are several. An epoch of a single batch gets no bar of its own, so
+                ``fit(batch)`` called per batch draws none.
             prefetch: async queue size for host batches (0: no background thread).
             steps_per_execution: batches per jitted call: consecutive batches of one shape
                 are stacked and scanned by one program (one dispatch for k steps, as
@@ -297,7 +299,10 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         except TypeError:
             total = None
         checks = self._new_checks()
-        progress = progress and interactive()
+        # bars where someone watches them draw, and where they show progress: an epoch of one
+        # batch (DL4J's fit(batch) per batch) gets none, a bar drawn and cleared per call
+        epoch_bars = total != 1
+        progress = progress and (epochs > 1 or epoch_bars) and interactive()
         tqdm = tqdm_class() if progress else None
         workspaces = manager._workspaces
         donates = mode.donates
@@ -307,7 +312,7 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                 for listener in self.listeners:
                     listener.on_epoch_start(self, self.epoch)
                 checks.epoch_starts.append(checks.steps)
-                bar = Bar(tqdm(total=total, desc=f"epoch {self.epoch}", leave=False)) if progress else NO_BAR
+                bar = Bar(tqdm(total=total, desc=f"epoch {self.epoch}", leave=False)) if progress and epoch_bars else NO_BAR
                 with bar:
                     passing = feed.signed()
                     self._position = feed.origin  # where the data stands before this pass
