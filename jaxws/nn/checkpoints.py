@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxws.arrays import allow_reads
 from jaxws.errors import CheckpointError, ConfigurationError
 from jaxws.nn.listeners import TrainingListener
 
@@ -70,7 +71,7 @@ def content(model: Any, *, save_updater: bool = True, iterator: Any = None) -> t
     The arrays are copied to host memory under the model's lock, so a step that donates
     the carry afterwards cannot touch them; nothing is copied on the device.
     """
-    with model._lock, jax.transfer_guard_device_to_host("allow"):  # asked for: not a hidden sync
+    with model._lock, allow_reads():  # asked for: not a hidden sync
         carry = model._require_init()
         leaves = named_leaves(_carry_tree(model, carry, save_updater))
         if jax.default_backend() != "cpu":  # start every transfer, then wait for each
