@@ -66,6 +66,7 @@ class WorkspaceManager:
         self._stack: list[Workspace | None] = []  # innermost last; None scopes out
         self._active = 0  # open cycles of this thread; the memory manager reads it
         self.debug_mode = _debug_mode_from_env()
+        self._memory = _memory_manager  # read by a workspace's enter and exit, per cycle
         _memory_manager._register(self)
 
     @property
@@ -175,7 +176,7 @@ class WorkspaceManager:
         print(text)
         return text
 
-    # called by Workspace, once per cycle: the loop's path
+    # called by Workspace's general path (its loop's path has them inline)
     def _scope_entered(self, ws: Workspace) -> None:
         self._stack.append(ws)
         self._active += 1
@@ -208,8 +209,11 @@ class MemoryManager:
     most one collection of the young generations (``gc.collect(1)``, where everything the
     loop allocated is) runs per window (none with periodic gc toggled off). When no
     cycle has been open for ``idle_restore_ms`` (the loop ended), or every workspace of
-    the thread is destroyed, the gc state from before the loop is restored, by a named
-    daemon thread that :meth:`close` joins.
+    the thread is destroyed, the gc state from before the loop is restored.
+
+    The clock is read by a named daemon thread (which :meth:`close` joins), not by the
+    loop: it wakes once a window (or once per ``idle_restore_ms``), marks a collection
+    due and sees the loop go idle, so a cycle boundary only counts itself and checks a flag.
 
     Example:
         >>> import jaxws
@@ -225,10 +229,11 @@ class MemoryManager:
         self._managers: weakref.WeakSet = weakref.WeakSet()  # every thread's (their open cycles)
         self._gc_off = False  # True while we hold gc disabled
         self._was_enabled = True
-        self._last_exit = 0.0  # when the last cycle ended (monotonic seconds)
+        self._exits = 0  # loops' outermost cycles ended; the watcher sees idleness in it
         self._window_ms = 100
         self._periodic = True
-        self._last = time.monotonic()
+        self._last = time.monotonic()  # the last collection
+        self._collect_due = False  # the watcher's mark: a window passed, collect at the next boundary
         self._thread: threading.Thread | None = None
         self._closed = False
         self.collections = 0
@@ -245,11 +250,17 @@ class MemoryManager:
         """At most one collection every ``ms`` milliseconds at cycle boundaries."""
         if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
             raise ConfigurationError(f"set_auto_gc_window(ms={ms!r}): expected an int >= 0 (milliseconds).")
-        self._window_ms = ms
+        with self._cond:
+            self._window_ms = ms
+            self._collect_due = self._due()
+            self._cond.notify_all()  # the watcher times the new window
 
     def toggle_periodic_gc(self, enabled: bool) -> None:
         """False: no collections at all while workspace loops run."""
-        self._periodic = bool(enabled)
+        with self._cond:
+            self._periodic = bool(enabled)
+            self._collect_due = self._due()
+            self._cond.notify_all()
 
     def end_loop(self) -> None:
         """Restores the gc state now if no cycle is open (the loop is over)."""
@@ -298,35 +309,50 @@ class MemoryManager:
                     self._cond.notify()
 
     def _loop_exited(self) -> None:
-        """A thread's outermost cycle ended: at most one young collection per window.
-        No lock and no notify: the watcher reads the managers' open cycles and this time."""
-        now = time.monotonic()
-        if self._periodic and (now - self._last) * 1000.0 >= self._window_ms:
-            self._last = now
-            self.collections += 1
-            # the loop's garbage is young (no automatic collection promoted it), so the two
-            # young generations catch it in ~1 ms where a full collection takes ~30 ms
-            gc.collect(1)  # finalizers may enter workspaces
-        self._last_exit = now
+        """A thread's outermost cycle ended: counted, and a young collection if one is due.
+        No clock, lock or notify: the watcher reads the count and sets the mark."""
+        self._exits += 1
+        if self._collect_due:
+            self._collect()
+
+    def _collect(self) -> None:
+        # the loop's garbage is young (no automatic collection promoted it), so the two
+        # young generations catch it in ~1 ms where a full collection takes ~30 ms
+        self._collect_due = self._window_ms == 0  # a window of 0: at every boundary
+        self._last = time.monotonic()
+        self.collections += 1
+        gc.collect(1)  # finalizers may enter workspaces
+
+    def _due(self) -> bool:
+        """Whether a window has passed since the last collection (periodic gc on)."""
+        return self._periodic and (time.monotonic() - self._last) * 1000.0 >= self._window_ms
 
     def _restore_when_idle(self) -> None:
-        """Sleeps until a loop disables gc, then looks every ``idle_restore_ms`` (never per
-        cycle) and restores gc once no cycle has been open for that long. A cycle entered
-        just as gc is restored runs with gc on; the next one turns it off again."""
+        """Sleeps until a loop disables gc; then wakes once a window to mark a collection
+        due, and four times per ``idle_restore_ms`` to see whether a cycle ended or is open
+        since it last looked (never per cycle). It restores gc once none has for
+        ``idle_restore_ms``. A cycle entered just as gc is restored runs with gc on; the
+        next one turns it off again."""
         idle = self.idle_restore_ms / 1000.0
         with self._cond:
+            seen, quiet_since = -1, 0.0
             while not self._closed:
                 if not self._gc_off:
                     self._cond.wait()
+                    seen = -1
                     continue
-                if self._loop_open():
-                    self._cond.wait(idle)
-                    continue
-                left = self._last_exit + idle - time.monotonic()
-                if left <= 0:
+                if not self._collect_due and self._due():
+                    self._collect_due = True
+                now = time.monotonic()
+                if self._loop_open() or self._exits != seen:
+                    seen, quiet_since = self._exits, now
+                elif now - quiet_since >= idle:
                     self._restore()
-                else:
-                    self._cond.wait(left)
+                    continue
+                wait = idle / 4
+                if self._periodic and not self._collect_due:
+                    wait = min(wait, self._last + self._window_ms / 1000.0 - now)
+                self._cond.wait(max(wait, 0.001))
 
 
 _memory_manager = MemoryManager()

@@ -147,22 +147,51 @@ class Workspace:
         self._exit()
 
     def __enter__(self) -> Workspace:
-        if self._pending_activation:
-            self._pending_activation = False  # the cycle activate() opened
-        elif self._depth == 0 and self._owner == _get_ident() and not self._destroyed:
-            # the loop's path, once per step: _enter's outermost case, without the calls
+        if self._depth == 0 and self._owner == _get_ident() and not self._destroyed:
+            # the loop's path, once per step: _enter's outermost case and the manager's
+            # _scope_entered, inline (every call and branch here is paid per step)
             self._depth = 1
             self.generation += 1
-            self._manager._scope_entered(self)
+            manager = self._manager
+            manager._stack.append(self)
+            manager._active += 1
+            if manager._active == 1 and not manager._memory._gc_off:
+                manager._memory._loop_entered()
+        elif self._pending_activation:
+            self._pending_activation = False  # the cycle activate() opened
         else:
             self._enter()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._depth == 1 and self._owner == _get_ident() and not self._destroyed:
-            self._depth = 0  # _exit's outermost case, without the call
-            self._end_cycle()
-            self._manager._scope_left(self)
+            # the loop's path: _exit's outermost case, _end_cycle's one generation and the
+            # manager's _scope_left, inline
+            self._depth = 0
+            generation = self.generation - self._lag
+            if generation == self._invalid_through + 1 and self._initialized:
+                refs = self._arrays.pop(generation, None)
+                if refs:
+                    self._delete(refs, generation)
+                self._invalid_through = generation
+                if self._cycle_need > self.peak_size:
+                    self.peak_size = self._cycle_need
+                self.cycles += 1
+                self._cycle_out = self._cycle_temp = self._cycle_need = 0
+            else:
+                self._end_cycle()
+            manager = self._manager
+            stack = manager._stack
+            if stack[-1] is self:
+                stack.pop()
+                manager._active -= 1
+                if manager._active == 0:
+                    memory = manager._memory
+                    memory._exits += 1
+                    if memory._collect_due:
+                        memory._collect()
+            else:
+                manager._scope_left(self)
         else:
             self._exit()
 

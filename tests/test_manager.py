@@ -1,6 +1,7 @@
 """Managers: destroy, statistics, gc window."""
 
 import gc
+import sys
 import threading
 import time
 
@@ -111,6 +112,44 @@ def test_periodic_gc_off_means_no_collection_in_the_loop(gc_starts):
     memory.toggle_periodic_gc(False)
     _run_cycles(0.2)
     assert gc_starts == []
+
+
+def test_a_window_of_zero_collects_at_every_cycle_boundary(gc_starts):
+    memory = jaxws.get_memory_manager()
+    memory.set_auto_gc_window(0)
+    memory.toggle_periodic_gc(True)
+    ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="GC")
+    before = memory.collections
+    for _ in range(20):
+        with ws:
+            pass
+    assert memory.collections - before == 20 and len(gc_starts) >= 20
+
+
+def test_cycles_read_no_clock_and_the_watcher_marks_each_window(gc_starts, monkeypatch):
+    """The loop's boundary only counts itself and checks the watcher's mark: the main
+    thread reads the clock once per collection, not per cycle."""
+    memory = jaxws.get_memory_manager()
+    memory.set_auto_gc_window(50)
+    memory.toggle_periodic_gc(True)
+    reads = []
+    clock = time.monotonic
+    main = threading.get_ident()
+
+    def counted():
+        if threading.get_ident() == main and sys._getframe(1).f_globals["__name__"].startswith("jaxws."):
+            reads.append(1)
+        return clock()
+
+    monkeypatch.setattr(jaxws.manager.time, "monotonic", counted)
+    ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="GC")
+    cycles, start = 0, clock()
+    while clock() - start < 0.3:
+        with ws:
+            cycles += 1
+    assert cycles > 1000
+    assert 2 <= len(gc_starts) <= 8  # ~0.3 s / 50 ms
+    assert len(reads) == len(gc_starts)  # one read per collection, none per cycle
 
 
 def test_gc_state_before_the_loop_is_restored(gc_starts):
