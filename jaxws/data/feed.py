@@ -26,6 +26,7 @@ from jaxws.workspace import _TAG
 __all__ = ["Feed", "Rows", "Steps", "is_single_batch", "prepare", "stack", "validate"]
 
 _END = object()
+_ANYWHERE = Placement()  # the default placement; a Placement is not changed after it is made
 
 
 def is_single_batch(data: Any, multi: bool = False) -> bool:
@@ -72,7 +73,7 @@ def validate(ds: Any, op: str, check: Callable[..., Any] | None = None, where: s
 
 def prepare(ds: Any, op: str, check: Callable[..., Any] | None = None, placement: Placement | None = None) -> Any:
     """One batch, validated and on the device (what ``output`` and friends run on)."""
-    return (placement or Placement()).place(validate(ds, op, check))[0]
+    return (placement or _ANYWHERE).place(validate(ds, op, check))[0]
 
 
 def _on_host(ds: Any) -> bool:
@@ -234,7 +235,7 @@ class Feed:
         self.prefetch = prefetch
         self.steps = steps
         self.rewind = rewind
-        self.placement = placement or Placement()
+        self.placement = placement or _ANYWHERE
         self._place = place
         self._ring: AsyncDataSetIterator | None = None
         self._passes = 0
@@ -273,6 +274,8 @@ class Feed:
         if checked is None and isinstance(data, (list, tuple)):  # batches in memory: all checked before the first runs
             checked = [self._checked(self._as(item), "data[{}]", i) for i, item in enumerate(data)]
         self._prechecked = checked is not None
+        # batches in memory that are all unattached device arrays: a pass needs nothing but them
+        self._keyed = self._prechecked and all([key is not None for _, key in checked])
         if self._prechecked:
             data = checked
         elif not hasattr(data, "__next__"):
@@ -380,6 +383,9 @@ class Feed:
         if (self._resident and self._place and isinstance(self.source, ArrayDataSetIterator)
                 and self.source.fits_on_device()):
             return ((rows, None) for rows in self._rows()) if signed else self._rows()
+        if self._keyed and signed and self.steps == 1 and self._place and self.placement.anywhere and self.source:
+            self._passes += 1  # checked, keyed device batches used where they lie (fit(batch) per call)
+            return iter(self.source)
         if self._whole is None:
             self._whole = self._check_whole()
         items = self._start()

@@ -292,7 +292,7 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         mode = self.training_workspace_mode
         # per step, by whether a listener reads the losses: the program returns them, or not
         steps = (self.compiled_step(mode, fused=k > 1, losses=False), self.compiled_step(mode, fused=k > 1))
-        residents = (self.resident_step(mode, losses=False), self.resident_step(mode))
+        residents = None  # looked up at the first Rows: most feeds yield batches
         manager = get_workspace_manager()
         try:
             total = len(feed)
@@ -326,6 +326,7 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                             if type(item) is Rows:  # device-resident: batches taken in the program
                                 n, fused = item.count, True
                                 signature = (item.count, item.size, item.order is None, signature_of(item.data))
+                                residents = residents or (self.resident_step(mode, losses=False), self.resident_step(mode))
                                 checks.state, losses = self._commit(
                                     residents[bool(listeners)], signature, checks.state, n,
                                     (item.data, item.order, item.start), {"count": item.count, "size": item.size})
