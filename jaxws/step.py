@@ -170,14 +170,13 @@ class WorkspaceFunction:
         debug = manager.debug_mode
         if debug is _DISABLED:
             fun = self._donating
-            if ws is not None and not ws._admit(id(plan), plan.out_bytes, plan.temp_bytes, self._name, False,
-                                                bool(plan.donated)):
+            if ws is not None and not ws._admit(plan, self._name):
                 fun = self._plain_for(key)
         elif debug is DebugMode.BYPASS_EVERYTHING:
             return self._run(self._plain_for(key), args, kwargs, leaves)
         else:  # SPILL_EVERYTHING
             if ws is not None:
-                ws._admit(id(plan), plan.out_bytes, 0, self._name, True, bool(plan.donated))
+                ws._admit(plan, self._name, spill_all=True)
             fun = self._plain_for(key)
         try:
             out = fun(*args, **kwargs)
@@ -206,8 +205,7 @@ class WorkspaceFunction:
         stack = manager._stack
         ws = stack[-1] if stack else None
         fun = self._donating
-        if ws is not None and not ws._admit(id(plan), plan.out_bytes, plan.temp_bytes, self._name, False,
-                                            bool(plan.donated)):
+        if ws is not None and not ws._admit(plan, self._name):
             fun = self._plain_for(("planned", signature))  # a spill: nothing donated
         try:
             out = fun(*args, **kwargs)

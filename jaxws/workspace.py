@@ -27,6 +27,7 @@ from jaxws.errors import ConfigurationError, DonationWarning, WorkspaceError, Wo
 if TYPE_CHECKING:
     from jaxws.manager import WorkspaceManager
     from jaxws.memory import MemoryPlan
+    from jaxws.plan import StepPlan
 
 __all__ = ["Workspace", "WorkspaceStatistics"]
 
@@ -318,16 +319,19 @@ class Workspace:
 
     # -- sizes and capacities --------------------------------------------------------------
 
-    def _admit(self, step: Any, out_bytes: int, temp_bytes: int, what: str, spill_all: bool,
-               donating: bool = False) -> bool:
+    def _admit(self, plan: StepPlan, what: str, spill_all: bool = False) -> bool:
         """Decides whether a step runs inside the workspace (donating) or spills.
 
-        ``step`` identifies the step's signature. Sizes are learned per signature: a step
-        first seen after the learning cycles is learned then (the workspace grows to hold
-        it), so a small first cycle never shrinks a later, larger step into a spill. A
-        known step that needs more follows the spill policy; spilling a donating step
-        costs its donation, which warns once (DonationWarning) with the sizes and the fix.
+        ``plan`` is the step's for this signature: its fresh outputs' bytes and XLA's
+        working memory (not counted when ``spill_all``). Sizes are learned per signature:
+        a step first seen after the learning cycles is learned then (the workspace grows
+        to hold it), so a small first cycle never shrinks a later, larger step into a
+        spill. A known step that needs more follows the spill policy; spilling a donating
+        step costs its donation, which warns once (DonationWarning) with the sizes and
+        the fix.
         """
+        out_bytes = plan.out_bytes
+        temp_bytes = 0 if spill_all else plan.temp_bytes
         cycle_temp = self._cycle_temp
         need = self._cycle_out + out_bytes + (cycle_temp if cycle_temp > temp_bytes else temp_bytes)
         if need > self._cycle_need:
@@ -336,11 +340,12 @@ class Workspace:
         if not spill_all and (need <= self.current_size or not self._initialized):
             # the loop's path, once per step: it fits (or the workspace is still learning)
             if learning:
-                self._steps.add(step)
+                self._steps.add(id(plan))
             self._cycle_out += out_bytes
             if temp_bytes > cycle_temp:
                 self._cycle_temp = temp_bytes
             return True
+        step = id(plan)  # the signature's identity
         inside = not spill_all
         if inside:  # the workspace learned its size and this cycle needs more
             new_step = learning and step not in self._steps
@@ -360,7 +365,7 @@ class Workspace:
         else:
             self.spills += 1
             self.spilled_bytes += out_bytes + temp_bytes
-            if donating and not spill_all and step not in self._warned:
+            if plan.donated and not spill_all and step not in self._warned:
                 self._warned.add(step)
                 warnings.warn(
                     f"Op [{what}] ran outside workspace [{self.id}] without donation: the cycle "
