@@ -420,7 +420,8 @@ class Feed:
         """``(batch, signature)`` for each item: checked (lists were, up front; the batches
         of host data checked whole are slices of checked arrays)."""
         self._pulled = 0  # batches taken from the source this pass: the next one is the failing one
-        prechecked, whole = self._prechecked, self._whole
+        prechecked, whole, as_ = self._prechecked, self._whole, self._as
+        kind = MultiDataSet if self._multi else DataSet  # what as_ returns as it is
         for i, item in enumerate(items):
             self._pulled = i + 1
             if prechecked:
@@ -428,7 +429,7 @@ class Feed:
             elif whole:
                 yield item, None
             else:
-                yield self._checked(self._as(item), "batch {}", i)
+                yield self._checked(item if type(item) is kind else as_(item), "batch {}", i)
 
     def _check_whole(self) -> bool:
         """Checks an Array(Multi)DataSetIterator's host arrays once, whole (shapes, label

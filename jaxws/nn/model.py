@@ -344,7 +344,8 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                             if listeners:
                                 with guard.released():
                                     self._notify(losses, n, fused, self._verify)
-                        bar.update(n)
+                        if bar is not NO_BAR:
+                            bar.update(n)
                 for listener in self.listeners:
                     listener.on_epoch_end(self, self.epoch)
                 self.epoch += 1
