@@ -493,13 +493,15 @@ def test_dl4j_per_batch_loop_recycles_label_checks_read_as_valid_and_names_the_b
     batches = [DataSet(jnp.asarray(x[i:i + 16]), jnp.asarray(y[i:i + 16])) for i in range(0, 160, 16)]
     for ds in batches:
         net.fit(ds, progress=False)
-        jax.block_until_ready(net.params)  # done: the next call reads its check
+        # done: the next call reads its check (the check's buffer can be ready up to ms after
+        # the params' on this CPU, so the test waits for both)
+        jax.block_until_ready((net.params, [c.state.values for c in net._pending_checks]))
     assert len(made) <= 2 and net.iteration == 10, made
     labels = np.asarray(y[:16]).copy()
     labels[3] = C + 2
     with pytest.raises(jaxws.InvalidBatchError) as caught:  # read in its own call if done by then, else in the next
         net.fit(DataSet(batches[0].features, jnp.asarray(labels)), progress=False)  # on a recycled check
-        jax.block_until_ready(net.params)
+        jax.block_until_ready((net.params, [c.state.values for c in net._pending_checks]))
         net.fit(batches[1], progress=False)
     message = str(caught.value)
     assert "batch 0 (counting from 0 in that call)" in message, message
