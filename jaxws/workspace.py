@@ -166,21 +166,10 @@ class Workspace:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._depth == 1 and self._owner == _get_ident() and not self._destroyed:
-            # the loop's path: _exit's outermost case, _end_cycle's one generation and the
-            # manager's _scope_left, inline
+            # the loop's path: _exit's outermost case and the manager's _scope_left, inline
+            # (the cycle's invalidation stays in _end_cycle, its one implementation)
             self._depth = 0
-            generation = self.generation - self._lag
-            if generation == self._invalid_through + 1 and self._initialized:
-                refs = self._arrays.pop(generation, None)
-                if refs:
-                    self._delete(refs, generation)
-                self._invalid_through = generation
-                if self._cycle_need > self.peak_size:
-                    self.peak_size = self._cycle_need
-                self.cycles += 1
-                self._cycle_out = self._cycle_temp = self._cycle_need = 0
-            else:
-                self._end_cycle()
+            self._end_cycle()
             manager = self._manager
             stack = manager._stack
             if stack[-1] is self:
