@@ -252,14 +252,14 @@ class MemoryManager:
             raise ConfigurationError(f"set_auto_gc_window(ms={ms!r}): expected an int >= 0 (milliseconds).")
         with self._cond:
             self._window_ms = ms
-            self._collect_due = self._due()
+            self._collect_due = self._due(time.monotonic())
             self._cond.notify_all()  # the watcher times the new window
 
     def toggle_periodic_gc(self, enabled: bool) -> None:
         """False: no collections at all while workspace loops run."""
         with self._cond:
             self._periodic = bool(enabled)
-            self._collect_due = self._due()
+            self._collect_due = self._due(time.monotonic())
             self._cond.notify_all()
 
     def end_loop(self) -> None:
@@ -323,9 +323,9 @@ class MemoryManager:
         self.collections += 1
         gc.collect(1)  # finalizers may enter workspaces
 
-    def _due(self) -> bool:
+    def _due(self, now: float) -> bool:
         """Whether a window has passed since the last collection (periodic gc on)."""
-        return self._periodic and (time.monotonic() - self._last) * 1000.0 >= self._window_ms
+        return self._periodic and (now - self._last) * 1000.0 >= self._window_ms
 
     def _restore_when_idle(self) -> None:
         """Sleeps until a loop disables gc; then wakes once a window to mark a collection
@@ -341,9 +341,9 @@ class MemoryManager:
                     self._cond.wait()
                     seen = -1
                     continue
-                if not self._collect_due and self._due():
-                    self._collect_due = True
                 now = time.monotonic()
+                if not self._collect_due and self._due(now):
+                    self._collect_due = True
                 if self._loop_open() or self._exits != seen:
                     seen, quiet_since = self._exits, now
                 elif now - quiet_since >= idle:

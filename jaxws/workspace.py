@@ -176,10 +176,7 @@ class Workspace:
                 stack.pop()
                 manager._active -= 1
                 if manager._active == 0:
-                    memory = manager._memory
-                    memory._exits += 1
-                    if memory._collect_due:
-                        memory._collect()
+                    manager._memory._loop_exited()
             else:
                 manager._scope_left(self)
         else:
