@@ -264,9 +264,10 @@ class Workspace:
         if self._owner != threading.get_ident():
             self._check_thread("advance")
         self.generation += 1
-        attachment = _Attachment(self, self.generation)  # one tag for the whole slot
-        for array in arrays:
-            setattr(array, _TAG, attachment)
+        if arrays:  # none when the batch passed through (the caller's arrays)
+            attachment = _Attachment(self, self.generation)  # one tag for the whole slot
+            for array in arrays:
+                setattr(array, _TAG, attachment)
         self._slot = arrays
 
     def _destroy(self) -> None:

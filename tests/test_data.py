@@ -120,6 +120,33 @@ def test_async_yields_the_base_order_and_contents(queue_size):
         np.testing.assert_array_equal(gy, ey)
 
 
+def test_device_batches_pass_through_as_they_are_and_host_ones_are_placed():
+    """After the first device batch the threads stop and later batches are read inline: a
+    device DataSet of a shape seen before comes back as the same object, one of a new
+    shape (the smaller last batch) or with a mask too, and a host batch among them is
+    still placed by the ring and invalidated when the next is taken."""
+    x, y = arrays(23)
+    xd, yd = jnp.asarray(x), jnp.asarray(y)
+    batches = [DataSet(xd[i:i + 5], yd[i:i + 5]) for i in range(0, 20, 5)]
+    masked = DataSet(xd[:5], yd[:5], labels_mask=jnp.ones(5))
+    host = DataSet(x[20:], y[20:])
+    last = DataSet(xd[20:], yd[20:])
+    stream = [*batches, masked, batches[0], host, last, batches[1]]
+    with AsyncDataSetIterator(from_iterable(stream), 2) as it:
+        got = list(it)
+        assert prefetch_threads() == []  # device batches: read on this thread
+        placed = got[6]
+        assert isinstance(placed.features, jax.Array) and placed.features.is_deleted()  # the ring's: invalidated by the next
+        np.testing.assert_array_equal(got[7].features, x[20:])
+        for a, b in zip(got[:6] + got[7:], stream[:6] + stream[7:]):
+            assert a is b  # passed through: the same DataSet, nothing copied
+        assert it._prepare.slot_bytes >= 5 * 4 * 3 + 5 * 4 + 5 * 4  # learned from the masked batch too
+    for ds in stream:
+        if ds is not host:
+            assert not any(a.is_deleted() for a in jax.tree.leaves(ds))
+    assert not xd.is_deleted() and not yd.is_deleted()
+
+
 def live_batches(shape):
     """Batches of ``shape`` alive on the device, counted by buffer: a batched ``device_put``
     briefly holds two Array objects over each buffer it makes (the sharded result and

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from jaxws._internals import ArrayImpl as _ArrayImpl
 from jaxws.configuration import ResetPolicy, WorkspaceConfiguration
 from jaxws.data.dataset import DataSet, signature
 from jaxws.data.iterators import DataSetIterator, IterableDataSetIterator, as_dataset, from_iterable
@@ -63,6 +64,8 @@ class _Preparer:
         self.reallocations = 0
         self.capacity: int | None = None
         self._bytes: dict = {}  # batch signature -> bytes: the bookkeeping is once per shape
+        # nothing to do for a device batch of a known shape: no collation, callback, padding or move
+        self.plain = collate is as_dataset and callback is None and pad_axis is None and placement.anywhere
 
     @property
     def shapes(self) -> set:
@@ -316,8 +319,14 @@ class AsyncDataSetIterator(DataSetIterator):
             return _END
         except BaseException as e:  # noqa: BLE001 - reported as the threads' would be
             self._fail(e)
+        prepare = self._prepare
+        if prepare.plain and type(item) is DataSet:  # the usual batch, read as signature() would
+            x, y = item.features, item.labels
+            if (type(x) is _ArrayImpl and type(y) is _ArrayImpl and item.features_mask is None
+                    and item.labels_mask is None and (x.aval, y.aval, None, None) in prepare._bytes):
+                return item, ()  # on the device, a shape seen before: passed through as it is
         try:
-            return self._prepare(item)
+            return prepare(item)
         except BaseException as e:  # noqa: BLE001
             self._fail(e)
 
@@ -333,7 +342,9 @@ class AsyncDataSetIterator(DataSetIterator):
             raise WorkspaceError(f"[{self.id}] is closed; create a new iterator.")
         if self._exhausted:
             raise StopIteration
-        ring = self._ring_workspace() if self.use_workspace else None
+        ring = self._ring
+        if self.use_workspace and (ring is None or ring._destroyed):
+            ring = self._ring_workspace()
         if ring is not None:
             ring._release_slot()  # before taking the next: the ring bound holds
         if self._threaded:
