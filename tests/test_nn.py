@@ -596,7 +596,7 @@ def test_functional_model_evaluates_on_the_device():
     assert ev.accuracy() == pytest.approx(float((np.asarray(model.output(x)).argmax(1) == y).mean()))
 
 
-@pytest.mark.parametrize("via", ["list", "async", "resident"])
+@pytest.mark.parametrize("via", ["list", "device list", "async", "resident"])
 def test_steps_per_execution_equals_one_step_at_a_time(via):
     x, y = data(n=70)  # batches of 8: 8 full ones and a last of 6, which breaks a group
     a, b = mlp(), mlp()
@@ -607,6 +607,10 @@ def test_steps_per_execution_equals_one_step_at_a_time(via):
     a.fit(reference, epochs=2, progress=False)  # one step at a time, batches from a list
     if via == "list":
         b.fit(reference, epochs=2, progress=False, steps_per_execution=3)
+    elif via == "device list":  # the user's device batches, stacked by the program that runs them
+        on_device = [jaxws.data.DataSet(jnp.asarray(d.features), jnp.asarray(d.labels)) for d in reference]
+        b.fit(on_device, epochs=2, progress=False, steps_per_execution=3)
+        assert not any(d.features.is_deleted() or d.labels.is_deleted() for d in on_device)
     elif via == "async":  # host batches, prefetched, stacked in the prefetch thread
         b.fit(ArrayDataSetIterator(x, y, 8, resident=False), epochs=2, progress=False, steps_per_execution=3)
     else:  # device-resident: every batch taken inside the program

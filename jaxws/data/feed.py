@@ -272,7 +272,9 @@ class Feed:
                 "an iterator already yields batches."
             )
         if checked is None and isinstance(data, (list, tuple)):  # batches in memory: all checked before the first runs
-            checked = [self._checked(self._as(item), "data[{}]", i) for i, item in enumerate(data)]
+            kind = MultiDataSet if multi else DataSet  # what _as returns as it is
+            checked = [self._checked(item if type(item) is kind else self._as(item), "data[{}]", i)
+                       for i, item in enumerate(data)]
         self._prechecked = checked is not None
         # batches in memory that are all unattached device arrays: a pass needs nothing but them
         self._keyed = self._prechecked and all([key is not None for _, key in checked])
@@ -383,9 +385,11 @@ class Feed:
         if (self._resident and self._place and isinstance(self.source, ArrayDataSetIterator)
                 and self.source.fits_on_device()):
             return ((rows, None) for rows in self._rows()) if signed else self._rows()
-        if self._keyed and signed and self.steps == 1 and self._place and self.placement.anywhere and self.source:
-            self._passes += 1  # checked, keyed device batches used where they lie (fit(batch) per call)
-            return iter(self.source)
+        if self._keyed and signed and self._place and self.placement.anywhere and self.source:
+            self._passes += 1  # checked, keyed device batches used where they lie (fit(batch), fit(list))
+            if self.steps == 1:
+                return iter(self.source)
+            return ((Steps(tuple(group)), (len(group), key)) for group, key in _grouped(iter(self.source), self.steps))
         if self._whole is None:
             self._whole = self._check_whole()
         items = self._start()
