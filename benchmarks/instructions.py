@@ -11,7 +11,9 @@ over the same calls in one process:
     called once per batch (DL4J's loop);
   * programs of k steps (``breakdown.py``'s second figure): a hand-written scan over a stack,
     fit's fused program on a stack and on the k batches themselves, and
-    ``fit(batches, steps_per_execution=k)`` around that program.
+    ``fit(batches, steps_per_execution=k)`` around that program;
+  * an AsyncDataSetIterator over device batches (``speed.py``'s figure), per batch, against
+    the loop over the same batches.
 
     python benchmarks/instructions.py [--calls 2000] [--steps 50] [--k 100] [--width 64] [--batch 32]
 
@@ -57,11 +59,13 @@ def _count(group: str, variants: dict, *args: object) -> None:
 def inner(args: argparse.Namespace) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling scripts
     from breakdown import epochs_of, layers, scan_layers
-    from speed import tiny_steps
+    from speed import async_variants, tiny_steps
 
     _count("jit", tiny_steps(args.calls))
     _count("fit", layers(args.width, args.batch), epochs_of(args.batch, args.steps, 1)[0])
     _count("scan", scan_layers(args.width, args.batch, args.k), 1)
+    ring = async_variants(args.calls)
+    _count("async", {"device": ring["device"], "loop": ring["loop"]})  # the others work in threads
 
 
 def _read(folder: str) -> dict:
@@ -118,6 +122,10 @@ def main() -> None:
     emit(figure="programs of k steps, k instructions per step", width=args.width, batch=args.batch, k=args.k,
          per_step={k: round(v, 2) for k, v in scan.items()},
          batches_as_arguments=round(scan["steps"] - scan["fused"], 2), fit_around_program=round(scan["fit"] - scan["steps"], 2))
+    ring = {k: v / args.calls / 1000 for k, v in counts["async"].items()}
+    emit(figure="AsyncDataSetIterator per batch: device batches (passed through), k instructions per batch",
+         batches=args.calls, queue_size=8, **{k: round(v, 2) for k, v in ring.items()},
+         per_batch=round(ring["device"] - ring["loop"], 2))
 
 
 if __name__ == "__main__":

@@ -196,7 +196,10 @@ def fit_figures(repeats: int) -> None:
          speedup=round(t["plain"] / t["resident"], 2), target="5x (GPU)")
 
 
-def async_figures(repeats: int, n: int = 400) -> None:
+def async_variants(n: int) -> dict:
+    """``n`` batches (32 x 64 features, int labels) through an AsyncDataSetIterator of queue
+    size 8, as numpy batches and as device batches (passed through); a bare ``device_put``
+    loop over the numpy ones; and the loop over the device ones alone."""
     r = np.random.default_rng(1)
     host = [(r.normal(size=(BATCH, D)).astype(np.float32), r.integers(0, CLASSES, BATCH).astype(np.int32)) for _ in range(n)]
     device = [(jnp.asarray(a), jnp.asarray(b)) for a, b in host]
@@ -223,7 +226,11 @@ def async_figures(repeats: int, n: int = 400) -> None:
             last = a
         jax.block_until_ready(last)
 
-    variants = {"device_put": bare_device_put, "numpy": async_numpy, "device": async_device, "loop": iterate_only}
+    return {"device_put": bare_device_put, "numpy": async_numpy, "device": async_device, "loop": iterate_only}
+
+
+def async_figures(repeats: int, n: int = 400) -> None:
+    variants = async_variants(n)
     for run in variants.values():
         run()
     t = {k: v / n * 1e6 for k, v in best_of(repeats, variants).items()}
