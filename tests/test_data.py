@@ -1,5 +1,6 @@
 """DataSet, base iterators, AsyncDataSetIterator: order, ring bound, faults, threads, padding."""
 
+import dataclasses
 import gc
 import itertools
 import logging
@@ -58,6 +59,14 @@ def test_dataset_is_a_pytree_with_split_merge_detach():
     assert merged.features_mask is None
     kept = DataSet(jnp.asarray(x), jnp.asarray(y)).detach()
     assert not jaxws.is_attached(kept.features)
+    with pytest.raises(dataclasses.FrozenInstanceError):  # its own __init__ keeps it frozen
+        ds.labels = None
+    swapped = dataclasses.replace(ds, labels_mask=np.ones(10))
+    assert swapped.features is x and swapped.labels is y and swapped.labels_mask.shape == (10,)
+    multi = MultiDataSet((x,), (y,))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        multi.labels = ()
+    assert jax.tree.structure(multi).num_leaves == 2
     with pytest.raises(ValueError, match="n=0"):
         ds.split(0)
 
