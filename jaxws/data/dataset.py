@@ -69,8 +69,8 @@ class DataSet:
     labels_mask: Any = None
 
     def __init__(self, features: Any, labels: Any = None, features_mask: Any = None, labels_mask: Any = None):
-        # a frozen dataclass's own __init__ calls object.__setattr__ per field: 1 us a
-        # batch, made for every batch an iterator yields; filling __dict__ takes 0.4
+        # the frozen dataclass's generated __init__ sets each field through object.__setattr__:
+        # 0.9 us a DataSet, and every batch an iterator yields makes one; this takes 0.4 us
         fields = self.__dict__
         fields["features"], fields["labels"] = features, labels
         fields["features_mask"], fields["labels_mask"] = features_mask, labels_mask
