@@ -387,9 +387,7 @@ class Feed:
             return ((rows, None) for rows in self._rows()) if signed else self._rows()
         if self._keyed and signed and self._place and self.placement.anywhere and self.source:
             self._passes += 1  # checked, keyed device batches used where they lie (fit(batch), fit(list))
-            if self.steps == 1:
-                return iter(self.source)
-            return ((Steps(tuple(group)), (len(group), key)) for group, key in _grouped(iter(self.source), self.steps))
+            return iter(self.source) if self.steps == 1 else self._inline(iter(self.source), signed)
         if self._whole is None:
             self._whole = self._check_whole()
         items = self._start()
@@ -410,7 +408,7 @@ class Feed:
         if self.prefetch and not on_device and getattr(self.source, "async_supported", True):
             ring = self._prefetched(items)
             return ((ds, signature(ds)) for ds in ring) if signed else ring
-        return self._inline(items, signed)
+        return self._inline(self._batches(items), signed)
 
     def _why_empty(self) -> str:
         source = self.source
@@ -444,10 +442,11 @@ class Feed:
         self._validated(source.data)
         return True
 
-    def _inline(self, items: Iterator, signed: bool) -> Iterator[Any]:
+    def _inline(self, pairs: Iterator[tuple], signed: bool) -> Iterator[Any]:
+        """Checked ``(batch, key)`` pairs placed (or stacked by ``steps``) in this thread."""
         place, anywhere = self.placement.place, self.placement.anywhere
         if self.steps == 1:
-            for ds, key in self._batches(items):
+            for ds, key in pairs:
                 if key is None or not anywhere:  # key: unattached device arrays, used where they are
                     ds = place(ds)[0]
                 if signed:
@@ -455,7 +454,7 @@ class Feed:
                 else:
                     yield ds
         else:
-            for group, key in _grouped(self._batches(items), self.steps):
+            for group, key in _grouped(pairs, self.steps):
                 if key is not None and anywhere:  # stacked by the program that runs them
                     steps = Steps(tuple(group))
                     yield (steps, (len(group), key)) if signed else steps

@@ -72,7 +72,14 @@ class _Preparer:
         return set(self._bytes)
 
     def __call__(self, item: Any) -> tuple[Any, list]:
-        """``(batch on the device, the arrays the ring placed)``."""
+        """``(batch on the device, the arrays the ring placed)``: a device DataSet of a shape
+        seen before comes back as it is, with nothing to do (the consumer's thread reads
+        device batches, one call per batch)."""
+        if self.plain and type(item) is DataSet:  # the usual batch, keyed as signature() keys it
+            x, y = item.features, item.labels
+            if (type(x) is _ArrayImpl and type(y) is _ArrayImpl and item.features_mask is None
+                    and item.labels_mask is None and (x.aval, y.aval, None, None) in self._bytes):
+                return item, ()
         return self.placement.place(self.host(item))
 
     def host(self, item: Any) -> Any:
@@ -319,14 +326,8 @@ class AsyncDataSetIterator(DataSetIterator):
             return _END
         except BaseException as e:  # noqa: BLE001 - reported as the threads' would be
             self._fail(e)
-        prepare = self._prepare
-        if prepare.plain and type(item) is DataSet:  # the usual batch, read as signature() would
-            x, y = item.features, item.labels
-            if (type(x) is _ArrayImpl and type(y) is _ArrayImpl and item.features_mask is None
-                    and item.labels_mask is None and (x.aval, y.aval, None, None) in prepare._bytes):
-                return item, ()  # on the device, a shape seen before: passed through as it is
         try:
-            return prepare(item)
+            return self._prepare(item)
         except BaseException as e:  # noqa: BLE001
             self._fail(e)
 
@@ -342,9 +343,7 @@ class AsyncDataSetIterator(DataSetIterator):
             raise WorkspaceError(f"[{self.id}] is closed; create a new iterator.")
         if self._exhausted:
             raise StopIteration
-        ring = self._ring
-        if self.use_workspace and (ring is None or ring._destroyed):
-            ring = self._ring_workspace()
+        ring = self._ring_workspace() if self.use_workspace else None
         if ring is not None:
             ring._release_slot()  # before taking the next: the ring bound holds
         if self._threaded:
