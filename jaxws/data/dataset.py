@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxws._internals import ArrayImpl as _ArrayImpl
 from jaxws.errors import ConfigurationError
+from jaxws.workspace import _TAG
 
 __all__ = ["DataSet", "MultiDataSet"]
 
@@ -155,3 +156,32 @@ def signature(ds: Any) -> tuple:
             return tuple(key)
     leaves, treedef = jax.tree.flatten(ds)
     return treedef, tuple([x.aval if isinstance(x, jax.Array) else (np.shape(x), x.dtype) for x in leaves])
+
+
+def _device_key(ds: Any) -> tuple | None:
+    """A batch's :func:`signature` if all its arrays are device arrays attached to no
+    workspace, else None. An unmasked DataSet of two device arrays, the usual batch, is
+    keyed without the loop over its four fields, at half its cost (the feed's check of
+    ``fit(list)`` runs this per batch before any step, the async ring per device batch)."""
+    if type(ds) is DataSet:
+        x, y = ds.features, ds.labels
+        if (ds.features_mask is None and ds.labels_mask is None and type(x) is _ArrayImpl
+                and type(y) is _ArrayImpl):
+            if getattr(x, _TAG, None) is None and getattr(y, _TAG, None) is None:
+                return (x.aval, y.aval, None, None)
+            return None
+        key = []
+        for x in (ds.features, ds.labels, ds.features_mask, ds.labels_mask):
+            if x is None:
+                key.append(None)
+            elif type(x) is _ArrayImpl and getattr(x, _TAG, None) is None:
+                key.append(x.aval)
+            else:
+                return None
+        return tuple(key)
+    if type(ds) is MultiDataSet:
+        for x in jax.tree.leaves(ds):
+            if type(x) is not _ArrayImpl or getattr(x, _TAG, None) is not None:
+                return None
+        return signature(ds)
+    return None

@@ -14,14 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxws._internals import ArrayImpl as _ArrayImpl
 from jaxws.arrays import check_arrays
-from jaxws.data.dataset import DataSet, MultiDataSet, signature
+from jaxws.data.dataset import DataSet, MultiDataSet, _device_key, signature
 from jaxws.data.iterators import ArrayDataSetIterator, ArrayMultiDataSetIterator, as_dataset, as_multi_dataset, from_iterable
 from jaxws.data.placement import Placement, host_leaf
 from jaxws.data.prefetch import AsyncDataSetIterator, AsyncMultiDataSetIterator
 from jaxws.errors import AsyncIteratorError, ConfigurationError, InvalidBatchError, WorkspaceError
-from jaxws.workspace import _TAG
 
 __all__ = ["Feed", "Rows", "Steps", "is_single_batch", "prepare", "stack", "validate"]
 
@@ -94,35 +92,6 @@ class Rows(NamedTuple):
     def examples(self) -> int:
         """Examples in all ``count`` batches."""
         return self.count * self.size
-
-
-def _device_key(ds: Any) -> tuple | None:
-    """A batch's :func:`signature` if all its arrays are device arrays attached to no
-    workspace, else None. An unmasked DataSet of two device arrays, the usual batch, is
-    keyed without the loop over its four fields, at half its cost (the list check of
-    ``fit(list)`` runs this per batch, before any step)."""
-    if type(ds) is DataSet:
-        x, y = ds.features, ds.labels
-        if (ds.features_mask is None and ds.labels_mask is None and type(x) is _ArrayImpl
-                and type(y) is _ArrayImpl):
-            if getattr(x, _TAG, None) is None and getattr(y, _TAG, None) is None:
-                return (x.aval, y.aval, None, None)
-            return None
-        key = []
-        for x in (ds.features, ds.labels, ds.features_mask, ds.labels_mask):
-            if x is None:
-                key.append(None)
-            elif type(x) is _ArrayImpl and getattr(x, _TAG, None) is None:
-                key.append(x.aval)
-            else:
-                return None
-        return tuple(key)
-    if type(ds) is MultiDataSet:
-        for x in jax.tree.leaves(ds):
-            if type(x) is not _ArrayImpl or getattr(x, _TAG, None) is not None:
-                return None
-        return signature(ds)
-    return None
 
 
 @jax.jit
@@ -227,6 +196,7 @@ class Feed:
     ):
         self.op = op
         self._as = as_multi_dataset if multi else as_dataset
+        self._kind = MultiDataSet if multi else DataSet  # what _as returns as it is
         self._multi = multi
         self._check = check
         self._seen: set = set() if seen is None else seen  # batch signatures whose shapes were checked
@@ -272,7 +242,7 @@ class Feed:
                 "an iterator already yields batches."
             )
         if checked is None and isinstance(data, (list, tuple)):  # batches in memory: all checked before the first runs
-            kind = MultiDataSet if multi else DataSet  # what _as returns as it is
+            kind = self._kind
             checked = [self._checked(item if type(item) is kind else self._as(item), "data[{}]", i)
                        for i, item in enumerate(data)]
         self._prechecked = checked is not None
@@ -422,8 +392,7 @@ class Feed:
         """``(batch, signature)`` for each item: checked (lists were, up front; the batches
         of host data checked whole are slices of checked arrays)."""
         self._pulled = 0  # batches taken from the source this pass: the next one is the failing one
-        prechecked, whole, as_ = self._prechecked, self._whole, self._as
-        kind = MultiDataSet if self._multi else DataSet  # what as_ returns as it is
+        prechecked, whole, as_, kind = self._prechecked, self._whole, self._as, self._kind
         for i, item in enumerate(items):
             self._pulled = i + 1
             if prechecked:
