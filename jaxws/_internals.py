@@ -7,41 +7,55 @@ that moves one makes jaxws slower, not wrong.
 - ``ArrayImpl``: the concrete array class. ``type(x) is ArrayImpl`` is the fastest test of
   a leaf; with no such class (None) those tests fail and the slower path runs.
 - ``concrete()``: whether the caller is outside every transformation (grad, vmap, scan, an
-  outer jit), read from the trace state directly.
+  outer jit), read from the trace state directly: ``trace_state.value is EVAL_TRACE``.
 - ``flatten``: the registry function that ``jax.tree_util.tree_flatten`` calls, one frame fewer.
 """
 
 from __future__ import annotations
 
+import types
+
 import jax
 
-__all__ = ["ArrayImpl", "concrete", "flatten"]  # for jaxws itself: the module is private
+__all__ = ["ArrayImpl", "EVAL_TRACE", "concrete", "flatten", "trace_state"]  # for jaxws itself: the module is private
 
 try:
     from jax._src.array import ArrayImpl
 except ImportError:  # pragma: no cover - a later jax moved it: the slower path still works
     ArrayImpl = None
 
+
+class _PublicTopTrace:
+    """The public stand-in for JAX's trace state: ``value`` is the current top trace."""
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> object:
+        return _find_top_trace(())
+
+
 try:  # outside every transformation the current trace is JAX's eval trace
     from jax.extend.core import find_top_trace as _find_top_trace
 
-    _EVAL_TRACE = _find_top_trace(())
+    EVAL_TRACE = _find_top_trace(())
     try:  # the state find_top_trace reads, read directly: two frames fewer, once per call
-        from jax._src.core import trace_state_strong_ref as _trace_state
+        from jax._src.core import trace_state_strong_ref as trace_state
 
-        if _trace_state.value is not _EVAL_TRACE:
+        if trace_state.value is not EVAL_TRACE:
             raise ImportError("not the state find_top_trace reads")
-
-        def concrete() -> bool:
-            return _trace_state.value is _EVAL_TRACE
     except (ImportError, AttributeError):  # pragma: no cover - another jax: the public function
-
-        def concrete() -> bool:
-            return _find_top_trace(()) is _EVAL_TRACE
+        trace_state = _PublicTopTrace()
 except ImportError:  # pragma: no cover - older jax: tracers among the leaves tell instead
+    EVAL_TRACE = None
+    trace_state = types.SimpleNamespace(value=None)
 
-    def concrete() -> bool:
-        return True
+
+def concrete() -> bool:
+    """Whether the caller is outside every transformation (a hot path reads
+    ``trace_state.value is EVAL_TRACE`` itself, one frame fewer)."""
+    return trace_state.value is EVAL_TRACE
+
 
 try:
     from jax._src.tree_util import default_registry as _registry

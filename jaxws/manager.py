@@ -310,7 +310,8 @@ class MemoryManager:
 
     def _loop_exited(self) -> None:
         """A thread's outermost cycle ended: counted, and a young collection if one is due.
-        No clock, lock or notify: the watcher reads the count and sets the mark."""
+        No clock, lock or notify: the watcher reads the count and sets the mark.
+        (``Workspace.__exit__`` has these lines inline: the loop pays no frame for them.)"""
         self._exits += 1
         if self._collect_due:
             self._collect()

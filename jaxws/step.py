@@ -16,12 +16,14 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from jaxws._internals import concrete as _concrete
+from jaxws._internals import EVAL_TRACE as _EVAL_TRACE
 from jaxws._internals import flatten as _flatten
+from jaxws._internals import trace_state as _trace_state
 from jaxws.aot import Compiled, Lowered
 from jaxws.arrays import stale_error
 from jaxws.errors import ConfigurationError, DeletedArrayError, DonationError, DonationWarning
 from jaxws.manager import DebugMode, get_workspace_manager
+from jaxws.manager import _local as _thread_local
 from jaxws.memory import MemoryPlan, format_bytes, tree_bytes
 from jaxws.plan import (
     StepPlan,
@@ -136,7 +138,8 @@ class WorkspaceFunction:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # the hot path, once per step: one flatten, one lookup keyed on the leaves' cached
-        # avals, per-leaf work in C (map over builtins), the admission's fast path
+        # avals, per-leaf work in C (map over builtins), the admission's fast path; every
+        # Python frame here is paid per step, so the trace and thread lookups are inline
         if self._static_nums or self._static_names:
             dyn, static = self._split(args, kwargs)
             leaves, treedef = jax.tree_util.tree_flatten(dyn)
@@ -150,14 +153,17 @@ class WorkspaceFunction:
         if any(map(hasattr, leaves, _TAGS)):
             tags = [getattr(x, _TAG, None) for x in leaves]
             self._check_alive(lambda: self._leaf_names(args, kwargs), leaves, tags)
-        if not _concrete():
+        if _trace_state.value is not _EVAL_TRACE:
             return self._donating(*args, **kwargs)  # under grad / vmap / scan / an outer jit
         try:
-            key = (treedef, static, tuple(map(_aval, leaves)))
+            key = (treedef, static, (*map(_aval, leaves),))
         except AttributeError:  # numpy arrays, Python scalars
             key = (treedef, static, tuple(map(_leaf_key, leaves)))
         plan = self._plans.get(key)
-        manager = get_workspace_manager()
+        try:
+            manager = _thread_local.manager  # get_workspace_manager(), a frame fewer
+        except AttributeError:
+            manager = get_workspace_manager()
         stack = manager._stack
         ws = stack[-1] if stack else None
         if plan is None:
@@ -197,7 +203,10 @@ class WorkspaceFunction:
         and the per-leaf checks, and still admit, donate and attach as a call does."""
         kwargs = kwargs or {}
         plan = self._planned.get(signature)
-        manager = get_workspace_manager()
+        try:
+            manager = _thread_local.manager  # get_workspace_manager(), a frame fewer
+        except AttributeError:
+            manager = get_workspace_manager()
         if plan is None or manager.debug_mode is not _DISABLED:
             out = self(*args, **kwargs)
             self._planned[signature] = self._last_plan

@@ -165,22 +165,43 @@ class Workspace:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._depth == 1 and self._owner == _get_ident() and not self._destroyed:
-            # the loop's path: _exit's outermost case and the manager's _scope_left, inline
-            # (the cycle's invalidation stays in _end_cycle, its one implementation)
-            self._depth = 0
-            self._end_cycle()
-            manager = self._manager
-            stack = manager._stack
-            if stack[-1] is self:
-                stack.pop()
-                manager._active -= 1
-                if manager._active == 0:
-                    manager._memory._loop_exited()
-            else:
-                manager._scope_left(self)
+        if self._depth != 1 or self._owner != _get_ident() or self._destroyed:
+            self._exit()  # nested, another thread's or destroyed: the checks and their errors
+            return
+        # the loop's path, once per step, and the one implementation of a cycle's end (_exit
+        # comes here for the outermost level). Every call here is paid per step, so the
+        # manager's _scope_left and the memory manager's _loop_exited are inline.
+        self._depth = 0
+        generation = self.generation - self._lag
+        if generation == self._invalid_through + 1:  # the usual case: one cycle to invalidate
+            refs = self._arrays.pop(generation, None)
+            if refs:
+                self._delete(refs, generation)
+            self._invalid_through = generation
         else:
-            self._exit()
+            self._invalidate_through(generation)
+        need = self._cycle_need
+        if need > self.peak_size:
+            self.peak_size = need
+        self.cycles += 1
+        if not self._initialized:
+            self._learned = max(self._learned, need)
+            if self.cycles >= self.config.learning_cycles:
+                self.current_size = max(self.current_size, self.config.round_up(self._learned))
+                self._initialized = True
+        self._cycle_out = self._cycle_temp = self._cycle_need = 0
+        manager = self._manager
+        stack = manager._stack
+        if stack[-1] is self:
+            stack.pop()
+            manager._active -= 1
+            if manager._active == 0:  # the thread's loop left its last cycle
+                memory = manager._memory
+                memory._exits += 1
+                if memory._collect_due:
+                    memory._collect()
+        else:
+            manager._scope_left(self)
 
     def _enter(self) -> None:
         if self._owner != threading.get_ident():
@@ -204,30 +225,10 @@ class Workspace:
             raise WorkspaceError(
                 f"Workspace [{self.id}] was closed more often than it was entered."
             )
-        self._depth -= 1
-        if self._depth == 0:
-            self._end_cycle()
-            self._manager._scope_left(self)
-
-    def _end_cycle(self) -> None:
-        generation = self.generation - self._lag
-        if generation == self._invalid_through + 1:  # the usual case: one cycle to invalidate
-            refs = self._arrays.pop(generation, None)
-            if refs:
-                self._delete(refs, generation)
-            self._invalid_through = generation
+        if self._depth > 1:
+            self._depth -= 1
         else:
-            self._invalidate_through(generation)
-        need = self._cycle_need
-        if need > self.peak_size:
-            self.peak_size = need
-        self.cycles += 1
-        if not self._initialized:
-            self._learned = max(self._learned, need)
-            if self.cycles >= self.config.learning_cycles:
-                self.current_size = max(self.current_size, self.config.round_up(self._learned))
-                self._initialized = True
-        self._cycle_out = self._cycle_temp = self._cycle_need = 0
+            self.__exit__(None, None, None)  # the outermost level: the cycle ends
 
     def _delete(self, refs: list, generation: int) -> None:
         """Deletes the still-live arrays of ``refs`` that still belong to ``generation`` here."""
