@@ -65,6 +65,7 @@ class WorkspaceManager:
         self._workspaces: dict[str, Workspace] = {}
         self._stack: list[Workspace | None] = []  # innermost last; None scopes out
         self._active = 0  # open cycles of this thread; the memory manager reads it
+        self._loops = 0  # outermost cycles this thread left; the gc window's watcher reads it
         self.debug_mode = _debug_mode_from_env()
         self._memory = _memory_manager  # read by a workspace's enter and exit, per cycle
         _memory_manager._register(self)
@@ -194,12 +195,20 @@ class WorkspaceManager:
                     break
         self._active -= 1
         if self._active == 0:
-            _memory_manager._loop_exited()
+            self._loop_left()
 
     def _scope_closed(self) -> None:
         self._active -= 1
         if self._active == 0:
-            _memory_manager._loop_exited()
+            self._loop_left()
+
+    def _loop_left(self) -> None:
+        """The thread's outermost cycle ended: counted (the gc window's watcher sees
+        idleness in the count), and a young collection if the watcher marked one due.
+        ``Workspace.__exit__`` has these lines inline: the loop pays no frame for them."""
+        self._loops += 1
+        if _memory_manager._collect_due:
+            _memory_manager._collect()
 
 
 class MemoryManager:
@@ -229,7 +238,6 @@ class MemoryManager:
         self._managers: weakref.WeakSet = weakref.WeakSet()  # every thread's (their open cycles)
         self._gc_off = False  # True while we hold gc disabled
         self._was_enabled = True
-        self._exits = 0  # loops' outermost cycles ended; the watcher sees idleness in it
         self._window_ms = 100
         self._periodic = True
         self._last = time.monotonic()  # the last collection
@@ -308,14 +316,6 @@ class MemoryManager:
                 else:
                     self._cond.notify()
 
-    def _loop_exited(self) -> None:
-        """A thread's outermost cycle ended: counted, and a young collection if one is due.
-        No clock, lock or notify: the watcher reads the count and sets the mark.
-        (``Workspace.__exit__`` has these lines inline: the loop pays no frame for them.)"""
-        self._exits += 1
-        if self._collect_due:
-            self._collect()
-
     def _collect(self) -> None:
         # the loop's garbage is young (no automatic collection promoted it), so the two
         # young generations catch it in ~1 ms where a full collection takes ~30 ms
@@ -345,8 +345,9 @@ class MemoryManager:
                 now = time.monotonic()
                 if not self._collect_due and self._due(now):
                     self._collect_due = True
-                if self._loop_open() or self._exits != seen:
-                    seen, quiet_since = self._exits, now
+                loops = sum(m._loops for m in self._managers)
+                if self._loop_open() or loops != seen:
+                    seen, quiet_since = loops, now
                 elif now - quiet_since >= idle:
                     self._restore()
                     continue

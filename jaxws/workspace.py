@@ -170,7 +170,7 @@ class Workspace:
             return
         # the loop's path, once per step, and the one implementation of a cycle's end (_exit
         # comes here for the outermost level). Every call here is paid per step, so the
-        # manager's _scope_left and the memory manager's _loop_exited are inline.
+        # manager's _scope_left and _loop_left are inline.
         self._depth = 0
         generation = self.generation - self._lag
         if generation == self._invalid_through + 1:  # the usual case: one cycle to invalidate
@@ -195,9 +195,9 @@ class Workspace:
         if stack[-1] is self:
             stack.pop()
             manager._active -= 1
-            if manager._active == 0:  # the thread's loop left its last cycle
+            if manager._active == 0:  # the manager's _loop_left
+                manager._loops += 1
                 memory = manager._memory
-                memory._exits += 1
                 if memory._collect_due:
                     memory._collect()
         else:

@@ -152,6 +152,21 @@ def test_cycles_read_no_clock_and_the_watcher_marks_each_window(gc_starts, monke
     assert len(reads) == len(gc_starts)  # one read per collection, none per cycle
 
 
+def test_a_loop_of_short_cycles_keeps_gc_off_while_it_runs(gc_starts):
+    # most of each step is outside the cycle: the watcher sees the loop alive in the count
+    # of cycles that ended, not in an open one
+    memory = jaxws.get_memory_manager()
+    ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="GC")
+    end = time.monotonic() + 3 * memory.idle_restore_ms / 1000
+    while time.monotonic() < end:
+        with ws:
+            pass
+        time.sleep(0.002)
+        assert not gc.isenabled()  # between cycles (entering one would turn it off again)
+    time.sleep(memory.idle_restore_ms / 1000 + 0.3)
+    assert gc.isenabled()
+
+
 def test_gc_state_before_the_loop_is_restored(gc_starts):
     gc.disable()
     try:
@@ -168,7 +183,6 @@ def test_gc_state_before_the_loop_is_restored(gc_starts):
 def test_memory_manager_close_joins_its_thread():
     memory = jaxws.MemoryManager(idle_restore_ms=10_000)
     memory._loop_entered()
-    memory._loop_exited()
     assert not gc.isenabled() and memory._thread.is_alive()
     memory.close()
     memory.close()
