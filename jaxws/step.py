@@ -155,10 +155,10 @@ class WorkspaceFunction:
             self._check_alive(lambda: self._leaf_names(args, kwargs), leaves, tags)
         if _trace_state.value is not _EVAL_TRACE:
             return self._donating(*args, **kwargs)  # under grad / vmap / scan / an outer jit
-        try:
-            key = (treedef, static, (*map(_aval, leaves),))
+        try:  # one flat tuple: one allocation and one hash fewer than a nested tuple of avals
+            key = (treedef, static, *map(_aval, leaves))
         except AttributeError:  # numpy arrays, Python scalars
-            key = (treedef, static, tuple(map(_leaf_key, leaves)))
+            key = (treedef, static, *map(_leaf_key, leaves))
         plan = self._plans.get(key)
         try:
             manager = _thread_local.manager  # get_workspace_manager(), a frame fewer
