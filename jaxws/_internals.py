@@ -6,8 +6,8 @@ that moves one makes jaxws slower, not wrong.
 
 - ``ArrayImpl``: the concrete array class. ``type(x) is ArrayImpl`` is the fastest test of
   a leaf; with no such class (None) those tests fail and the slower path runs.
-- ``concrete()``: whether the caller is outside every transformation (grad, vmap, scan, an
-  outer jit), read from the trace state directly: ``trace_state.value is EVAL_TRACE``.
+- ``trace_state.value is EVAL_TRACE``: whether the caller is outside every transformation
+  (grad, vmap, scan, an outer jit), read from the trace state directly, inline on hot paths.
 - ``flatten``: the registry function that ``jax.tree_util.tree_flatten`` calls, one frame fewer.
 """
 
@@ -17,7 +17,7 @@ import types
 
 import jax
 
-__all__ = ["ArrayImpl", "EVAL_TRACE", "concrete", "flatten", "trace_state"]  # for jaxws itself: the module is private
+__all__ = ["ArrayImpl", "EVAL_TRACE", "flatten", "trace_state"]  # for jaxws itself: the module is private
 
 try:
     from jax._src.array import ArrayImpl
@@ -49,12 +49,6 @@ try:  # outside every transformation the current trace is JAX's eval trace
 except ImportError:  # pragma: no cover - older jax: tracers among the leaves tell instead
     EVAL_TRACE = None
     trace_state = types.SimpleNamespace(value=None)
-
-
-def concrete() -> bool:
-    """Whether the caller is outside every transformation (a hot path reads
-    ``trace_state.value is EVAL_TRACE`` itself, one frame fewer)."""
-    return trace_state.value is EVAL_TRACE
 
 
 try:

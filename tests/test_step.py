@@ -388,7 +388,12 @@ def test_keyword_and_positional_calls_of_one_structure_keep_their_own_plans():
 
 def test_the_private_fast_paths_answer_as_the_public_api_does():
     # jaxws reads three things from JAX's private modules; each must mean what its public API says
-    from jaxws._internals import ArrayImpl, concrete, flatten
+    from jaxws._internals import EVAL_TRACE, ArrayImpl, _PublicTopTrace, flatten, trace_state
+
+    def concrete():  # what jaxws.jit's call reads inline, and the public fallback's answer
+        fast, public = trace_state.value is EVAL_TRACE, _PublicTopTrace().value is EVAL_TRACE
+        assert fast == public
+        return fast
 
     tree = ({"b": jnp.ones(2), "a": [1.0, None, np.zeros(3)]}, jaxws.data.DataSet(jnp.ones(3), jnp.zeros(3)))
     leaves, treedef = flatten(tree)
