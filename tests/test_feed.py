@@ -118,8 +118,9 @@ def test_out_of_range_device_labels_never_train_silently(bad):
     x, y = arrays(200)
     labels = jnp.asarray(np.where(np.arange(200) >= 100, bad, y), jnp.int32)  # batches 2 and 3 are bad
     net = network()
+    batches = [(jnp.asarray(x[i:i + 50]), labels[i:i + 50]) for i in range(0, 200, 50)]
     with pytest.raises(jaxws.InvalidBatchError, match=rf"batch 2 \(counting from 0 in that call\) was the first with classes outside 0\.\.2 \(found {bad}\.\.{bad}\); 100 invalid"):
-        net.fit((jnp.asarray(x), labels), batch_size=50, progress=False)
+        net.fit(iter(batches), progress=False)  # counted in the steps, read once at the end
     with pytest.raises(jaxws.InvalidBatchError, match="labels out of range"):
         net.evaluate((jnp.asarray(x), labels))
     with pytest.raises(jaxws.InvalidBatchError, match="labels out of range"):
@@ -148,11 +149,32 @@ def test_invalid_labels_are_named_by_epoch_and_batch_and_masked_padding_is_fine(
     x, y = arrays(100)
     labels = jnp.asarray(y).at[60].set(7)
     net = network()
+    xd = jnp.asarray(x)
     with pytest.raises(jaxws.InvalidBatchError, match=r"batch 3 of epoch 0"):
-        net.fit(ArrayDataSetIterator(jnp.asarray(x), labels, batch_size=20), epochs=2, progress=False)
+        net.fit([(xd[i:i + 20], labels[i:i + 20]) for i in range(0, 100, 20)], epochs=2, progress=False)
     padded = jnp.asarray(y).at[60].set(-1)
     mask = jnp.asarray(np.arange(100) != 60, jnp.float32)
     net.fit(ArrayDataSetIterator(jnp.asarray(x), padded, batch_size=20, labels_mask=mask), progress=False)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_device_resident_labels_are_refused_before_any_step(shuffle):
+    x, y = arrays(200)
+    labels = np.asarray(y).copy()
+    labels[130], labels[170] = 5, -1
+    net = network()
+    before = jaxws.detach(net.params)
+    data = ArrayDataSetIterator(jnp.asarray(x), jnp.asarray(labels), batch_size=20, shuffle=shuffle, seed=1)
+    with pytest.raises(jaxws.InvalidBatchError, match=r"fit: labels out of range for loss mcxent of layer 1 "
+                       r"\(OutputLayer, n_out=3\): found classes -1\.\.5, expected 0\.\.2; 2 invalid label\(s\), "
+                       r"the first in example 130 of the data \(counting from 0\)\. Nothing was trained"):
+        net.fit(data, epochs=2, steps_per_execution=3, progress=False)
+    assert net.iteration == 0 and data.position == 0
+    jax.tree.map(np.testing.assert_array_equal, net.params, before)
+    masked = jnp.asarray(~np.isin(np.arange(200), [130, 170]), jnp.float32)  # masked out: fine
+    net.fit(ArrayDataSetIterator(jnp.asarray(x), jnp.asarray(labels), batch_size=20, shuffle=shuffle,
+                                 labels_mask=masked), progress=False)
+    assert net.iteration == 10
 
 
 def test_host_labels_are_refused_before_any_step():
@@ -324,22 +346,28 @@ def test_a_signed_pass_pairs_each_batch_with_its_signature(source):
         assert all(ds is given for (ds, _), given in zip(pairs, device))  # passed through, not copied
 
 
-@pytest.mark.parametrize("how", ["fused list", "resident", "resident shuffled"])
+@pytest.mark.parametrize("how", ["fused list", "fused iterator"])
 def test_invalid_labels_in_fused_steps_are_named_by_their_own_batch(how):
     x, y = arrays(200)
     labels = np.asarray(y).copy()
     labels[4 * 20 + 3], labels[6 * 20] = 5, -1  # batches 4 and 6 of 20 examples
     net, xd, yd = network(), jnp.asarray(x), jnp.asarray(labels)
-    if how == "fused list":
-        data = [(xd[i:i + 20], yd[i:i + 20]) for i in range(0, 200, 20)]
-    else:
-        data = ArrayDataSetIterator(xd, yd, batch_size=20, shuffle=how == "resident shuffled", seed=1)
+    data = [(xd[i:i + 20], yd[i:i + 20]) for i in range(0, 200, 20)]
     with pytest.raises(jaxws.InvalidBatchError) as caught:
-        net.fit(data, steps_per_execution=3, progress=False)
+        net.fit(data if how == "fused list" else iter(data), steps_per_execution=3, progress=False)
     message = str(caught.value)
     assert "2 invalid label(s) in all, over 10 step(s)" in message
-    if how != "resident shuffled":  # shuffled, the bad examples land in other batches
-        assert "batch 4 (counting from 0 in that call)" in message and "found -1..5" in message
+    assert "batch 4 (counting from 0 in that call)" in message and "found -1..5" in message
+
+
+def test_a_check_recycled_after_resident_steps_names_batches_from_its_own_call():
+    x, y = arrays(200)
+    net, xd = network(), jnp.asarray(x)
+    net.fit(ArrayDataSetIterator(xd, jnp.asarray(y), batch_size=20), steps_per_execution=3, progress=False)
+    labels = jnp.asarray(y).at[5 * 20].set(9)
+    with pytest.raises(jaxws.InvalidBatchError, match=r"batch 5 \(counting from 0 in that call\) was the first .* "
+                       r"1 invalid label\(s\) in all, over 10 step\(s\)"):
+        net.fit([(xd[i:i + 20], labels[i:i + 20]) for i in range(0, 200, 20)], progress=False)
 
 
 @pytest.mark.parametrize("program", ["fused", "resident"])

@@ -257,6 +257,19 @@ def test_bad_batches_name_the_input_or_output():
     assert graph.iteration == 1
 
 
+def test_device_resident_labels_of_a_graph_are_refused_before_any_step():
+    (a, b), (c, v) = two_by_two_batches(1, size=48)[0]
+    graph = two_by_two()
+    before = jax.tree.map(np.array, graph.params)
+    data = ArrayMultiDataSetIterator([jnp.asarray(a), jnp.asarray(b)], [jnp.asarray(c).at[40].set(9), jnp.asarray(v)],
+                                     batch_size=12)
+    with pytest.raises(InvalidBatchError, match=r"labels out of range for loss mcxent of output 'classes' .*found "
+                       r"classes 0\.\.9, expected 0\.\.2; 1 invalid label\(s\), the first in example 40 of the data"):
+        graph.fit(data, steps_per_execution=2, progress=False)
+    assert graph.iteration == 0
+    jax.tree.map(np.testing.assert_array_equal, graph.params, before)
+
+
 def test_a_host_array_iterator_is_checked_whole_before_any_step_and_trains_as_its_batches():
     (a, b), (c, v) = two_by_two_batches(1, size=48)[0]
     graph, reference = two_by_two(), two_by_two()

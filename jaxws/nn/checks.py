@@ -28,6 +28,19 @@ def _initial() -> jax.Array:
     return values + jnp.zeros_like(values)
 
 
+def _judged(labels: jax.Array, mask: jax.Array | None, classes: int) -> tuple:
+    """``(labels as int32, counted (not masked out), bad (counted and out of range))``."""
+    labels = labels.astype(jnp.int32)
+    counted = jnp.ones(labels.shape, bool) if mask is None else jnp.broadcast_to(
+        mask.reshape(mask.shape[: labels.ndim]) > 0, labels.shape)
+    return labels, counted, counted & ((labels < 0) | (labels >= classes))
+
+
+def _stats(labels: jax.Array, counted: jax.Array, bad: jax.Array) -> jax.Array:
+    return jnp.stack([jnp.sum(bad, dtype=jnp.int32), jnp.min(jnp.where(counted, labels, _NONE)),
+                      jnp.max(jnp.where(counted, labels, -_NONE))])
+
+
 class LabelCheck(NamedTuple):
     """Invalid integer labels seen by a loop's steps, in one device int32[5] (one buffer:
     cheap to donate every step): steps counted, the first step with an invalid label (-1
@@ -48,12 +61,16 @@ class LabelCheck(NamedTuple):
     def stats(labels: jax.Array, mask: jax.Array | None, classes: int) -> jax.Array:
         """One step's int32[3] (traced): invalid labels counted, the smallest and the largest
         counted label. Vmapped over a stack of k steps it is one pass over all their labels."""
-        labels = labels.astype(jnp.int32)
-        counted = jnp.ones(labels.shape, bool) if mask is None else jnp.broadcast_to(
-            mask.reshape(mask.shape[: labels.ndim]) > 0, labels.shape)
-        bad = counted & ((labels < 0) | (labels >= classes))
-        return jnp.stack([jnp.sum(bad, dtype=jnp.int32), jnp.min(jnp.where(counted, labels, _NONE)),
-                          jnp.max(jnp.where(counted, labels, -_NONE))])
+        return _stats(*_judged(labels, mask, classes))
+
+    @staticmethod
+    def rows(labels: jax.Array, mask: jax.Array | None, classes: int) -> jax.Array:
+        """A whole dataset's int32[4] (traced): :meth:`stats`, then the first example (row)
+        with an invalid label, -1 if none."""
+        labels, counted, bad = _judged(labels, mask, classes)
+        hits = bad.reshape(bad.shape[0], -1).any(axis=1)
+        first = jnp.where(jnp.any(hits), jnp.argmax(hits), -1).astype(jnp.int32)
+        return jnp.concatenate([_stats(labels, counted, bad), first[None]])
 
     def after(self, stats: jax.Array | None, steps: int) -> LabelCheck:
         """The check after ``steps`` steps whose :meth:`stats` are ``stats`` ([steps, 3];

@@ -79,7 +79,7 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         self._carry: TrainState | None = None
         self._lock = threading.RLock()  # held to commit a carry, or to read one and dispatch
         self._pins: dict[int, int] = {}  # id(params) -> readers on that version
-        self._steps: dict[tuple, WorkspaceFunction] = {}  # (mode, fused or "resident", losses)
+        self._steps: dict[Any, Any] = {}  # (mode, fused or "resident", losses), and "labels"
         self._infer: dict[bool, WorkspaceFunction] = {}
         self._score_fn: WorkspaceFunction | None = None
         self._eval_fns: dict[tuple, WorkspaceFunction] = {}
@@ -326,7 +326,9 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                             if type(item) is Rows:  # device-resident: batches taken in the program
                                 n, fused = item.count, True
                                 signature = (item.count, item.size, item.order is None, signature_of(item.data))
-                                residents = residents or (self.resident_step(mode, losses=False), self.resident_step(mode))
+                                if residents is None:  # the call's first: its labels judged before any step
+                                    self._refuse_invalid_labels(item.data)
+                                    residents = (self.resident_step(mode, losses=False), self.resident_step(mode))
                                 checks.state, losses = self._commit(
                                     residents[bool(listeners)], signature, checks.state, n,
                                     (item.data, item.order, item.start), {"count": item.count, "size": item.size})

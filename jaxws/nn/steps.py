@@ -12,10 +12,13 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from jaxws.arrays import allow_reads
 from jaxws.data.dataset import DataSet
 from jaxws.data.feed import Steps
+from jaxws.errors import InvalidBatchError
 from jaxws.nn.checks import LabelCheck
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.step import WorkspaceFunction, jit
@@ -99,7 +102,9 @@ class StepsMixin:
         ``count`` steps, step i on the ``size`` examples at ``order[start + i*size:]`` (or
         contiguous from there when ``order`` is None), taken inside the program: sliced
         where they lie, or gathered once per execution when shuffled. ``losses=False``:
-        ``(carry, check)`` only, as in :meth:`compiled_step`.
+        ``(carry, check)`` only, as in :meth:`compiled_step`. The check only counts the
+        steps: ``fit`` judges all of ``data``'s labels before the first execution
+        (:meth:`_refuse_invalid_labels`).
         """
         mode = mode or self.training_workspace_mode
         program = self._steps.get((mode, "resident", losses))
@@ -112,15 +117,14 @@ class StepsMixin:
                         return step(carry, jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start + i * size, size), data))
 
                     carry, losses = jax.lax.scan(sliced, carry, jnp.arange(count))
-                    # the check's view of the same rows: only their labels are read
-                    batches = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, count * size).reshape(
-                        count, size, *a.shape[1:]), data)
                 else:  # shuffled: one gather of the execution's rows, then contiguous batches
                     rows = jax.lax.dynamic_slice_in_dim(order, start, count * size)
                     batches = jax.tree.map(
                         lambda a: jnp.take(a, rows, axis=0).reshape(count, size, *a.shape[1:]), data)
                     carry, losses = jax.lax.scan(step, carry, batches)
-                return carry, self._check_steps(check, batches, count), losses
+                # the labels were judged whole before the first execution (_refuse_invalid_labels):
+                # the check only counts the steps, so that a later call names its own
+                return carry, check.after(None, count), losses
 
             program = self._steps[mode, "resident", losses] = self._program(
                 resident, f"{mode.name}, resident", mode, losses, static_argnames=("count", "size"))
@@ -149,6 +153,32 @@ class StepsMixin:
             return carry, check.update(*(self._class_labels(ds) or (None, None, 0))), loss
 
         return checked
+
+    def _refuse_invalid_labels(self, data: Any) -> None:
+        """Raises InvalidBatchError for device-resident ``data`` (fit's Rows) with class
+        labels out of range, before any step runs on it. All its rows are known up front,
+        so they are judged whole: one small program and one read per ``fit`` call, where
+        counting them in every execution would only report them after training on them."""
+        program = self._steps.get("labels")
+        if program is None:
+            def judged(data):
+                found = self._class_labels(data)
+                return None if found is None else LabelCheck.rows(*found)
+
+            program = self._steps["labels"] = jax.jit(judged)
+        found = program(data)
+        if found is None:  # no integer class labels
+            return
+        with allow_reads():  # asked for: not a hidden sync
+            count, low, high, row = np.asarray(found).tolist()
+        if count:
+            classes = self._num_classes()
+            raise InvalidBatchError(
+                f"fit: labels out of range for {self._labels_what()}: found classes {low}..{high}, expected "
+                f"0..{classes - 1}; {count} invalid label(s), the first in example {row} of the data "
+                f"(counting from 0). Nothing was trained. Fix the labels: one integer class in "
+                f"0..{classes - 1} per example (mask out padding with a labels mask)."
+            )
 
     def _check_steps(self, check: Any, stacked: Any, steps: int) -> Any:
         """The label check after the ``steps`` batches of ``stacked`` ([steps, batch, ...]),
