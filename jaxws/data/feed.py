@@ -352,8 +352,8 @@ class Feed:
         return self._pass(signed=True)
 
     def _pass(self, signed: bool) -> Iterator[Any]:
-        if (self._resident and self._place and isinstance(self.source, ArrayDataSetIterator)
-                and self.source.fits_on_device()):
+        if (self._resident and self._place and not self._prechecked
+                and isinstance(self.source, ArrayDataSetIterator) and self.source.fits_on_device()):
             return ((rows, None) for rows in self._rows()) if signed else self._rows()
         if self._keyed and signed and self._place and self.placement.anywhere and self.source:
             self._passes += 1  # checked, keyed device batches used where they lie (fit(batch), fit(list))

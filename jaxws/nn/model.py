@@ -43,6 +43,7 @@ TRAINING_CONF = WorkspaceConfiguration(policy_spill=SpillPolicy.REALLOCATE)
 
 
 _RECYCLE_BELOW = 2**30  # steps a recycled check may have counted: its int32 counters stay exact
+_NO_CYCLE = contextlib.nullcontext()  # a NONE-mode step's: nothing invalidated (reusable, made once)
 
 
 class _Checks:
@@ -313,7 +314,6 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         tqdm = tqdm_class() if progress else None
         workspaces = manager._workspaces
         donates = mode.donates
-        no_cycle = contextlib.nullcontext()  # NONE: nothing invalidated
         with feed, guarded() as guard:
             for _ in tqdm(range(epochs), desc="epochs", leave=False) if progress and epochs > 1 else range(epochs):
                 for listener in self.listeners:
@@ -327,7 +327,7 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                         # looked up each step: a listener may have destroyed it
                         cycle = ((workspaces.get(TRAINING_WORKSPACE)
                                   or manager.get_workspace_for_current_thread(TRAINING_CONF, TRAINING_WORKSPACE))
-                                 if donates else no_cycle)
+                                 if donates else _NO_CYCLE)
                         listeners = self.listeners
                         with guard, cycle:
                             if type(item) is Rows:  # device-resident: batches taken in the program
