@@ -175,6 +175,9 @@ def test_device_resident_labels_are_refused_before_any_step(shuffle):
     net.fit(ArrayDataSetIterator(jnp.asarray(x), jnp.asarray(labels), batch_size=20, shuffle=shuffle,
                                  labels_mask=masked), progress=False)
     assert net.iteration == 10
+    host = network()  # host labels are judged by the feed before they are placed, not again on the device
+    host.fit((x, y), batch_size=20, steps_per_execution=3, progress=False)
+    assert host.iteration == 10 and "labels" not in host._steps and "labels" in net._steps
 
 
 def test_host_labels_are_refused_before_any_step():

@@ -80,13 +80,15 @@ def _on_host(ds: Any) -> bool:
 
 class Rows(NamedTuple):
     """``count`` batches of ``size`` examples of device-resident ``data``, taken inside the
-    program from position ``start`` of ``order`` (None: in order)."""
+    program from position ``start`` of ``order`` (None: in order). ``judged``: the data's
+    label values were checked on the host before it was placed (host arrays)."""
 
     data: Any
     order: Any
     start: int
     count: int
     size: int
+    judged: bool = False
 
     @property
     def examples(self) -> int:
@@ -320,6 +322,7 @@ class Feed:
         n, size = it.num_examples, it.batch_size
         if self._passes == 1:  # all the examples checked once, as one batch
             self._validated(it.data)
+        judged = _on_host(it.data)  # label values too: the caller need not judge them on the device
         data, order = it.on_device(self.placement)
         position = it.position
         full = position + (n - position) // size * size
@@ -328,16 +331,16 @@ class Feed:
                 f"{self.op}: the data has no batches (an ArrayDataSetIterator of {n} examples, batch "
                 f"size {size}, drop_last={it.drop_last}). Pass at least one batch of examples."
             )
-        return self._resident_pass(it, data, order, position, full, n, size)
+        return self._resident_pass(it, data, order, position, full, n, size, judged)
 
-    def _resident_pass(self, it, data, order, position, full, n, size) -> Iterator[Rows]:
+    def _resident_pass(self, it, data, order, position, full, n, size, judged) -> Iterator[Rows]:
         while position < full:
             count = min(self.steps, (full - position) // size)
-            yield Rows(data, order, position, count, size)
+            yield Rows(data, order, position, count, size, judged)
             position += count * size
             it.seek(position)
         if position < n and not it.drop_last:  # the smaller last batch, at its own shape
-            yield Rows(data, order, position, 1, n - position)
+            yield Rows(data, order, position, 1, n - position, judged)
             it.seek(n)
 
     def __iter__(self) -> Iterator[Any]:

@@ -334,7 +334,8 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                                 n, fused = item.count, True
                                 signature = (item.count, item.size, item.order is None, signature_of(item.data))
                                 if residents is None:  # the call's first: its labels judged before any step
-                                    self._refuse_invalid_labels(item.data)
+                                    if not item.judged:  # device arrays (host ones were, by the feed)
+                                        self._refuse_invalid_labels(item.data)
                                     residents = (self.resident_step(mode, losses=False), self.resident_step(mode))
                                 checks.state, losses = self._commit(
                                     residents[bool(listeners)], signature, checks.state, n,
