@@ -17,6 +17,7 @@ from jaxws.errors import InvalidBatchError
 __all__ = ["LabelCheck"]
 
 _NONE = np.iinfo(np.int32).max
+_RECYCLE_BELOW = 2**30  # steps a recycled check may have counted: its int32 counters stay exact
 
 
 @jax.jit
@@ -108,3 +109,23 @@ class LabelCheck(NamedTuple):
             f"label(s) in all, over {steps} step(s), which ran on them. Fix the labels: one "
             f"integer class in 0..{classes - 1} per example (mask out padding with a labels mask)."
         )
+
+
+class FitChecks:
+    """A fit call's label check (donated each step), its executions and where its epochs
+    started. ``offset``: the steps a recycled check counted before this call."""
+
+    def __init__(self, state: LabelCheck, offset: int = 0):
+        self.state = state
+        self.offset = offset
+        self.steps = 0
+        self.executions = 0
+        self.epoch_starts: list[int] = []
+
+    @classmethod
+    def after(cls, spare: FitChecks | None) -> FitChecks:
+        """A new call's: ``spare`` (a call's checks read as valid) donated on with its count
+        as the offset, or a new check when there is none or its counters near int32's end."""
+        if spare is None or spare.offset + spare.steps >= _RECYCLE_BELOW:
+            return cls(LabelCheck.init())
+        return cls(spare.state, spare.offset + spare.steps)

@@ -27,7 +27,7 @@ from jaxws.errors import ConfigurationError, WorkspaceError
 from jaxws.eval.kernel import EvaluationMixin
 from jaxws.interrupts import guarded
 from jaxws.manager import get_workspace_manager
-from jaxws.nn.checks import LabelCheck
+from jaxws.nn.checks import FitChecks, LabelCheck
 from jaxws.nn.checkpoints import CheckpointMixin
 from jaxws.nn.listeners import StepLoss, TrainingListener
 from jaxws.nn.modes import WorkspaceMode
@@ -42,20 +42,7 @@ TRAINING_WORKSPACE = "WS_TRAINING"
 TRAINING_CONF = WorkspaceConfiguration(policy_spill=SpillPolicy.REALLOCATE)
 
 
-_RECYCLE_BELOW = 2**30  # steps a recycled check may have counted: its int32 counters stay exact
 _NO_CYCLE = contextlib.nullcontext()  # a NONE-mode step's: nothing invalidated (reusable, made once)
-
-
-class _Checks:
-    """A fit call's label check (donated each step), its executions and where its epochs
-    started. ``offset``: the steps a recycled check counted before this call."""
-
-    def __init__(self, state: LabelCheck, offset: int = 0):
-        self.state = state
-        self.offset = offset
-        self.steps = 0
-        self.executions = 0
-        self.epoch_starts: list[int] = []
 
 
 class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
@@ -89,8 +76,8 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         self.iteration = 0
         self.epoch = 0
         self._rng = jax.random.key(0)  # fresh randomness for output(training=True)
-        self._pending_checks: list[_Checks] = []  # label checks of fits not read yet
-        self._spare_checks: list[_Checks] = []  # checks read as valid: later fits donate them on
+        self._pending_checks: list[FitChecks] = []  # label checks of fits not read yet
+        self._spare_checks: list[FitChecks] = []  # checks read as valid: later fits donate them on
         self._seen_batches: dict[str, set] = {}  # per operation: batch signatures whose shapes were checked
         self._position: dict | None = None  # where fit's ArrayDataSetIterator stands, as consumed
         self._restored_position: dict | None = None  # the iterator position a restored checkpoint holds
@@ -365,15 +352,13 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         self._verify(wait=checks.executions > 1)
         return self
 
-    def _new_checks(self) -> _Checks:
-        """A fit's label check: one read as valid, donated on with its count as the offset, or
-        a new one. In DL4J's loop (``fit(batch)`` per batch) each call reads the checks of the
-        calls before it, so a few checks serve the whole loop."""
+    def _new_checks(self) -> FitChecks:
+        """A fit's label check: one read as valid, donated on, or a new one. In DL4J's loop
+        (``fit(batch)`` per batch) each call reads the checks of the calls before it, so a
+        few checks serve the whole loop."""
         with self._lock:  # one taker: a check is donated once
             spare = self._spare_checks.pop() if self._spare_checks else None
-        if spare is None or spare.offset + spare.steps >= _RECYCLE_BELOW:
-            return _Checks(LabelCheck.init())
-        return _Checks(spare.state, spare.offset + spare.steps)
+        return FitChecks.after(spare)
 
     def _verify(self, wait: bool = True) -> None:
         """Reads pending label checks (all, or those already computed) and raises for invalid labels."""
