@@ -190,6 +190,55 @@ def test_host_labels_are_refused_before_any_step():
     jax.tree.map(np.testing.assert_array_equal, net.params, before)
 
 
+@pytest.mark.parametrize("how", ["ring", "inline", "list", "array iterator"])
+def test_host_batches_judged_by_the_feed_run_a_step_without_the_device_count(how):
+    # the feed judged their label values on the host: the step that trains on them carries
+    # no label check (one argument and one output fewer per call), and trains the same
+    x, y = arrays(120)
+    host = [DataSet(x[i:i + 20], y[i:i + 20]) for i in range(0, 120, 20)]
+    data = {"ring": lambda: from_iterable(lambda: iter(host)), "inline": lambda: from_iterable(lambda: iter(host)),
+            "list": lambda: host,
+            "array iterator": lambda: ArrayDataSetIterator(x, y, batch_size=20, resident=False)}[how]
+    prefetch = 0 if how == "inline" else 8
+    net, reference = network(), network()
+    net.fit(data(), epochs=2, prefetch=prefetch, progress=False)
+    counted, unchecked = net.compiled_step(losses=False), net.compiled_step(losses=False, checked=False)
+    assert counted.compiles == 0 and unchecked.compiles == 1 and net.iteration == 12
+    step, carry = jax.jit(reference.train_step()), reference._carry  # the plain-JAX loop
+    for ds in host * 2:
+        carry, _ = step(carry, DataSet(jnp.asarray(ds.features), jnp.asarray(ds.labels)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), net.params, carry.params)
+    assert all(isinstance(ds.features, np.ndarray) for ds in host)  # the user's batches, untouched
+    np.testing.assert_array_equal(host[0].labels, y[:20])
+    with pytest.raises(jaxws.InvalidBatchError, match=r"found classes 7\.\.7, expected 0\.\.2"):
+        net.fit([DataSet(x[:20], np.full(20, 7, np.int32))], prefetch=prefetch, progress=False)
+    assert net.iteration == 12
+
+
+def test_device_batches_after_judged_host_ones_are_named_by_their_step_in_the_call():
+    # judged host steps are not counted on the device: the check catches up before a counted
+    # step, and a recycled check starts where its device count stopped
+    x, y = arrays(100)
+    bad = jnp.asarray(np.where(np.arange(20) == 4, 9, y[:20]), jnp.int32)
+    shared = jnp.asarray(y[20:40])  # one label array in several device batches
+    xd = jnp.asarray(x[:20])
+    host = [DataSet(x[i:i + 20], y[i:i + 20]) for i in range(40, 100, 20)]
+    net = network()
+    net.fit(host, progress=False)  # judged only: the check is recycled untouched
+    mixed = [host[0], host[1], DataSet(xd, shared), host[2], DataSet(xd, bad), DataSet(xd, shared)]
+    for prefetch in (0, 8):
+        with pytest.raises(jaxws.InvalidBatchError, match=r"batch 4 \(counting from 0 in that call\) was the first "
+                           r"with classes outside 0\.\.2 \(found 0\.\.9\); 1 invalid label\(s\) in all, over 6 step"):
+            net.fit(iter(mixed), prefetch=prefetch, progress=False)
+    with pytest.raises(jaxws.InvalidBatchError, match=r"batch 4 of epoch 0 .*; 2 invalid label\(s\) in all, over 10 step"):
+        net.fit([host[0], DataSet(xd, shared), host[1]] + [host[2], DataSet(xd, bad)], epochs=2, progress=False)
+    net.fit(host, progress=False)
+    with pytest.raises(jaxws.InvalidBatchError, match=r"batch 2 \(counting"):
+        net.fit([DataSet(xd, shared), host[0], DataSet(xd, bad)], progress=False)
+    assert not shared.is_deleted() and not bad.is_deleted() and not xd.is_deleted()
+    assert all(isinstance(ds.labels, np.ndarray) for ds in host)
+
+
 # -- dead arrays are named first, on every path -------------------------------------------
 
 
@@ -322,16 +371,17 @@ def test_fit_with_batch_size_on_host_arrays_puts_them_on_the_device_once():
     assert net.iteration == 48 and puts == [2]  # features and labels, once, for all four epochs
 
 
-@pytest.mark.parametrize("source", ["device list", "numpy iterator", "device iterator", "device steps", "numpy steps"])
+@pytest.mark.parametrize("source", ["device list", "numpy iterator", "numpy inline", "device iterator",
+                                    "device steps", "numpy steps"])
 def test_a_signed_pass_pairs_each_batch_with_its_signature(source):
     from jaxws.data.dataset import signature
-    from jaxws.data.feed import Feed, Steps
+    from jaxws.data.feed import Feed, Judged, Steps
 
     x, y = arrays(40)
     host = [DataSet(x[i:i + 8], y[i:i + 8]) for i in range(0, 40, 8)]
     device = [DataSet(jnp.asarray(b.features), jnp.asarray(b.labels)) for b in host]
-    data = {"device list": device, "numpy iterator": iter(host), "device iterator": iter(device),
-            "device steps": device, "numpy steps": host}[source]
+    data = {"device list": device, "numpy iterator": iter(host), "numpy inline": iter(host),
+            "device iterator": iter(device), "device steps": device, "numpy steps": host}[source]
     feed = Feed(data, op="fit", prefetch=2 if source == "numpy iterator" else 0,
                 steps=2 if source.endswith("steps") else 1)
     with feed:
@@ -344,7 +394,11 @@ def test_a_signed_pass_pairs_each_batch_with_its_signature(source):
         assert [s.examples for s, _ in pairs] == [16, 16, 8]
         return
     assert [ds.features.shape[0] for ds, _ in pairs] == ([2, 2, 1] if source == "numpy steps" else [8] * 5)
-    assert all(isinstance(ds.features, jax.Array) and key == signature(ds) for ds, key in pairs)
+    # a single host batch's labels were judged by the check on the host: its step need not count them
+    judged = source in ("numpy iterator", "numpy inline")
+    assert all(isinstance(ds.features, jax.Array) and key == (Judged(signature(ds)) if judged else signature(ds))
+               for ds, key in pairs)
+    assert all((type(key) is Judged) is judged for _, key in pairs)
     if source.startswith("device"):
         assert all(ds is given for (ds, _), given in zip(pairs, device))  # passed through, not copied
 

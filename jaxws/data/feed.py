@@ -7,6 +7,7 @@ are placed in the consumer thread or prefetched by an async ring; k may be stack
 
 from __future__ import annotations
 
+import collections
 import itertools
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -21,7 +22,7 @@ from jaxws.data.placement import Placement, host_leaf
 from jaxws.data.prefetch import AsyncDataSetIterator, AsyncMultiDataSetIterator
 from jaxws.errors import AsyncIteratorError, ConfigurationError, InvalidBatchError, WorkspaceError
 
-__all__ = ["Feed", "Rows", "Steps", "is_single_batch", "prepare", "stack", "validate"]
+__all__ = ["Feed", "Judged", "Rows", "Steps", "is_single_batch", "prepare", "stack", "validate"]
 
 _END = object()
 _ANYWHERE = Placement()  # the default placement; a Placement is not changed after it is made
@@ -76,6 +77,20 @@ def prepare(ds: Any, op: str, check: Callable[..., Any] | None = None, placement
 
 def _on_host(ds: Any) -> bool:
     return all(isinstance(x, np.ndarray) for x in jax.tree.leaves(ds))  # np.memmap included
+
+
+def _labels_on_host(ds: Any) -> bool:
+    """Whether a batch's labels are host arrays: the feed's check judged their values."""
+    labels = ds.labels
+    return all(isinstance(x, np.ndarray) for x in (labels if isinstance(labels, (tuple, list)) else (labels,)))
+
+
+class Judged(NamedTuple):
+    """The signature of a host batch whose label values the feed's check judged (the
+    model's ``labels_in_range``) before placing it: its step need not count them again on
+    the device (:meth:`Feed.signed`)."""
+
+    key: tuple
 
 
 class Rows(NamedTuple):
@@ -351,7 +366,9 @@ class Feed:
 
     def signed(self) -> Iterator[tuple[Any, tuple | None]]:
         """One pass as ``(batch, signature(batch))`` pairs (``(rows, None)`` for Rows): a
-        caller that keys its programs on the signature gets the one computed for the check."""
+        caller that keys its programs on the signature gets the one computed for the check.
+        A single host batch whose labels were judged on the host has a :class:`Judged`
+        signature (its labels are not counted on the device a second time)."""
         return self._pass(signed=True)
 
     def _pass(self, signed: bool) -> Iterator[Any]:
@@ -379,8 +396,13 @@ class Feed:
         else:
             on_device = self.placement.holds_all(self._as(first))
         if self.prefetch and not on_device and getattr(self.source, "async_supported", True):
-            ring = self._prefetched(items)
-            return ((ds, signature(ds)) for ds in ring) if signed else ring
+            judged = collections.deque()  # per ring batch, in order: were its labels judged on the host
+            ring = self._prefetched(items, judged if signed and self.steps == 1 else None)
+            if not signed:
+                return ring
+            if self.steps > 1:
+                return ((ds, signature(ds)) for ds in ring)
+            return ((ds, Judged(signature(ds)) if judged.popleft() else signature(ds)) for ds in ring)
         return self._inline(self._batches(items), signed)
 
     def _why_empty(self) -> str:
@@ -419,10 +441,14 @@ class Feed:
         place, anywhere = self.placement.place, self.placement.anywhere
         if self.steps == 1:
             for ds, key in pairs:
-                if key is None or not anywhere:  # key: unattached device arrays, used where they are
+                judged = False
+                if key is None:  # a host batch (or partly): its labels were judged if they were host arrays
+                    judged = signed and _labels_on_host(ds)
                     ds = place(ds)[0]
-                if signed:
-                    yield ds, key or signature(ds)  # placing keeps the avals
+                elif not anywhere:  # key: unattached device arrays, used where they are
+                    ds = place(ds)[0]
+                if signed:  # placing keeps the avals
+                    yield ds, (Judged(signature(ds)) if judged else key or signature(ds))
                 else:
                     yield ds
         else:
@@ -434,9 +460,17 @@ class Feed:
                     ds = place(stack(group))[0]
                     yield (ds, signature(ds)) if signed else ds
 
-    def _prefetched(self, items: Iterator) -> Iterator[Any]:
+    def _prefetched(self, items: Iterator, judged: collections.deque | None = None) -> Iterator[Any]:
+        """The async ring's batches; ``judged`` (single batches): gets, in order, whether each
+        batch's labels were host arrays, judged by the check (appended before the ring has it)."""
         if self.steps == 1:
-            base, collate = (ds for ds, _ in self._batches(items)), self._as
+            def base():
+                for ds, key in self._batches(items):
+                    if judged is not None:
+                        judged.append(key is None and _labels_on_host(ds))
+                    yield ds
+
+            base, collate = base(), self._as
         else:
             base, collate = (group for group, _ in _grouped(self._batches(items), self.steps)), stack
         ring = self._ring = (AsyncMultiDataSetIterator if self._multi else AsyncDataSetIterator)(

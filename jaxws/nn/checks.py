@@ -113,14 +113,22 @@ class LabelCheck(NamedTuple):
 
 class FitChecks:
     """A fit call's label check (donated each step), its executions and where its epochs
-    started. ``offset``: the steps a recycled check counted before this call."""
+    started. ``offset``: the steps a recycled check counted before this call. ``lag``: the
+    steps since its last count that it did not count (host batches whose labels the feed
+    judged): :meth:`catch_up` adds them before a counted step, so it names steps as fit does."""
 
     def __init__(self, state: LabelCheck, offset: int = 0):
         self.state = state
         self.offset = offset
         self.steps = 0
+        self.lag = 0
         self.executions = 0
         self.epoch_starts: list[int] = []
+
+    def catch_up(self) -> None:
+        """Counts the :attr:`lag` steps on the device (one small op, where judged and counted
+        batches alternate in one feed)."""
+        self.state, self.lag = LabelCheck(self.state.values.at[0].add(self.lag)), 0
 
     @classmethod
     def after(cls, spare: FitChecks | None) -> FitChecks:
@@ -128,4 +136,4 @@ class FitChecks:
         as the offset, or a new check when there is none or its counters near int32's end."""
         if spare is None or spare.offset + spare.steps >= _RECYCLE_BELOW:
             return cls(LabelCheck.init())
-        return cls(spare.state, spare.offset + spare.steps)
+        return cls(spare.state, spare.offset + spare.steps - spare.lag)

@@ -21,7 +21,7 @@ import optax
 from jaxws.arrays import allow_reads, check_arrays, detach, leverage_to
 from jaxws.configuration import SpillPolicy, WorkspaceConfiguration
 from jaxws.data.dataset import DataSet
-from jaxws.data.feed import Feed, Rows, Steps, prepare
+from jaxws.data.feed import Feed, Judged, Rows, Steps, prepare
 from jaxws.data.feed import signature as signature_of
 from jaxws.errors import ConfigurationError, WorkspaceError
 from jaxws.eval.kernel import EvaluationMixin
@@ -187,19 +187,23 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                 if not self._pins[key]:
                     del self._pins[key]
 
-    def _commit(self, step: WorkspaceFunction, signature: Any, check: LabelCheck, n: int, args: tuple,
+    def _commit(self, step: WorkspaceFunction, signature: Any, check: LabelCheck | None, n: int, args: tuple,
                 kwargs: dict | None = None) -> tuple:
         """Runs ``step`` (``n`` training steps) on the carry; stores the new one and the count.
 
         The carry is the model's own and the batch was checked by the feed, so the step runs
-        on jaxws.jit's lean path, planned per batch ``signature``. Returns the new check and
-        the losses (None from a program without them: no listener reads them).
+        on jaxws.jit's lean path, planned per batch ``signature``. Returns the new check (None
+        for a program without one) and the losses (None from a program without them: no
+        listener reads them).
         """
         with self._lock:
             carry = self._carry
             if self._pins and id(carry.params) in self._pins:  # a reader holds this version
                 carry = carry._replace(params=detach(carry.params), state=detach(carry.state))
-            self._carry, check, *losses = step._call_planned(signature, (carry, check, *args), kwargs)
+            if check is None:
+                self._carry, *losses = step._call_planned(signature, (carry, *args), kwargs)
+            else:
+                self._carry, check, *losses = step._call_planned(signature, (carry, check, *args), kwargs)
             self.iteration += n
         return check, (losses[0] if losses else None)
 
@@ -287,6 +291,8 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         mode = self.training_workspace_mode
         # per step, by whether a listener reads the losses: the program returns them, or not
         steps = (self.compiled_step(mode, fused=k > 1, losses=False), self.compiled_step(mode, fused=k > 1))
+        # host batches whose labels the feed judged: the same step, without the device count
+        judged = (self.compiled_step(mode, losses=False, checked=False), self.compiled_step(mode, checked=False))
         residents = None  # looked up at the first Rows: most feeds yield batches
         manager = get_workspace_manager()
         try:
@@ -327,9 +333,15 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                                 checks.state, losses = self._commit(
                                     residents[bool(listeners)], signature, checks.state, n,
                                     (item.data, item.order, item.start), {"count": item.count, "size": item.size})
+                            elif type(signature) is Judged:  # a host batch whose labels the feed judged
+                                n, fused = 1, False
+                                losses = self._commit(judged[bool(listeners)], signature, None, n, (item,))[1]
+                                checks.lag += 1
                             else:  # a batch, k stacked ones, or k Steps stacked in the program
                                 n, fused = (1 if k == 1 else item.count if type(item) is Steps
                                             else jax.tree.leaves(item)[0].shape[0]), k > 1
+                                if checks.lag:  # judged steps ran since the last counted one
+                                    checks.catch_up()
                                 checks.state, losses = self._commit(steps[bool(listeners)], signature,
                                                                     checks.state, n, (item,))
                             checks.steps += n
@@ -348,7 +360,13 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                 self.epoch += 1
         # the one read of the label check; a single-dispatch fit (fit(batch) in a loop) does not
         # wait for it: it is read if done, else at the next read (fit, score, evaluation, a loss)
-        self._pending_checks.append(checks)
+        if checks.lag == checks.steps:  # only judged steps: the check is untouched, still valid
+            with self._lock:
+                self._spare_checks.append(checks)
+        else:
+            if checks.lag:  # the count names the steps after it, in the next fit call
+                checks.catch_up()
+            self._pending_checks.append(checks)
         self._verify(wait=checks.executions > 1)
         return self
 

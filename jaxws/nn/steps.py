@@ -57,7 +57,7 @@ class StepsMixin:
         return step
 
     def compiled_step(self, mode: WorkspaceMode | None = None, fused: bool = False,
-                      losses: bool = True) -> WorkspaceFunction:
+                      losses: bool = True, checked: bool = True) -> WorkspaceFunction:
         """The jitted step ``fit`` runs: ``(carry, check, batch) -> (carry, check, loss)``.
 
         The carry (a :class:`TrainState`) and the :class:`~jaxws.nn.LabelCheck` (invalid
@@ -66,8 +66,10 @@ class StepsMixin:
         :class:`~jaxws.data.feed.Steps` of k device batches that it stacks itself, and
         returns the k losses (``fit(steps_per_execution=k)``). ``losses=False``: the
         program returns ``(carry, check)`` only (what ``fit`` runs while no listener reads
-        the loss: one output buffer fewer to make and free per call). ``train_step`` is
-        the pure, unjitted ``(carry, batch) -> (carry, loss)`` for your own loops.
+        the loss: one output buffer fewer to make and free per call). ``checked=False``:
+        no check, ``(carry, batch) -> (carry, loss)`` (``(carry,)`` without losses), what
+        ``fit`` runs on host batches whose labels it judged on the host already. ``train_step``
+        is the pure, unjitted ``(carry, batch) -> (carry, loss)`` for your own loops.
 
         Example:
             >>> import jax.numpy as jnp
@@ -79,20 +81,26 @@ class StepsMixin:
             True
         """
         mode = mode or self.training_workspace_mode
-        program = self._steps.get((mode, fused, losses))
+        key = (mode, fused, losses) if checked else (mode, fused, losses, "unchecked")
+        program = self._steps.get(key)
         if program is None:
+            step = self.train_step(mode)
             if fused:  # the scan trains; the labels of all k steps are counted once, beside it
-                step = self.train_step(mode)
-
-                def fun(carry, check, stacked):
+                def scanned(carry, stacked):
                     if isinstance(stacked, Steps):  # device batches, stacked here: no copy before the call
                         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *stacked.batches)
-                    carry, losses = jax.lax.scan(step, carry, stacked)
+                    return (*jax.lax.scan(step, carry, stacked), stacked)
+
+                def fun(carry, check, stacked):
+                    carry, losses, stacked = scanned(carry, stacked)
                     return carry, self._check_steps(check, stacked, losses.shape[0]), losses
+
+                def unchecked(carry, stacked):
+                    return scanned(carry, stacked)[:2]
             else:
-                fun = self._checked_step(mode)
-            program = self._steps[mode, fused, losses] = self._program(
-                fun, f"{mode.name}{', fused' if fused else ''}", mode, losses)
+                fun, unchecked = self._checked_step(mode), step
+            name = f"{mode.name}{', fused' if fused else ''}{'' if checked else ', unchecked'}"
+            program = self._steps[key] = self._program(fun if checked else unchecked, name, mode, losses, checked)
         return program
 
     def resident_step(self, mode: WorkspaceMode | None = None, losses: bool = True) -> WorkspaceFunction:
@@ -130,19 +138,21 @@ class StepsMixin:
                 resident, f"{mode.name}, resident", mode, losses, static_argnames=("count", "size"))
         return program
 
-    def _program(self, fun: Callable, name: str, mode: WorkspaceMode, losses: bool,
+    def _program(self, fun: Callable, name: str, mode: WorkspaceMode, losses: bool, checked: bool = True,
                  **jit_kwargs: Any) -> WorkspaceFunction:
-        """``fun`` jitted as fit runs it: carry and check donated unless the mode is NONE;
-        without its last output (the losses) when ``losses`` is False."""
+        """``fun`` jitted as fit runs it: the carry and the check (``checked``, the second
+        argument) donated unless the mode is NONE, never the batch; without its last output
+        (the losses) when ``losses`` is False."""
         if not losses:
             with_losses = fun
 
             @functools.wraps(with_losses)  # keeps the signature: static_argnames resolve
             def fun(*args, **kwargs):
-                return with_losses(*args, **kwargs)[:2]
+                return with_losses(*args, **kwargs)[:-1]
         fun = functools.partial(fun)  # named below, whatever ``fun`` is
         fun.__name__ = f"{type(self).__name__}.fit[{name}{'' if losses else ', no losses'}]"
-        return jit(fun, donate_argnums=(0, 1) if mode.donates else (), **jit_kwargs)
+        donated = ((0, 1) if checked else (0,)) if mode.donates else ()
+        return jit(fun, donate_argnums=donated, **jit_kwargs)
 
     def _checked_step(self, mode: WorkspaceMode) -> Callable:
         """``train_step`` that also counts invalid class labels: ``(carry, check, batch) -> (carry, check, loss)``."""
