@@ -448,6 +448,27 @@ def test_fused_programs_count_labels_beside_the_scanned_loop_not_in_it(program):
     assert any(a.shape == (5,) and a.dtype == jnp.int32 for a in (v.aval for v in jaxpr.jaxpr.outvars))
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_step_without_the_check_trains_as_the_checked_one_and_donates_only_the_carry(fused):
+    from jaxws.nn import LabelCheck
+
+    x, y = arrays(60)
+    batch = (DataSet(jnp.asarray(x).reshape(3, 20, -1), jnp.asarray(y).reshape(3, 20)) if fused
+             else DataSet(jnp.asarray(x[:20]), jnp.asarray(y[:20])))
+    net = network()
+    checked, check = net.compiled_step(fused=fused), LabelCheck.init()
+    unchecked = net.compiled_step(fused=fused, checked=False)
+    assert unchecked is not checked and unchecked is net.compiled_step(fused=fused, checked=False)
+    carry = jaxws.detach(net._carry)
+    with_check, check, losses = checked(jaxws.detach(carry), check, batch)
+    without, no_check_losses = unchecked(carry, batch)
+    jax.tree.map(np.testing.assert_array_equal, without, with_check)
+    np.testing.assert_array_equal(no_check_losses, losses)
+    assert all(a.is_deleted() for a in jax.tree.leaves(carry))  # the carry, donated
+    assert not any(a.is_deleted() for a in jax.tree.leaves(batch))  # never the batch
+    assert len(net.compiled_step(fused=fused, losses=False, checked=False)(without, batch)) == 1  # (carry,)
+
+
 @pytest.mark.parametrize("prefetch, memmap", [(0, False), (2, False), (2, True)])
 def test_host_data_of_an_array_iterator_is_checked_whole_once_not_per_batch(prefetch, memmap, monkeypatch, tmp_path):
     x, y = arrays(200)
