@@ -7,7 +7,7 @@ variable-length sequences and builds their masks.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -156,6 +156,14 @@ def signature(ds: Any) -> tuple:
             return tuple(key)
     leaves, treedef = jax.tree.flatten(ds)
     return treedef, tuple([x.aval if isinstance(x, jax.Array) else (np.shape(x), x.dtype) for x in leaves])
+
+
+class Judged(NamedTuple):
+    """The :func:`signature` of a host batch whose label values the feed's check judged
+    (the model's ``labels_in_range``) before placing it: its step need not count them
+    again on the device (``Feed.signed``)."""
+
+    key: tuple
 
 
 def _device_key(ds: Any) -> tuple | None:

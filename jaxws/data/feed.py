@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxws.arrays import check_arrays
-from jaxws.data.dataset import DataSet, MultiDataSet, _device_key, signature
+from jaxws.data.dataset import DataSet, Judged, MultiDataSet, _device_key, signature
 from jaxws.data.iterators import ArrayDataSetIterator, ArrayMultiDataSetIterator, as_dataset, as_multi_dataset, from_iterable
 from jaxws.data.placement import Placement, host_leaf
 from jaxws.data.prefetch import AsyncDataSetIterator, AsyncMultiDataSetIterator
@@ -83,14 +83,6 @@ def _labels_on_host(ds: Any) -> bool:
     """Whether a batch's labels are host arrays: the feed's check judged their values."""
     labels = ds.labels
     return all(isinstance(x, np.ndarray) for x in (labels if isinstance(labels, (tuple, list)) else (labels,)))
-
-
-class Judged(NamedTuple):
-    """The signature of a host batch whose label values the feed's check judged (the
-    model's ``labels_in_range``) before placing it: its step need not count them again on
-    the device (:meth:`Feed.signed`)."""
-
-    key: tuple
 
 
 class Rows(NamedTuple):

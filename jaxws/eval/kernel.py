@@ -1,7 +1,7 @@
-"""do_evaluation: the forward pass and every evaluator's update in one jitted step.
+"""do_evaluation: the forward pass and every evaluator's update in one jitted step; score.
 
-A mixin of the network models: evaluator states are donated through the step and never
-read back inside the loop.
+A mixin of the network models: evaluator states (and score's running total) are donated
+through the step and never read back inside the loop.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import itertools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxws.arrays import allow_reads
@@ -24,8 +25,8 @@ __all__ = ["EvaluationMixin"]
 
 
 class EvaluationMixin:
-    """``do_evaluation`` and its shortcuts, for models with ``_apply``, ``_inputs_of``, ``_feed``
-    and ``_pinned``."""
+    """``do_evaluation``, its shortcuts and ``score``, for models with ``_apply``, ``_loss``,
+    ``_inputs_of``, ``_feed`` and ``_pinned``."""
 
     def _eval_targets(self, predictions: Any, ds: Any, index: int) -> tuple:
         """``(labels, predictions, mask)`` that the evaluators of output ``index`` see."""
@@ -184,3 +185,30 @@ class EvaluationMixin:
 
         return self.do_evaluation(data, RegressionEvaluation(), batch_size=batch_size)[0]
 
+    def score(self, data: Any, *, batch_size: int | None = None) -> float:
+        """The mean loss over all of ``data`` (inference mode), weighted by examples; one sync.
+
+        A resettable iterator is reset first, so the whole data is scored; one parameter
+        version scores every batch, even while another thread trains.
+        """
+        self._require_init()
+        if self._score_fn is None:
+            def score(total, check, params, state, ds):
+                loss = self._loss(params, state, ds, False, WorkspaceMode.SINGLE)[0]
+                n = jax.tree.leaves(ds)[0].shape[0]
+                return total + loss * n, check.update(*(self._class_labels(ds) or (None, None, 0)))
+
+            score.__name__ = f"{type(self).__name__}.score"
+            self._score_fn = jit(score, donate_argnums=(0, 1))
+        total, check, count = jnp.zeros(()), LabelCheck.init(), 0
+        feed = self._feed(data, "score", batch_size=batch_size, rewind="always")
+        with feed, self._pinned() as carry, get_workspace_manager().scope_out_of_workspaces():
+            for ds in feed:
+                total, check = self._score_fn(total, check, carry.params, carry.state, ds)
+                count += ds.num_examples
+        self._verify()
+        with allow_reads():
+            check.raise_if_invalid("score", self._labels_what(), self._num_classes())
+        if count == 0:
+            raise ConfigurationError("score(data): the data has no examples; pass at least one example.")
+        return float(total) / count

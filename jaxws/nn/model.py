@@ -291,8 +291,9 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         mode = self.training_workspace_mode
         # per step, by whether a listener reads the losses: the program returns them, or not
         steps = (self.compiled_step(mode, fused=k > 1, losses=False), self.compiled_step(mode, fused=k > 1))
-        # host batches whose labels the feed judged: the same step, without the device count
-        judged = (self.compiled_step(mode, losses=False, checked=False), self.compiled_step(mode, checked=False))
+        # single host batches whose labels the feed judged: the same step, without the device count
+        judged = (self.compiled_step(mode, losses=False, checked=False),
+                  self.compiled_step(mode, checked=False)) if k == 1 else None
         residents = None  # looked up at the first Rows: most feeds yield batches
         manager = get_workspace_manager()
         try:
@@ -469,34 +470,6 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
             carry = self._carry
             out = fn(carry.params, carry.state, x, mask, key if training else None)
         return out if ws is None else leverage_to(ws, out)
-
-    def score(self, data: Any, *, batch_size: int | None = None) -> float:
-        """The mean loss over all of ``data`` (inference mode), weighted by examples; one sync.
-
-        A resettable iterator is reset first, so the whole data is scored; one parameter
-        version scores every batch, even while another thread trains.
-        """
-        self._require_init()
-        if self._score_fn is None:
-            def score(total, check, params, state, ds):
-                loss = self._loss(params, state, ds, False, WorkspaceMode.SINGLE)[0]
-                n = jax.tree.leaves(ds)[0].shape[0]
-                return total + loss * n, check.update(*(self._class_labels(ds) or (None, None, 0)))
-
-            score.__name__ = f"{type(self).__name__}.score"
-            self._score_fn = jit(score, donate_argnums=(0, 1))
-        total, check, count = jnp.zeros(()), LabelCheck.init(), 0
-        feed = self._feed(data, "score", batch_size=batch_size, rewind="always")
-        with feed, self._pinned() as carry, get_workspace_manager().scope_out_of_workspaces():
-            for ds in feed:
-                total, check = self._score_fn(total, check, carry.params, carry.state, ds)
-                count += ds.num_examples
-        self._verify()
-        with allow_reads():
-            check.raise_if_invalid("score", self._labels_what(), self._num_classes())
-        if count == 0:
-            raise ConfigurationError("score(data): the data has no examples; pass at least one example.")
-        return float(total) / count
 
     def residual_bytes(self, data: Any, mode: WorkspaceMode | None = None) -> int:
         """Bytes backprop saves for one batch under ``mode`` (the residuals of ``jax.vjp``)."""
