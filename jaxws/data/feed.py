@@ -387,7 +387,8 @@ class Feed:
             on_device = (first[1] is not None and self.placement.anywhere) or self.placement.holds_all(first[0])
         else:
             on_device = self.placement.holds_all(self._as(first))
-        if self.prefetch and not on_device and getattr(self.source, "async_supported", True):
+        single = self._prechecked and len(self.source) == 1  # fit(batch): no later batch to overlap with
+        if self.prefetch and not on_device and not single and getattr(self.source, "async_supported", True):
             judged = collections.deque()  # per ring batch, in order: were its labels judged on the host
             ring = self._prefetched(items, judged if signed and self.steps == 1 else None)
             if not signed:
