@@ -6,6 +6,7 @@ is copied into a new device buffer, and only those new buffers belong to jaxws.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -17,17 +18,23 @@ from jaxws._internals import ArrayImpl as _ArrayImpl
 __all__ = ["Placement", "host_leaf"]
 
 _NUMERIC: dict = {}  # dtype -> whether it holds numbers
-_ON_CPU: list = []  # [whether the default backend is the CPU], learned at the first transfer
 _SMALL = 1 << 20  # bytes: a leaf this small moves through the jitted call's transfer on the CPU
+
+
+@functools.cache
+def _on_cpu() -> bool:
+    """Whether the default backend is the CPU (asked at the first transfer, not at import)."""
+    return jax.default_backend() == "cpu"
 
 
 @jax.jit
 def _forwarded(leaves: list) -> list:
     """``leaves`` (numpy arrays) as device arrays, through a jitted call's own transfer: the
     program returns its inputs, so nothing runs. On the CPU that transfer takes ~15 us for a
-    small batch where ``jax.device_put`` takes ~150 (jax 0.10), and it may alias the numpy
-    memory it is given instead of copying it: callers pass copies of their own (small
-    leaves only, where a second copy costs nothing and device_put's fixed cost is most)."""
+    small batch where ``jax.device_put`` takes ~150 (jax 0.10), and the device array may
+    read the numpy memory it was given after the call returns: callers pass copies of their
+    own (small leaves only, where a second copy costs nothing and device_put's fixed cost
+    is most)."""
     return leaves
 
 
@@ -102,10 +109,8 @@ class Placement:
                       for t, i in moved]
         elif moved:  # arrays on another device are copied too
             arrays = [host_leaf(flat[t][0][i]) for t, i in moved]
-            if not _ON_CPU:
-                _ON_CPU.append(jax.default_backend() == "cpu")
-            if self.anywhere and _ON_CPU[0] and all(isinstance(x, np.ndarray) and x.nbytes <= _SMALL for x in arrays):
-                # one copy, as device_put makes: ours, so the CPU's aliasing of it is harmless
+            if self.anywhere and _on_cpu() and all(isinstance(x, np.ndarray) and x.nbytes <= _SMALL for x in arrays):
+                # one copy, as device_put makes: ours, so a late read of it is harmless
                 # (the caller may refill its buffer while the steps still read the batch)
                 copies: dict[int, list] = {}  # per batch: one program per batch signature
                 for (t, _), x in zip(moved, arrays):
