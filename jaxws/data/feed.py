@@ -329,7 +329,7 @@ class Feed:
         n, size = it.num_examples, it.batch_size
         if self._passes == 1:  # all the examples checked once, as one batch
             self._validated(it.data)
-        judged = _on_host(it.data)  # label values too: the caller need not judge them on the device
+        judged = _labels_on_host(it.data)  # their values too: the caller need not judge them on the device
         data, order = it.on_device(self.placement)
         position = it.position
         full = position + (n - position) // size * size

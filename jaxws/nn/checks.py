@@ -130,6 +130,22 @@ class FitChecks:
         batches alternate in one feed)."""
         self.state, self.lag = LabelCheck(self.state.values.at[0].add(self.lag)), 0
 
+    def counting(self) -> LabelCheck:
+        """The check for a step that counts labels, caught up with the judged steps before it."""
+        if self.lag:
+            self.catch_up()
+        return self.state
+
+    def settle(self) -> bool:
+        """At the end of a fit call: whether a step counted labels on the device, so the
+        check needs its read (caught up first, so that the next call's offset is exact).
+        False: only judged steps ran, and the check is as valid as it was."""
+        if self.lag == self.steps:
+            return False
+        if self.lag:
+            self.catch_up()
+        return True
+
     @classmethod
     def after(cls, spare: FitChecks | None) -> FitChecks:
         """A new call's: ``spare`` (a call's checks read as valid) donated on with its count

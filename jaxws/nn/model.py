@@ -67,7 +67,7 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         self._carry: TrainState | None = None
         self._lock = threading.RLock()  # held to commit a carry, or to read one and dispatch
         self._pins: dict[int, int] = {}  # id(params) -> readers on that version
-        self._steps: dict[Any, Any] = {}  # (mode, fused or "resident", losses), and "labels"
+        self._steps: dict[Any, Any] = {}  # (mode, fused or "resident", losses[, "unchecked"]), and "labels"
         self._infer: dict[bool, WorkspaceFunction] = {}
         self._score_fn: WorkspaceFunction | None = None
         self._eval_fns: dict[tuple, WorkspaceFunction] = {}
@@ -341,10 +341,8 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                             else:  # a batch, k stacked ones, or k Steps stacked in the program
                                 n, fused = (1 if k == 1 else item.count if type(item) is Steps
                                             else jax.tree.leaves(item)[0].shape[0]), k > 1
-                                if checks.lag:  # judged steps ran since the last counted one
-                                    checks.catch_up()
                                 checks.state, losses = self._commit(steps[bool(listeners)], signature,
-                                                                    checks.state, n, (item,))
+                                                                    checks.counting(), n, (item,))
                             checks.steps += n
                             checks.executions += 1
                             if self._position is not None:  # examples consumed: the resume point
@@ -361,13 +359,11 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                 self.epoch += 1
         # the one read of the label check; a single-dispatch fit (fit(batch) in a loop) does not
         # wait for it: it is read if done, else at the next read (fit, score, evaluation, a loss)
-        if checks.lag == checks.steps:  # only judged steps: the check is untouched, still valid
+        if checks.settle():
+            self._pending_checks.append(checks)
+        else:  # only judged steps: the check is as valid as it was
             with self._lock:
                 self._spare_checks.append(checks)
-        else:
-            if checks.lag:  # the count names the steps after it, in the next fit call
-                checks.catch_up()
-            self._pending_checks.append(checks)
         self._verify(wait=checks.executions > 1)
         return self
 

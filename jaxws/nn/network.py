@@ -108,6 +108,7 @@ class MultiLayerNetwork(Model):
         self._dag = Dag.chain(self.layers)
         self._rnn_state: dict | None = None
         self._rnn_fn = None
+        self._what = self._labels_what()  # for messages, made once (the host check runs per batch)
 
     @classmethod
     def load(cls, path: str, *, load_updater: bool = True, conf: NeuralNetConfiguration | None = None) -> MultiLayerNetwork:
@@ -167,7 +168,7 @@ class MultiLayerNetwork(Model):
             )
         if shapes:
             self._check_shapes(ds, op, tuple(np.shape(ds.features)))
-        labels_in_range(op, ds.labels, ds.labels_mask, self.layers[-1], len(self.output_shape), self._labels_what())
+        labels_in_range(op, ds.labels, ds.labels_mask, self.layers[-1], len(self.output_shape), self._what)
 
     def _check_shapes(self, ds: DataSet, op: str, got: tuple) -> None:
         first = self.layers[0]
