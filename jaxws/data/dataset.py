@@ -166,6 +166,23 @@ class Judged(NamedTuple):
     key: tuple
 
 
+def _host_key(ds: Any) -> tuple | None:
+    """A DataSet of numpy arrays' :func:`signature` (exact ``np.ndarray`` fields, or None),
+    else None: a batch with nothing that can be dead or needs converting, so once its
+    signature's shapes are checked only its label values are left to judge."""
+    if type(ds) is not DataSet:
+        return None
+    key = []
+    for x in (ds.features, ds.labels, ds.features_mask, ds.labels_mask):
+        if x is None:
+            key.append(None)
+        elif type(x) is np.ndarray:
+            key.append((x.shape, x.dtype))
+        else:
+            return None
+    return tuple(key)
+
+
 def _device_key(ds: Any) -> tuple | None:
     """A batch's :func:`signature` if all its arrays are device arrays attached to no
     workspace, else None. An unmasked DataSet of two device arrays, the usual batch, is

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxws.arrays import check_arrays
-from jaxws.data.dataset import DataSet, Judged, MultiDataSet, _device_key, signature
+from jaxws.data.dataset import DataSet, Judged, MultiDataSet, _device_key, _host_key, signature
 from jaxws.data.iterators import ArrayDataSetIterator, ArrayMultiDataSetIterator, as_dataset, as_multi_dataset, from_iterable
 from jaxws.data.placement import Placement, host_leaf
 from jaxws.data.prefetch import AsyncDataSetIterator, AsyncMultiDataSetIterator
@@ -48,15 +48,19 @@ def validate(ds: Any, op: str, check: Callable[..., Any] | None = None, where: s
     Dead arrays (leaked, outdated, donated) are named first, before any shape is judged;
     then ``check(ds, shapes)`` (the model's batch check) runs. With ``seen`` (a set kept
     by the caller), shapes are checked once per signature; value checks still run per batch.
+    A DataSet of numpy arrays of a signature seen before goes straight to its value check.
     """
-    check_arrays(op, ds, where)
-    leaves, treedef = jax.tree.flatten(ds, is_leaf=lambda x: isinstance(x, list))  # nested lists are data
-    arrays = [host_leaf(x) for x in leaves]
-    if any(a is not x for a, x in zip(arrays, leaves)):
-        ds = jax.tree.unflatten(treedef, arrays)
+    host = _host_key(ds) if seen is not None else None
+    known = host is not None and host in seen  # numpy: nothing dead, nothing to convert
+    if not known:
+        check_arrays(op, ds, where)
+        leaves, treedef = jax.tree.flatten(ds, is_leaf=lambda x: isinstance(x, list))  # nested lists are data
+        arrays = [host_leaf(x) for x in leaves]
+        if any(a is not x for a, x in zip(arrays, leaves)):
+            ds = jax.tree.unflatten(treedef, arrays)
     if check is not None:
-        shapes = True
-        if seen is not None:
+        shapes = not known
+        if seen is not None and shapes:
             signature = (treedef, tuple([a.aval if isinstance(a, jax.Array) else (a.shape, a.dtype) for a in arrays]))
             shapes = signature not in seen
         try:
@@ -67,6 +71,8 @@ def validate(ds: Any, op: str, check: Callable[..., Any] | None = None, where: s
             raise InvalidBatchError(f"{e} (in {where}, counting from 0)") from None
         if seen is not None and shapes:
             seen.add(signature)
+    if host is not None and not known:
+        seen.add(host)
     return ds
 
 
@@ -360,7 +366,9 @@ class Feed:
         """One pass as ``(batch, signature(batch))`` pairs (``(rows, None)`` for Rows): a
         caller that keys its programs on the signature gets the one computed for the check.
         A single host batch whose labels were judged on the host has a :class:`Judged`
-        signature (its labels are not counted on the device a second time)."""
+        signature (its labels are not counted on the device a second time); placed in
+        this thread on the CPU, it comes as copies of its small numpy arrays, which the
+        jitted step moves as it runs (:meth:`Placement.staged`), not in a call of its own."""
         return self._pass(signed=True)
 
     def _pass(self, signed: bool) -> Iterator[Any]:
@@ -431,13 +439,14 @@ class Feed:
 
     def _inline(self, pairs: Iterator[tuple], signed: bool) -> Iterator[Any]:
         """Checked ``(batch, key)`` pairs placed (or stacked by ``steps``) in this thread."""
-        place, anywhere = self.placement.place, self.placement.anywhere
+        place, staged, anywhere = self.placement.place, self.placement.staged, self.placement.anywhere
         if self.steps == 1:
             for ds, key in pairs:
                 judged = False
                 if key is None:  # a host batch (or partly): its labels were judged if they were host arrays
                     judged = signed and _labels_on_host(ds)
-                    ds = place(ds)[0]
+                    moved = staged(ds) if judged else None  # fit's step moves it as it runs
+                    ds = place(ds)[0] if moved is None else moved
                 elif not anywhere:  # key: unattached device arrays, used where they are
                     ds = place(ds)[0]
                 if signed:  # placing keeps the avals

@@ -99,6 +99,17 @@ class Placement:
             return tree, []
         return self.place_many([tree])[0]
 
+    def staged(self, tree: Any) -> Any | None:
+        """``tree`` with each leaf copied, for the jitted call that takes it to transfer as
+        it runs (the batch then costs no call of its own), or None where it must be placed
+        first: a device or sharding named, a backend other than the CPU, a leaf that is
+        not a numpy array or is over 1 MiB. The copies are the transfer's own (see
+        ``_forwarded``): the caller may refill its arrays while the call still reads them."""
+        leaves, treedef = jax.tree.flatten(tree)
+        if not (self.anywhere and _on_cpu()) or not all([type(x) is np.ndarray and x.nbytes <= _SMALL for x in leaves]):
+            return None
+        return jax.tree.unflatten(treedef, [np.array(x) for x in leaves])
+
     def place_many(self, trees: list) -> list[tuple[Any, list[jax.Array]]]:
         """:meth:`place` for each of ``trees``, with one transfer call for all of them
         (a call's fixed cost is paid once for a group of small batches)."""
