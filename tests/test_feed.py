@@ -180,6 +180,26 @@ def test_device_resident_labels_are_refused_before_any_step(shuffle):
     assert host.iteration == 10 and "labels" not in host._steps and "labels" in net._steps
 
 
+@pytest.mark.parametrize("dtype", [np.int8, np.int32, np.int64, np.uint8, np.uint32])
+def test_host_labels_are_judged_in_every_integer_dtype(dtype):
+    # one pass over a host batch's labels, read as unsigned: a negative class is caught as
+    # one too large; the message still names the smallest and the largest
+    x, y = arrays(40)
+    net = network()
+    low = 0 if np.dtype(dtype).kind == "u" else -1
+    labels = y.astype(dtype)
+    labels[[5, 12]] = low, 3 if low else 255
+    with pytest.raises(jaxws.InvalidBatchError, match=rf"found classes {low}\.\.{3 if low else 255}, "
+                       r"expected 0\.\.2\. \(in data\[0\]"):
+        net.fit([DataSet(x[:20], labels[:20]), DataSet(x[20:], labels[20:])], prefetch=0, progress=False)
+    assert net.iteration == 0
+    masked = np.ones((40,), np.float32)
+    masked[[5, 12]] = 0  # masked out: not judged
+    net.fit(DataSet(x, labels, labels_mask=masked), progress=False)
+    net.fit(DataSet(x, y.astype(dtype)), progress=False)
+    assert net.iteration == 2
+
+
 def test_host_labels_are_refused_before_any_step():
     x, y = arrays(100)
     net = network()

@@ -58,17 +58,17 @@ def check_labels(op: str, what: str, head: BaseOutputLayer, labels: Any, out_sha
 
 def labels_in_range(op: str, labels: Any, mask: Any, head: BaseOutputLayer, rank: int, what: str) -> None:
     """Host integer class labels (device ones are counted in the step) within ``head``'s classes."""
-    if not (isinstance(labels, np.ndarray) and labels.size and np.issubdtype(labels.dtype, np.integer)
+    if not (isinstance(labels, np.ndarray) and labels.size and labels.dtype.kind in "iu"  # integers
             and _sparse_loss(head) and labels.ndim == rank):
         return
     counted = labels if mask is None else labels[np.broadcast_to(
         np.asarray(mask).reshape(np.shape(mask)[: labels.ndim]) > 0, labels.shape)]
-    if counted.size:
-        low, high = int(counted.min()), int(counted.max())
-        if low < 0 or high >= head.n_out:
-            raise InvalidBatchError(
-                f"{op}: labels out of range for {what}: found classes {low}..{high}, expected 0..{head.n_out - 1}."
-            )
+    # one pass per batch: read as unsigned, a negative class is larger than any valid one
+    if counted.size and int(counted.view(f"u{counted.itemsize}").max()) >= head.n_out:
+        raise InvalidBatchError(
+            f"{op}: labels out of range for {what}: found classes {int(counted.min())}..{int(counted.max())}, "
+            f"expected 0..{head.n_out - 1}."
+        )
 
 
 def class_labels(head: BaseOutputLayer, labels: Any, mask: Any, rank: int) -> tuple | None:
