@@ -104,9 +104,22 @@ class Placement:
         it runs (the batch then costs no call of its own), or None where it must be placed
         first: a device or sharding named, a backend other than the CPU, a leaf that is
         not a numpy array or is over 1 MiB. The copies are the transfer's own (see
-        ``_forwarded``): the caller may refill its arrays while the call still reads them."""
+        ``_forwarded``): the caller may refill its arrays while the call still reads them.
+
+        Example:
+            >>> import jax, numpy as np
+            >>> from jaxws.data.placement import Placement
+            >>> x = np.zeros(3, np.float32)
+            >>> staged = Placement().staged({"x": x})  # None off the CPU backend: placed there
+            >>> staged is None or not np.shares_memory(staged["x"], x)
+            True
+            >>> Placement(jax.devices()[0]).staged({"x": x}) is None  # a device named: place it
+            True
+        """
+        if not (self.anywhere and _on_cpu()):
+            return None
         leaves, treedef = jax.tree.flatten(tree)
-        if not (self.anywhere and _on_cpu()) or not all([type(x) is np.ndarray and x.nbytes <= _SMALL for x in leaves]):
+        if not all([type(x) is np.ndarray and x.nbytes <= _SMALL for x in leaves]):
             return None
         return jax.tree.unflatten(treedef, [np.array(x) for x in leaves])
 
