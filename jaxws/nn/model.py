@@ -291,10 +291,9 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         mode = self.training_workspace_mode
         # per step, by whether a listener reads the losses: the program returns them, or not
         steps = (self.compiled_step(mode, fused=k > 1, losses=False), self.compiled_step(mode, fused=k > 1))
-        # single host batches whose labels the feed judged: the same step, without the device count
-        judged = (self.compiled_step(mode, losses=False, checked=False),
-                  self.compiled_step(mode, checked=False)) if k == 1 else None
-        residents = None  # looked up at the first Rows: most feeds yield batches
+        # looked up at their first batch: device batches need neither
+        judged = None  # single host batches whose labels the feed judged: the step without the count
+        residents = None  # Rows: the resident programs
         manager = get_workspace_manager()
         try:
             total = len(feed)
@@ -336,6 +335,9 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                                     (item.data, item.order, item.start), {"count": item.count, "size": item.size})
                             elif type(signature) is Judged:  # a host batch whose labels the feed judged
                                 n, fused = 1, False
+                                if judged is None:
+                                    judged = (self.compiled_step(mode, losses=False, checked=False),
+                                              self.compiled_step(mode, checked=False))
                                 losses = self._commit(judged[bool(listeners)], signature, None, n, (item,))[1]
                                 checks.lag += 1
                             else:  # a batch, k stacked ones, or k Steps stacked in the program
