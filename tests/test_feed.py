@@ -552,8 +552,36 @@ def test_fit_on_one_host_batch_places_it_inline_and_starts_no_prefetch_thread(mo
         net.fit(DataSet(x[i:i + 20], y[i:i + 20]), progress=False)
     net.fit((x[:20], y[:20]), epochs=2, progress=False)
     assert rings == [] and net.iteration == 4
-    net.fit([DataSet(x[:20], y[:20]), DataSet(x[20:], y[20:])], progress=False)  # two: the ring overlaps them
+    two = [DataSet(x[:20], y[:20]), DataSet(x[20:], y[20:])]
+    net.fit(from_iterable(lambda: iter(two)), progress=False)  # a loader's two: the ring overlaps them
     assert rings == [1] and net.iteration == 6
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="elsewhere the ring overlaps their transfers")
+def test_fit_reads_host_data_held_in_memory_in_its_own_thread_on_the_cpu(monkeypatch):
+    # on the CPU the step moves each host batch itself: a list of batches or an
+    # ArrayDataSetIterator, already in memory, leaves a ring nothing to overlap (DL4J does
+    # not prefetch such iterators either); a loader's batches still go through the ring
+    import jaxws.data.feed as feed
+
+    rings = []
+    ring = feed.AsyncDataSetIterator
+    monkeypatch.setattr(feed, "AsyncDataSetIterator", lambda *a, **k: rings.append(1) or ring(*a, **k))
+    x, y = arrays(60)
+    batches = [DataSet(x[i:i + 20], y[i:i + 20]) for i in range(0, 60, 20)]
+    net, reference = network(), network()
+    net.fit(batches, epochs=2, progress=False)
+    net.fit(ArrayDataSetIterator(x, y, 20, resident=False), progress=False)
+    assert rings == [] and net.iteration == 9
+    net.fit(from_iterable(lambda: iter(batches)), progress=False)
+    net.fit(ArrayDataSetIterator(x, y, 20, resident=False), steps_per_execution=3, progress=False)  # stacked there
+    assert rings == [1, 1] and net.iteration == 15
+    step, carry = jax.jit(reference.train_step()), reference._carry  # the plain-JAX loop
+    for ds in batches * 5:
+        carry, _ = step(carry, DataSet(jnp.asarray(ds.features), jnp.asarray(ds.labels)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), net.params, carry.params)
+    assert all(type(ds.features) is np.ndarray for ds in batches)  # the user's batches, as they were
+    np.testing.assert_array_equal(batches[2].labels, y[40:])
 
 
 def test_a_signature_is_judged_once_per_model_and_host_label_values_on_every_call(monkeypatch):

@@ -396,7 +396,12 @@ class Feed:
         else:
             on_device = self.placement.holds_all(self._as(first))
         single = self._prechecked and len(self.source) == 1  # fit(batch): no later batch to overlap with
-        if self.prefetch and not on_device and not single and getattr(self.source, "async_supported", True):
+        # fit's step moves a host batch itself on the CPU, so batches already in memory (a list,
+        # an ArrayDataSetIterator) leave a ring nothing to overlap (nor does DL4J prefetch them)
+        held = (signed and self.steps == 1 and self.placement.stages
+                and (self._prechecked or isinstance(self.source, ArrayDataSetIterator)))
+        if (self.prefetch and not on_device and not single and not held
+                and getattr(self.source, "async_supported", True)):
             judged = collections.deque()  # per ring batch, in order: were its labels judged on the host
             ring = self._prefetched(items, judged if signed and self.steps == 1 else None)
             if not signed:

@@ -99,6 +99,12 @@ class Placement:
             return tree, []
         return self.place_many([tree])[0]
 
+    @property
+    def stages(self) -> bool:
+        """Whether :meth:`staged` hands small numpy batches to the jitted call as copies
+        (anywhere, on the CPU backend) rather than placing them first."""
+        return self.anywhere and _on_cpu()
+
     def staged(self, tree: Any) -> Any | None:
         """``tree`` with each leaf copied, for the jitted call that takes it to transfer as
         it runs (the batch then costs no call of its own), or None where it must be placed
@@ -116,7 +122,7 @@ class Placement:
             >>> Placement(jax.devices()[0]).staged({"x": x}) is None  # a device named: place it
             True
         """
-        if not (self.anywhere and _on_cpu()):
+        if not self.stages:
             return None
         leaves, treedef = jax.tree.flatten(tree)
         if not all([type(x) is np.ndarray and x.nbytes <= _SMALL for x in leaves]):

@@ -251,7 +251,9 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         """Trains on ``data``: a DataSet, an ``(x, y)`` pair, or an iterable of those.
 
         Host batches from an iterator are prefetched onto the device by an async ring
-        (``prefetch`` batches ahead); batches already on the device are used as they are
+        (``prefetch`` batches ahead), except, on the CPU backend, host data already in memory
+        (a list of batches, an ArrayDataSetIterator), which the steps take in this thread
+        (each moves its batch as it runs); batches already on the device are used as they are
         (never copied, donated or invalidated: they stay yours). Each step runs in a
         workspace cycle (except in NONE mode) with the carry donated; nothing is read back
         from the device unless a listener reads the loss. A KeyboardInterrupt stops
