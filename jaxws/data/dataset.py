@@ -166,6 +166,40 @@ class Judged(NamedTuple):
     key: tuple
 
 
+class Rows(NamedTuple):
+    """``count`` batches of ``size`` examples of device-resident ``data``, taken inside the
+    program from position ``start`` of ``order`` (None: in order). ``judged``: the data's
+    label values were checked on the host before it was placed (host arrays)."""
+
+    data: Any
+    order: Any
+    start: int
+    count: int
+    size: int
+    judged: bool = False
+
+    @property
+    def examples(self) -> int:
+        """Examples in all ``count`` batches."""
+        return self.count * self.size
+
+
+class Steps(NamedTuple):
+    """k device batches of one signature, used where they lie: the program that runs them
+    stacks them (``[k, batch, ...]``) inside, so no stacked copy is made before it runs."""
+
+    batches: tuple
+
+    @property
+    def count(self) -> int:
+        return len(self.batches)
+
+    @property
+    def examples(self) -> int:
+        """Examples in all k batches (they share one signature, so one batch's rows times k)."""
+        return len(self.batches) * self.batches[0].num_examples
+
+
 def _host_key(ds: Any) -> tuple | None:
     """A DataSet of numpy arrays' :func:`signature` (exact ``np.ndarray`` fields, or None),
     else None: a batch with nothing that can be dead or needs converting, so once its

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import collections
 import itertools
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxws.arrays import check_arrays
-from jaxws.data.dataset import DataSet, Judged, MultiDataSet, _device_key, _host_key, signature
+from jaxws.data.dataset import DataSet, Judged, MultiDataSet, Rows, Steps, _device_key, _host_key, signature
 from jaxws.data.iterators import ArrayDataSetIterator, ArrayMultiDataSetIterator, as_dataset, as_multi_dataset, from_iterable
 from jaxws.data.placement import Placement, host_leaf
 from jaxws.data.prefetch import AsyncDataSetIterator, AsyncMultiDataSetIterator
@@ -91,24 +91,6 @@ def _labels_on_host(ds: Any) -> bool:
     return all(isinstance(x, np.ndarray) for x in (labels if isinstance(labels, (tuple, list)) else (labels,)))
 
 
-class Rows(NamedTuple):
-    """``count`` batches of ``size`` examples of device-resident ``data``, taken inside the
-    program from position ``start`` of ``order`` (None: in order). ``judged``: the data's
-    label values were checked on the host before it was placed (host arrays)."""
-
-    data: Any
-    order: Any
-    start: int
-    count: int
-    size: int
-    judged: bool = False
-
-    @property
-    def examples(self) -> int:
-        """Examples in all ``count`` batches."""
-        return self.count * self.size
-
-
 @jax.jit
 def _stack_on_device(group: list) -> Any:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *group)
@@ -119,22 +101,6 @@ def stack(group: list) -> Any:
     if isinstance(jax.tree.leaves(group[0])[0], jax.Array):
         return _stack_on_device(list(group))
     return jax.tree.map(lambda *xs: np.stack(xs), *group)
-
-
-class Steps(NamedTuple):
-    """k device batches of one signature, used where they lie: the program that runs them
-    stacks them (``[k, batch, ...]``) inside, so no stacked copy is made before it runs."""
-
-    batches: tuple
-
-    @property
-    def count(self) -> int:
-        return len(self.batches)
-
-    @property
-    def examples(self) -> int:
-        """Examples in all k batches (they share one signature, so one batch's rows times k)."""
-        return len(self.batches) * self.batches[0].num_examples
 
 
 def _grouped(items: Iterator[tuple], k: int) -> Iterator[tuple[list, tuple | None]]:
