@@ -27,6 +27,11 @@ def _on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def _small_host(leaves: list) -> bool:
+    """All numpy arrays of at most 1 MiB: what moves through a jitted call's own transfer."""
+    return all([isinstance(x, np.ndarray) and x.nbytes <= _SMALL for x in leaves])
+
+
 @jax.jit
 def _forwarded(leaves: list) -> list:
     """``leaves`` (numpy arrays) as device arrays, through a jitted call's own transfer: the
@@ -125,7 +130,7 @@ class Placement:
         if not self.stages:
             return None
         leaves, treedef = jax.tree.flatten(tree)
-        if not all([type(x) is np.ndarray and x.nbytes <= _SMALL for x in leaves]):
+        if not _small_host(leaves):
             return None
         return jax.tree.unflatten(treedef, [np.array(x) for x in leaves])
 
@@ -139,7 +144,7 @@ class Placement:
                       for t, i in moved]
         elif moved:  # arrays on another device are copied too
             arrays = [host_leaf(flat[t][0][i]) for t, i in moved]
-            if self.anywhere and _on_cpu() and all(isinstance(x, np.ndarray) and x.nbytes <= _SMALL for x in arrays):
+            if self.stages and _small_host(arrays):
                 # one copy, as device_put makes: ours, so a late read of it is harmless
                 # (the caller may refill its buffer while the steps still read the batch)
                 copies: dict[int, list] = {}  # per batch: one program per batch signature
