@@ -443,7 +443,7 @@ def test_a_signed_pass_pairs_each_batch_with_its_signature(source):
     # a single host batch's labels were judged by the check on the host: its step need not count them
     judged = source in ("numpy iterator", "numpy inline")
     assert all(key == (Judged(signature(ds)) if judged else signature(ds)) for ds, key in pairs)
-    if source == "numpy inline" and jax.default_backend() == "cpu":  # copies, moved by the step that takes them
+    if judged and jax.default_backend() == "cpu":  # copies (in this thread or from the ring), moved by the step
         assert all(type(ds.features) is np.ndarray and type(ds.labels) is np.ndarray for ds, _ in pairs)
         assert not any(np.shares_memory(ds.features, b.features) or np.shares_memory(ds.labels, b.labels)
                        for (ds, _), b in zip(pairs, host))
@@ -582,6 +582,35 @@ def test_fit_reads_host_data_held_in_memory_in_its_own_thread_on_the_cpu(monkeyp
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), net.params, carry.params)
     assert all(type(ds.features) is np.ndarray for ds in batches)  # the user's batches, as they were
     np.testing.assert_array_equal(batches[2].labels, y[40:])
+
+
+def test_the_ring_hands_fit_host_copies_that_its_steps_move_on_the_cpu(monkeypatch):
+    # a loader's batches go through the ring, which on the CPU stages copies for fit's step
+    # to move as it runs (as in fit's own thread) instead of placing them in its thread; off
+    # the CPU, and for anyone else iterating a ring, it places them as before
+    from jaxws.data.placement import Placement
+
+    placed = []
+    place_many = Placement.place_many
+    monkeypatch.setattr(Placement, "place_many", lambda self, trees: placed.append(len(trees)) or place_many(self, trees))
+    x, y = arrays(100)
+    shared = y[:20].copy()  # one label array in several batches
+    batches = [DataSet(x[i:i + 20], shared if i % 40 else y[i:i + 20]) for i in range(0, 100, 20)]
+    before = [(ds.features.copy(), ds.labels.copy()) for ds in batches]
+    net, reference = network(), network()
+    net.fit(from_iterable(lambda: iter(batches)), epochs=2, progress=False)
+    cpu = jax.default_backend() == "cpu"
+    assert (placed == []) == cpu and net.iteration == 10
+    with AsyncDataSetIterator(iter(batches), 4) as ring:  # iterated by a user: device batches
+        seen = [type(ds.features) for ds in ring]
+    assert placed and set(seen) == {type(jnp.zeros(1))}
+    step, carry = jax.jit(reference.train_step()), reference._carry  # the plain-JAX loop
+    for ds in batches * 2:
+        carry, _ = step(carry, DataSet(jnp.asarray(ds.features), jnp.asarray(ds.labels)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), net.params, carry.params)
+    for ds, (xb, yb) in zip(batches, before):  # the user's arrays, as they were
+        assert type(ds.features) is np.ndarray
+        np.testing.assert_array_equal(ds.features, xb), np.testing.assert_array_equal(ds.labels, yb)
 
 
 def test_a_signature_is_judged_once_per_model_and_host_label_values_on_every_call(monkeypatch):

@@ -332,9 +332,9 @@ class Feed:
         """One pass as ``(batch, signature(batch))`` pairs (``(rows, None)`` for Rows): a
         caller that keys its programs on the signature gets the one computed for the check.
         A single host batch whose labels were judged on the host has a :class:`Judged`
-        signature (its labels are not counted on the device a second time); placed in
-        this thread on the CPU, it comes as copies of its small numpy arrays, which the
-        jitted step moves as it runs (:meth:`Placement.staged`), not in a call of its own."""
+        signature (its labels are not counted on the device a second time); on the CPU,
+        in this thread or from the ring, it comes as copies of its small numpy arrays, which
+        the jitted step moves as it runs (:meth:`Placement.staged`), not in a call of its own."""
         return self._pass(signed=True)
 
     def _pass(self, signed: bool) -> Iterator[Any]:
@@ -434,8 +434,9 @@ class Feed:
                     yield (ds, signature(ds)) if signed else ds
 
     def _prefetched(self, items: Iterator, judged: collections.deque | None = None) -> Iterator[Any]:
-        """The async ring's batches; ``judged`` (single batches): gets, in order, whether each
-        batch's labels were host arrays, judged by the check (appended before the ring has it)."""
+        """The async ring's batches; ``judged`` (fit's single batches): gets, in order, whether
+        each batch's labels were host arrays, judged by the check (appended before the ring has
+        it), and the ring stages them as :meth:`_inline` does (copies the step moves)."""
         if self.steps == 1:
             def base():
                 for ds, key in self._batches(items):
@@ -446,9 +447,10 @@ class Feed:
             base, collate = base(), self._as
         else:
             base, collate = (group for group, _ in _grouped(self._batches(items), self.steps)), stack
+        # fit's single steps move small host batches themselves on the CPU: the ring stages copies
         ring = self._ring = (AsyncMultiDataSetIterator if self._multi else AsyncDataSetIterator)(
             base, self.prefetch, device=self.placement.device, sharding=self.placement.sharding,
-            collate=collate)
+            collate=collate, _stage=judged is not None)
         try:
             yield from ring
         except AsyncIteratorError as e:

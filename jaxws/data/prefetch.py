@@ -52,8 +52,9 @@ class _Preparer:
     Holds no reference to the iterator, so an abandoned iterator can be collected.
     """
 
-    def __init__(self, iterator_id, config, placement, callback, pad_axis, collate):
+    def __init__(self, iterator_id, config, placement, callback, pad_axis, collate, stage=False):
         self.iterator_id = iterator_id
+        self.stage = stage and placement.stages  # host copies for a step that moves them (fit's, on the CPU)
         self.collate = collate
         self.config = config
         self.placement = placement
@@ -77,6 +78,13 @@ class _Preparer:
         if self.plain and _device_key(item) in self._bytes:
             return item, ()
         return self.placement.place(self.host(item))
+
+    def staged(self, ds: Any) -> tuple[Any, Any]:
+        """``(batch, the arrays the ring placed)`` when staging: a copy of a small numpy batch
+        (:meth:`Placement.staged`), which the consumer's jitted step moves as it runs, with
+        nothing placed and nothing for the ring to hold; any other batch placed."""
+        copy = self.placement.staged(ds)
+        return (copy, ()) if copy is not None else self.placement.place(ds)
 
     def host(self, item: Any) -> Any:
         """The host half: collate, callback, padding and the slot size."""
@@ -126,7 +134,8 @@ class _Preparer:
 
 
 def _load(base, hq: queue.SimpleQueue, tokens: threading.Semaphore, stop: threading.Event, prepare: _Preparer) -> None:
-    """The loading thread: each batch of ``base`` through ``prepare.host`` into ``hq``.
+    """The loading thread: each batch of ``base`` through ``prepare.host`` into ``hq``
+    (when staging, straight to the consumer's queue, staged: there is no transfer thread).
 
     It takes a token before each batch and the consumer gives one back for each batch it
     takes, so the batches loaded and not yet handed out never outnumber the tokens.
@@ -143,10 +152,10 @@ def _load(base, hq: queue.SimpleQueue, tokens: threading.Semaphore, stop: thread
                 return
             ds = prepare.host(item)
             if first and prepare.pad_axis is None and prepare.placement.holds_all(ds):
-                hq.put((ds, _INLINE))  # on the device already: no thread needed
+                hq.put((prepare.staged(ds) if prepare.stage else ds, _INLINE))  # on the device already: no thread needed
                 return
             first = False
-            hq.put((ds, None))
+            hq.put((prepare.staged(ds) if prepare.stage else ds, None))
     except BaseException as e:  # noqa: BLE001 - every failure crosses to the consumer
         hq.put((None, e))
 
@@ -256,6 +265,7 @@ class AsyncDataSetIterator(DataSetIterator):
         pad_axis: int | None = None,
         config: WorkspaceConfiguration | None = None,
         collate: Callable[[Any], Any] = as_dataset,
+        _stage: bool = False,
     ):
         name = type(self).__name__
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
@@ -271,7 +281,8 @@ class AsyncDataSetIterator(DataSetIterator):
         self.queue_size = max(2, queue_size)
         self.use_workspace = use_workspace
         self.config = config or WorkspaceConfiguration(overallocation_limit=1.0)
-        self._prepare = _Preparer(self.id, self.config, Placement(device, sharding), callback, pad_axis, collate)
+        self._prepare = _Preparer(self.id, self.config, Placement(device, sharding), callback, pad_axis, collate,
+                                   _stage)
         self._ring = None
         self._closed = False
         self._exhausted = False
@@ -289,12 +300,12 @@ class AsyncDataSetIterator(DataSetIterator):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         stop, loaded = threading.Event(), queue.SimpleQueue()
         name = f"jaxws-prefetch-{self.id}"
-        threads = (
-            threading.Thread(target=_load, args=(self.base, loaded, self._tokens, stop, self._prepare),
-                             name=f"{name}-load", daemon=True),
-            threading.Thread(target=_place, args=(loaded, self._queue, stop, self._prepare), name=f"{name}-put",
-                             daemon=True),
-        )
+        stage = self._prepare.stage  # a copy to stage is no transfer: the loader makes it, no thread between
+        threads = (threading.Thread(target=_load, args=(self.base, self._queue if stage else loaded, self._tokens, stop,
+                                                        self._prepare), name=f"{name}-load", daemon=True),)
+        if not stage:
+            threads += (threading.Thread(target=_place, args=(loaded, self._queue, stop, self._prepare),
+                                         name=f"{name}-put", daemon=True),)
         for thread in threads:
             thread.start()
         self._finalizer = weakref.finalize(self, _shutdown, stop, self._tokens, loaded, self._queue, threads)
