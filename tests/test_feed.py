@@ -14,6 +14,7 @@ import pytest
 
 import jaxws
 from jaxws.data import ArrayDataSetIterator, AsyncDataSetIterator, DataSet, from_iterable
+from jaxws.eval import Evaluation
 from jaxws.nn import LSTM, Dense, MultiLayerNetwork, NeuralNetConfiguration, OutputLayer, RnnOutputLayer
 from jaxws.parallel import ParallelWrapper
 
@@ -125,6 +126,42 @@ def test_out_of_range_device_labels_never_train_silently(bad):
         net.evaluate((jnp.asarray(x), labels))
     with pytest.raises(jaxws.InvalidBatchError, match="labels out of range"):
         net.score((jnp.asarray(x), labels))
+
+
+def test_evaluation_counts_on_the_device_only_labels_the_feed_did_not_judge(monkeypatch):
+    # host labels are judged by the feed before their batch runs; evaluation and score count
+    # only device labels in their programs, name a bad device batch by its place among all
+    # the batches, and read no count at all when every batch was judged on the host
+    from sklearn.metrics import confusion_matrix
+
+    from jaxws.nn.checks import LabelCheck
+
+    reads = []
+    read = LabelCheck.raise_if_invalid
+    monkeypatch.setattr(LabelCheck, "raise_if_invalid", lambda self, *a, **k: reads.append(a[0]) or read(self, *a, **k))
+    x, y = arrays(120)
+    shared = jnp.asarray(y[40:60])  # one device label array in two batches
+    host = [DataSet(x[i:i + 20], y[i:i + 20]) for i in (0, 20, 80, 100)]
+    device = [DataSet(jnp.asarray(x[40:60]), shared), DataSet(jnp.asarray(x[60:80]), shared)]
+    net = network()
+    for prefetch in (0, 8):
+        ev = net.do_evaluation(iter(host), Evaluation(), prefetch=prefetch)[0]
+        predicted = np.concatenate([np.asarray(net.output(ds.features)).argmax(1) for ds in host])
+        np.testing.assert_array_equal(ev.confusion_matrix(), confusion_matrix(
+            np.concatenate([ds.labels for ds in host]), predicted, labels=range(C)))
+    score = net.score(host)
+    assert reads == [] and np.isclose(score, np.mean([net.score(ds) for ds in host]), rtol=1e-5)
+    mixed = [host[0], host[1], device[0], host[2], DataSet(device[1].features, jnp.full(20, 7, jnp.int32)), device[1]]
+    for prefetch in (0, 8):
+        with pytest.raises(jaxws.InvalidBatchError, match=r"do_evaluation: labels out of range .*batch 4 \(counting from 0 "
+                           r"in that call\) was the first with classes outside 0\.\.2 \(found 7\.\.7\); 20 invalid label\(s\) in all, over 6 step"):
+            net.do_evaluation(iter(mixed), Evaluation(), prefetch=prefetch)
+    with pytest.raises(jaxws.InvalidBatchError, match=r"score: labels out of range .*batch 4 \(counting"):
+        net.score(mixed)
+    assert net.score(host + device) > 0 and reads.count("score") == 2  # device labels: counted and read
+    for ds in host:  # the user's arrays, as they were
+        assert type(ds.features) is np.ndarray and type(ds.labels) is np.ndarray
+    np.testing.assert_array_equal(np.asarray(shared), y[40:60])
 
 
 def test_parallel_wrapper_checks_device_labels_too():

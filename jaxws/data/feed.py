@@ -362,8 +362,9 @@ class Feed:
         else:
             on_device = self.placement.holds_all(self._as(first))
         single = self._prechecked and len(self.source) == 1  # fit(batch): no later batch to overlap with
-        # fit's step moves a host batch itself on the CPU, so batches already in memory (a list,
-        # an ArrayDataSetIterator) leave a ring nothing to overlap (nor does DL4J prefetch them)
+        # a signed pass's step (fit's, an evaluation's) moves a host batch itself on the CPU, so
+        # batches in memory (a list, an ArrayDataSetIterator) leave a ring nothing to overlap
+        # (nor does DL4J prefetch them)
         held = (signed and self.steps == 1 and self.placement.stages
                 and (self._prechecked or isinstance(self.source, ArrayDataSetIterator)))
         if (self.prefetch and not on_device and not single and not held

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxws.arrays import allow_reads
+from jaxws.data.feed import Judged
 from jaxws.errors import ConfigurationError, InvalidBatchError
 from jaxws.interrupts import guarded
 from jaxws.manager import get_workspace_manager
-from jaxws.nn.checks import LabelCheck
+from jaxws.nn.checks import FitChecks, LabelCheck
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.step import WorkspaceFunction, jit
 
@@ -38,11 +39,11 @@ class EvaluationMixin:
     def _evaluation_fn(self, evaluations: tuple, outputs: tuple) -> WorkspaceFunction:
         key = (tuple(ev._static_key() for ev in evaluations), outputs)
         if key not in self._eval_fns:
-            def evaluate(states, check, params, state, ds):
+            def evaluate(states, check, params, state, ds):  # check None: labels judged on the host
                 predictions = self._apply(params, state, *self._inputs_of(ds), False, WorkspaceMode.SINGLE)[0]
                 states = tuple(ev.update(s, *self._eval_targets(predictions, ds, i))
                                for ev, s, i in zip(evaluations, states, outputs))
-                return states, check.update(*(self._class_labels(ds) or (None, None, 0)))
+                return states, None if check is None else check.update(*(self._class_labels(ds) or (None, None, 0)))
 
             evaluate.__name__ = f"{type(self).__name__}.do_evaluation"
             self._eval_fns[key] = jit(evaluate, donate_argnums=(0, 1))
@@ -56,7 +57,8 @@ class EvaluationMixin:
         ask an evaluator for a metric. Evaluators that already hold data keep adding to it.
 
         Args:
-            data: as for ``fit``; iterators are prefetched asynchronously.
+            data: as for ``fit``; iterators are prefetched asynchronously (on the CPU
+                backend, as in ``fit``, host data already in memory is read in this thread).
             *evaluations: Evaluation, ROC, ROCMultiClass, ROCBinary, EvaluationBinary,
                 RegressionEvaluation, or your own Evaluator. A model of several outputs (a
                 ComputationGraph) takes the output first, ``do_evaluation(data, 1, Evaluation())``,
@@ -94,7 +96,7 @@ class EvaluationMixin:
                 )
         feed = self._feed(data, "do_evaluation", batch_size=batch_size, prefetch=prefetch, rewind="always")
         with feed:
-            return self._evaluate(iter(feed), evaluations, outputs)
+            return self._evaluate(feed.signed(), evaluations, outputs)
 
     def _output_names(self) -> tuple:
         """The model's outputs, by name (one for a MultiLayerNetwork)."""
@@ -126,14 +128,15 @@ class EvaluationMixin:
             pairs = [(0, ev) for ev in args]
         return tuple(ev for _, ev in pairs), tuple(i for i, _ in pairs)
 
-    def _evaluate(self, batches: Any, evaluations: tuple, outputs: tuple) -> tuple:
-        """Runs every evaluator over ``batches`` (checked device batches); evaluator i reads
-        output ``outputs[i]``."""
+    def _evaluate(self, pairs: Any, evaluations: tuple, outputs: tuple) -> tuple:
+        """Runs every evaluator over ``pairs`` (checked batches and their signatures, from
+        ``Feed.signed``); evaluator i reads output ``outputs[i]``. Labels the feed judged on
+        the host (a :class:`Judged` signature) are not counted on the device again."""
         manager = get_workspace_manager()
         fn = self._evaluation_fn(evaluations, outputs)
-        check = LabelCheck.init()
+        checks = FitChecks(LabelCheck.init())
         with self._pinned() as carry, guarded() as guard:
-            for ds in batches:
+            for ds, signature in pairs:
                 if ds.labels is None or (isinstance(ds.labels, tuple) and not ds.labels):
                     raise InvalidBatchError("do_evaluation: a batch has no labels to evaluate against.")
                 states = []
@@ -143,13 +146,31 @@ class EvaluationMixin:
                     states.append(ev._reserve(ev.state, int(np.prod(shape[:-1]))))
                 states = tuple(states)
                 with guard, manager.scope_out_of_workspaces():  # states donated and stored in one commit
-                    states, check = fn(states, check, carry.params, carry.state, ds)
+                    states = self._counted(fn, checks, signature, states, carry, ds)
                     for ev, state in zip(evaluations, states):
                         ev.state = state
         self._verify()
-        with allow_reads():  # one read, at the end: not per batch
-            check.raise_if_invalid("do_evaluation", self._labels_what(), self._num_classes())
+        self._raise_if_counted_invalid("do_evaluation", checks)
         return evaluations
+
+    @staticmethod
+    def _counted(fn: WorkspaceFunction, checks: FitChecks, signature: Any, total: Any, carry: Any, ds: Any) -> Any:
+        """``fn``'s new ``total`` after one batch; the batch's labels counted into ``checks``
+        on the device unless the feed judged them on the host (a :class:`Judged` signature)."""
+        if type(signature) is Judged:
+            checks.lag += 1
+            total = fn(total, None, carry.params, carry.state, ds)[0]
+        else:
+            total, checks.state = fn(total, checks.counting(), carry.params, carry.state, ds)
+        checks.steps += 1
+        return total
+
+    def _raise_if_counted_invalid(self, op: str, checks: FitChecks) -> None:
+        """The one read of a pass's label count, at its end; none when every batch's labels
+        were judged on the host."""
+        if checks.settle():
+            with allow_reads():  # asked for: not a hidden sync
+                checks.state.raise_if_invalid(op, self._labels_what(), self._num_classes())
 
     def _output_shape(self, carry: Any, ds: Any, index: int = 0) -> tuple:
         inputs = self._inputs_of(ds)
@@ -171,13 +192,13 @@ class EvaluationMixin:
 
         self._require_init()
         with self._feed(data, "evaluate_roc", batch_size=batch_size, rewind="always") as feed:
-            batches = iter(feed)
+            pairs = feed.signed()
             self._evaluators(())  # one output, or the error saying so
-            first = next(batches)  # its width picks the evaluator; it is evaluated too
+            first = next(pairs)  # its width picks the evaluator; it is evaluated too
             with self._pinned() as carry:
-                width = self._output_shape(carry, first)[-1]
+                width = self._output_shape(carry, first[0])[-1]
             roc = ROC(threshold_steps) if width <= 2 else ROCMultiClass(threshold_steps)
-            return self._evaluate(itertools.chain([first], batches), (roc,), (0,))[0]
+            return self._evaluate(itertools.chain([first], pairs), (roc,), (0,))[0]
 
     def evaluate_regression(self, data: Any, *, batch_size: int | None = None):
         """``do_evaluation(data, RegressionEvaluation())``."""
@@ -193,22 +214,22 @@ class EvaluationMixin:
         """
         self._require_init()
         if self._score_fn is None:
-            def score(total, check, params, state, ds):
+            def score(total, check, params, state, ds):  # check None: labels judged on the host
                 loss = self._loss(params, state, ds, False, WorkspaceMode.SINGLE)[0]
                 n = jax.tree.leaves(ds)[0].shape[0]
-                return total + loss * n, check.update(*(self._class_labels(ds) or (None, None, 0)))
+                return total + loss * n, None if check is None else check.update(
+                    *(self._class_labels(ds) or (None, None, 0)))
 
             score.__name__ = f"{type(self).__name__}.score"
             self._score_fn = jit(score, donate_argnums=(0, 1))
-        total, check, count = jnp.zeros(()), LabelCheck.init(), 0
+        total, checks, count = jnp.zeros(()), FitChecks(LabelCheck.init()), 0
         feed = self._feed(data, "score", batch_size=batch_size, rewind="always")
         with feed, self._pinned() as carry, get_workspace_manager().scope_out_of_workspaces():
-            for ds in feed:
-                total, check = self._score_fn(total, check, carry.params, carry.state, ds)
+            for ds, signature in feed.signed():
+                total = self._counted(self._score_fn, checks, signature, total, carry, ds)
                 count += ds.num_examples
         self._verify()
-        with allow_reads():
-            check.raise_if_invalid("score", self._labels_what(), self._num_classes())
+        self._raise_if_counted_invalid("score", checks)
         if count == 0:
             raise ConfigurationError("score(data): the data has no examples; pass at least one example.")
         return float(total) / count
