@@ -13,7 +13,9 @@ over the same calls in one process:
     fit's fused program on a stack and on the k batches themselves, and
     ``fit(batches, steps_per_execution=k)`` around that program;
   * an AsyncDataSetIterator over device batches (``speed.py``'s figure), per batch, against
-    the loop over the same batches.
+    the loop over the same batches;
+  * evaluation per batch: ``do_evaluation(Evaluation())`` and ``score`` over numpy batches
+    (``prefetch=0``: the main thread does all of it) and over device batches.
 
     python benchmarks/instructions.py [--calls 2000] [--steps 50] [--k 100] [--width 64] [--batch 32]
 
@@ -66,6 +68,24 @@ def inner(args: argparse.Namespace) -> None:
     _count("scan", scan_layers(args.width, args.batch, args.k), 1)
     ring = async_variants(args.calls)
     _count("async", {"device": ring["device"], "loop": ring["loop"]})  # the others work in threads
+    _count("eval", evaluation(args.width, args.batch, args.steps))
+
+
+def evaluation(width: int, batch: int, steps: int) -> dict:
+    """do_evaluation and score over ``steps`` numpy batches and the same on the device."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from breakdown import epochs_of, model
+    from jaxws.data import DataSet
+    from jaxws.eval import Evaluation
+
+    net = model(width)
+    device = epochs_of(batch, steps, 1)[0]
+    host = [DataSet(np.asarray(ds.features), np.asarray(ds.labels)) for ds in device]
+    return {"evaluate_numpy": lambda: net.do_evaluation(iter(host), Evaluation(), prefetch=0)[0].state,
+            "evaluate_device": lambda: net.do_evaluation(device, Evaluation())[0].state,
+            "score_numpy": lambda: jnp.asarray(net.score(host)), "score_device": lambda: jnp.asarray(net.score(device))}
 
 
 def _read(folder: str) -> dict:
@@ -126,6 +146,9 @@ def main() -> None:
     emit(figure="AsyncDataSetIterator per batch: device batches (passed through), k instructions per batch",
          batches=args.calls, queue_size=8, **{k: round(v, 2) for k, v in ring.items()},
          per_batch=round(ring["device"] - ring["loop"], 2))
+    evaluated = {k: v / args.steps / 1000 for k, v in counts["eval"].items()}
+    emit(figure="do_evaluation(Evaluation()) and score, k instructions per batch", width=args.width,
+         batch=args.batch, batches=args.steps, **{k: round(v, 1) for k, v in evaluated.items()})
 
 
 if __name__ == "__main__":
