@@ -7,11 +7,11 @@ through the step and never read back inside the loop.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxws.arrays import allow_reads
 from jaxws.data.feed import Judged
@@ -135,17 +135,17 @@ class EvaluationMixin:
         manager = get_workspace_manager()
         fn = self._evaluation_fn(evaluations, outputs)
         checks = FitChecks(LabelCheck.init())
-        with self._pinned() as carry, guarded() as guard:
+        with self._pinned() as carry, guarded() as guard, manager.scope_out_of_workspaces():
             for ds, signature in pairs:
                 if ds.labels is None or (isinstance(ds.labels, tuple) and not ds.labels):
                     raise InvalidBatchError("do_evaluation: a batch has no labels to evaluate against.")
                 states = []
                 for ev, i in zip(evaluations, outputs):
-                    shape = self._output_shape(carry, ds, i)
+                    shape = self._output_shape(carry, ds, i, signature)
                     ev._ensure_state(shape)
-                    states.append(ev._reserve(ev.state, int(np.prod(shape[:-1]))))
+                    states.append(ev._reserve(ev.state, math.prod(shape[:-1])))
                 states = tuple(states)
-                with guard, manager.scope_out_of_workspaces():  # states donated and stored in one commit
+                with guard:  # states donated and stored in one commit
                     states = self._counted(fn, checks, signature, states, carry, ds)
                     for ev, state in zip(evaluations, states):
                         ev.state = state
@@ -172,13 +172,21 @@ class EvaluationMixin:
             with allow_reads():  # asked for: not a hidden sync
                 checks.state.raise_if_invalid(op, self._labels_what(), self._num_classes())
 
-    def _output_shape(self, carry: Any, ds: Any, index: int = 0) -> tuple:
+    def _output_shape(self, carry: Any, ds: Any, index: int = 0, signature: Any = None) -> tuple:
+        """The shape of output ``index`` on batch ``ds``; with the batch's ``signature``
+        (the feed's), looked up by it, without reading the inputs' shapes."""
+        shapes = self._output_shapes
+        known = shapes.get((signature, index)) if signature is not None else None
+        if known is not None:
+            return known
         inputs = self._inputs_of(ds)
         key = (jax.tree.map(lambda a: (a.shape, a.dtype), inputs), index)
-        if key not in self._output_shapes:
+        if key not in shapes:
             out = jax.eval_shape(self._inference_fn(False), carry.params, carry.state, *inputs)
-            self._output_shapes[key] = (out[index] if isinstance(out, (tuple, list)) else out).shape
-        return self._output_shapes[key]
+            shapes[key] = (out[index] if isinstance(out, (tuple, list)) else out).shape
+        if signature is not None:
+            shapes[(signature, index)] = shapes[key]
+        return shapes[key]
 
     def evaluate(self, data: Any, *, batch_size: int | None = None):
         """``do_evaluation(data, Evaluation())``: classification metrics."""
