@@ -272,6 +272,26 @@ def test_host_batches_judged_by_the_feed_run_a_step_without_the_device_count(how
     assert net.iteration == 12
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_host_batches_a_step_moves_never_share_the_users_memory(shuffle):
+    # the step may read a host batch after its call returns: an ArrayDataSetIterator's
+    # slices (views of the user's arrays) are copied; its shuffled batches are gathers,
+    # new arrays already, and go as they are
+    from jaxws.data.feed import Feed
+
+    x, y = arrays(60)
+    it = ArrayDataSetIterator(x, y, 20, shuffle=shuffle, resident=False)
+    with Feed(it, op="fit", prefetch=0) as feed:
+        batches = [ds for ds, _ in feed.signed()]
+    rows = it.order() if shuffle else np.arange(60)
+    for i, ds in enumerate(batches):
+        np.testing.assert_array_equal(ds.features, x[rows[i * 20:(i + 1) * 20]])
+        np.testing.assert_array_equal(ds.labels, y[rows[i * 20:(i + 1) * 20]])
+        if jax.default_backend() == "cpu":  # host arrays, which the step moves
+            assert type(ds.features) is np.ndarray
+            assert not (np.shares_memory(ds.features, x) or np.shares_memory(ds.labels, y))
+
+
 def test_a_loader_that_refills_one_buffer_trains_as_its_batches_say():
     # placed in fit's thread on the CPU, a host batch is moved by the step that takes it; the
     # step may read that memory after the call returns, so fit hands it copies: a loader that

@@ -110,12 +110,13 @@ class Placement:
         (anywhere, on the CPU backend) rather than placing them first."""
         return self.anywhere and _on_cpu()
 
-    def staged(self, tree: Any) -> Any | None:
+    def staged(self, tree: Any, copy: bool = True) -> Any | None:
         """``tree`` with each leaf copied, for the jitted call that takes it to transfer as
         it runs (the batch then costs no call of its own), or None where it must be placed
         first: a device or sharding named, a backend other than the CPU, a leaf that is
         not a numpy array or is over 1 MiB. The copies are the transfer's own (see
         ``_forwarded``): the caller may refill its arrays while the call still reads them.
+        ``copy=False``: ``tree`` itself, for arrays that nobody else holds (a fresh gather).
 
         Example:
             >>> import jax, numpy as np
@@ -132,7 +133,7 @@ class Placement:
         leaves, treedef = jax.tree.flatten(tree)
         if not _small_host(leaves):
             return None
-        return jax.tree.unflatten(treedef, [np.array(x) for x in leaves])
+        return jax.tree.unflatten(treedef, [np.array(x) for x in leaves]) if copy else tree
 
     def place_many(self, trees: list) -> list[tuple[Any, list[jax.Array]]]:
         """:meth:`place` for each of ``trees``, with one transfer call for all of them
