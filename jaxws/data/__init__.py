@@ -4,6 +4,8 @@ from jaxws.data.dataset import DataSet
 from jaxws.data.dataset import MultiDataSet
 from jaxws.data.iterators import ArrayDataSetIterator
 from jaxws.data.iterators import ArrayMultiDataSetIterator
+from jaxws.data.iterators import AsyncShieldDataSetIterator
+from jaxws.data.iterators import AsyncShieldMultiDataSetIterator
 from jaxws.data.iterators import DataSetIterator
 from jaxws.data.iterators import IterableDataSetIterator
 from jaxws.data.iterators import as_dataset
@@ -11,8 +13,6 @@ from jaxws.data.iterators import as_multi_dataset
 from jaxws.data.iterators import from_iterable
 from jaxws.data.prefetch import AsyncDataSetIterator
 from jaxws.data.prefetch import AsyncMultiDataSetIterator
-from jaxws.data.prefetch import AsyncShieldDataSetIterator
-from jaxws.data.prefetch import AsyncShieldMultiDataSetIterator
 
 __all__ = [
     "ArrayDataSetIterator",

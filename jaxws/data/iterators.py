@@ -24,6 +24,8 @@ __all__ = [
     "from_iterable",
     "as_dataset",
     "as_multi_dataset",
+    "AsyncShieldDataSetIterator",
+    "AsyncShieldMultiDataSetIterator",
 ]
 
 
@@ -354,3 +356,29 @@ def from_iterable(source: Iterable | Callable[[], Iterable]) -> IterableDataSetI
         (3, True)
     """
     return IterableDataSetIterator(source)
+
+
+class AsyncShieldDataSetIterator(DataSetIterator):
+    """A pass-through that forbids async wrapping: ``fit`` never prefetches it (debugging)."""
+
+    async_supported = False
+
+    def __init__(self, base: Any):
+        self.base = base if hasattr(base, "__next__") else from_iterable(base)
+
+    def __next__(self):
+        return next(self.base)
+
+    def reset(self) -> None:
+        self.base.reset()
+
+    @property
+    def reset_supported(self) -> bool:
+        return getattr(self.base, "reset_supported", True)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+class AsyncShieldMultiDataSetIterator(AsyncShieldDataSetIterator):
+    """AsyncShieldDataSetIterator for MultiDataSet iterators."""

@@ -5,7 +5,8 @@ bucket; a second puts what is loaded on the device (or shards it; every batch lo
 then in one transfer call), so a transfer overlaps the loading of the next batch. Each
 batch crosses to the consumer as ``(element, exception)``, and a count of tokens bounds
 the batches ahead of it. What the ring placed is valid until the next ``next()``; arrays
-that were on the device already pass through and stay the caller's.
+that were on the device already pass through and stay the caller's. For ``fit``'s steps on
+the CPU the ring stages instead (copies its step moves as it runs): one thread, nothing placed.
 """
 
 from __future__ import annotations
@@ -30,12 +31,7 @@ from jaxws.manager import get_workspace_manager
 from jaxws.memory import tree_bytes
 from jaxws.workspace import _pad_to
 
-__all__ = [
-    "AsyncDataSetIterator",
-    "AsyncMultiDataSetIterator",
-    "AsyncShieldDataSetIterator",
-    "AsyncShieldMultiDataSetIterator",
-]
+__all__ = ["AsyncDataSetIterator", "AsyncMultiDataSetIterator"]
 
 log = logging.getLogger("jaxws")
 _END = object()
@@ -476,29 +472,3 @@ class AsyncDataSetIterator(DataSetIterator):
 
 class AsyncMultiDataSetIterator(AsyncDataSetIterator):
     """AsyncDataSetIterator for MultiDataSet batches (several inputs and outputs)."""
-
-
-class AsyncShieldDataSetIterator(DataSetIterator):
-    """A pass-through that forbids async wrapping: ``fit`` never prefetches it (debugging)."""
-
-    async_supported = False
-
-    def __init__(self, base: Any):
-        self.base = base if hasattr(base, "__next__") else from_iterable(base)
-
-    def __next__(self):
-        return next(self.base)
-
-    def reset(self) -> None:
-        self.base.reset()
-
-    @property
-    def reset_supported(self) -> bool:
-        return getattr(self.base, "reset_supported", True)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-
-class AsyncShieldMultiDataSetIterator(AsyncShieldDataSetIterator):
-    """AsyncShieldDataSetIterator for MultiDataSet iterators."""
