@@ -148,7 +148,8 @@ def _load(base, hq: queue.SimpleQueue, tokens: threading.Semaphore, stop: thread
                 return
             ds = prepare.host(item)
             if first and prepare.pad_axis is None and prepare.placement.holds_all(ds):
-                hq.put((prepare.staged(ds) if prepare.stage else ds, _INLINE))  # on the device already: no thread needed
+                # on the device already: no thread needed
+                hq.put((prepare.staged(ds) if prepare.stage else ds, _INLINE))
                 return
             first = False
             hq.put((prepare.staged(ds) if prepare.stage else ds, None))

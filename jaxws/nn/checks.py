@@ -113,7 +113,7 @@ class LabelCheck(NamedTuple):
 
 class FitChecks:
     """A fit call's label check (donated each step), its executions and where its epochs
-    started. ``offset``: the steps a recycled check counted before this call. ``lag``: the
+    started (an evaluation pass keeps one too, for the batches it counts on the device). ``offset``: the steps a recycled check counted before this call. ``lag``: the
     steps since its last count that it did not count (host batches whose labels the feed
     judged): :meth:`catch_up` adds them before a counted step, so it names steps as fit does."""
 
