@@ -411,7 +411,7 @@ class Feed:
 
     def _inline(self, pairs: Iterator[tuple], signed: bool) -> Iterator[Any]:
         """Checked ``(batch, key)`` pairs placed (or stacked by ``steps``) in this thread."""
-        place, staged, anywhere = self.placement.place, self.placement.staged, self.placement.anywhere
+        place, anywhere = self.placement.place, self.placement.anywhere
         # a shuffled ArrayDataSetIterator's batches are fresh gathers of its numpy arrays: no one
         # else holds them, so the step may read them as they are (anything else is copied)
         copy = not (self._whole and isinstance(self.source, ArrayDataSetIterator) and self.source.shuffle)
@@ -420,8 +420,7 @@ class Feed:
                 judged = False
                 if key is None:  # a host batch (or partly): its labels were judged if they were host arrays
                     judged = signed and _labels_on_host(ds)
-                    moved = staged(ds, copy) if judged else None  # the step moves it as it runs
-                    ds = place(ds)[0] if moved is None else moved
+                    ds = place(ds, judged, copy)[0]  # judged: staged, for the step to move as it runs
                 elif not anywhere:  # key: unattached device arrays, used where they are
                     ds = place(ds)[0]
                 if signed:  # placing keeps the avals

@@ -97,9 +97,15 @@ class Placement:
             return True  # device arrays pass through: the exact type, without isinstance
         return all(map(self.holds, leaves))
 
-    def place(self, tree: Any) -> tuple[Any, list[jax.Array]]:
+    def place(self, tree: Any, stage: bool = False, copy: bool = True) -> tuple[Any, list[jax.Array]]:
         """``(placed tree, the new device arrays)``; leaves already placed are not copied
-        (a tree with nothing to move comes back as the same object)."""
+        (a tree with nothing to move comes back as the same object). ``stage``: for a
+        jitted call that moves the tree as it runs, :meth:`staged`'s ``(tree, [])`` where
+        it applies (``copy`` as there): nothing placed."""
+        if stage:
+            moved = self.staged(tree, copy)
+            if moved is not None:
+                return moved, []
         if self.holds_all(tree):
             return tree, []
         return self.place_many([tree])[0]

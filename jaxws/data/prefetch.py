@@ -75,13 +75,6 @@ class _Preparer:
             return item, ()
         return self.placement.place(self.host(item))
 
-    def staged(self, ds: Any) -> tuple[Any, Any]:
-        """``(batch, the arrays the ring placed)`` when staging: a copy of a small numpy batch
-        (:meth:`Placement.staged`), which the consumer's jitted step moves as it runs, with
-        nothing placed and nothing for the ring to hold; any other batch placed."""
-        copy = self.placement.staged(ds)
-        return (copy, ()) if copy is not None else self.placement.place(ds)
-
     def host(self, item: Any) -> Any:
         """The host half: collate, callback, padding and the slot size."""
         ds = self.collate(item)
@@ -131,7 +124,8 @@ class _Preparer:
 
 def _load(base, hq: queue.SimpleQueue, tokens: threading.Semaphore, stop: threading.Event, prepare: _Preparer) -> None:
     """The loading thread: each batch of ``base`` through ``prepare.host`` into ``hq``
-    (when staging, straight to the consumer's queue, staged: there is no transfer thread).
+    (when staging, straight to the consumer's queue as ``Placement.place(ds, stage=True)``
+    gives it, copies for the step to move: there is no transfer thread).
 
     It takes a token before each batch and the consumer gives one back for each batch it
     takes, so the batches loaded and not yet handed out never outnumber the tokens.
@@ -149,10 +143,10 @@ def _load(base, hq: queue.SimpleQueue, tokens: threading.Semaphore, stop: thread
             ds = prepare.host(item)
             if first and prepare.pad_axis is None and prepare.placement.holds_all(ds):
                 # on the device already: no thread needed
-                hq.put((prepare.staged(ds) if prepare.stage else ds, _INLINE))
+                hq.put((prepare.placement.place(ds, True) if prepare.stage else ds, _INLINE))
                 return
             first = False
-            hq.put((prepare.staged(ds) if prepare.stage else ds, None))
+            hq.put((prepare.placement.place(ds, True) if prepare.stage else ds, None))
     except BaseException as e:  # noqa: BLE001 - every failure crosses to the consumer
         hq.put((None, e))
 
