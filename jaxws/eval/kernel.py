@@ -18,7 +18,7 @@ from jaxws.data.feed import Judged
 from jaxws.errors import ConfigurationError, InvalidBatchError
 from jaxws.interrupts import guarded
 from jaxws.manager import get_workspace_manager
-from jaxws.nn.checks import FitChecks, LabelCheck
+from jaxws.nn.checks import FitChecks
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.step import WorkspaceFunction, jit
 
@@ -134,7 +134,7 @@ class EvaluationMixin:
         the host (a :class:`Judged` signature) are not counted on the device again."""
         manager = get_workspace_manager()
         fn = self._evaluation_fn(evaluations, outputs)
-        checks = FitChecks(LabelCheck.init())
+        checks = FitChecks()  # its check made at the first batch counted on the device
         with self._pinned() as carry, guarded() as guard, manager.scope_out_of_workspaces():
             for ds, signature in pairs:
                 if ds.labels is None or (isinstance(ds.labels, tuple) and not ds.labels):
@@ -230,7 +230,7 @@ class EvaluationMixin:
 
             score.__name__ = f"{type(self).__name__}.score"
             self._score_fn = jit(score, donate_argnums=(0, 1))
-        total, checks, count = jnp.zeros(()), FitChecks(LabelCheck.init()), 0
+        total, checks, count = jnp.zeros(()), FitChecks(), 0
         feed = self._feed(data, "score", batch_size=batch_size, rewind="always")
         with feed, self._pinned() as carry, get_workspace_manager().scope_out_of_workspaces():
             for ds, signature in feed.signed():

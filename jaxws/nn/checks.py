@@ -113,11 +113,13 @@ class LabelCheck(NamedTuple):
 
 class FitChecks:
     """A fit call's label check (donated each step), its executions and where its epochs
-    started (an evaluation pass keeps one too, for the batches it counts on the device). ``offset``: the steps a recycled check counted before this call. ``lag``: the
-    steps since its last count that it did not count (host batches whose labels the feed
-    judged): :meth:`catch_up` adds them before a counted step, so it names steps as fit does."""
+    started (an evaluation pass keeps one too, for the batches it counts on the device).
+    ``state`` None: made at the first counted step (a pass may count none). ``offset``: the
+    steps a recycled check counted before this call. ``lag``: the steps since its last
+    count that it did not count (host batches whose labels the feed judged):
+    :meth:`catch_up` adds them before a counted step, so it names steps as fit does."""
 
-    def __init__(self, state: LabelCheck, offset: int = 0):
+    def __init__(self, state: LabelCheck | None = None, offset: int = 0):
         self.state = state
         self.offset = offset
         self.steps = 0
@@ -132,6 +134,8 @@ class FitChecks:
 
     def counting(self) -> LabelCheck:
         """The check for a step that counts labels, caught up with the judged steps before it."""
+        if self.state is None:
+            self.state = LabelCheck.init()
         if self.lag:
             self.catch_up()
         return self.state
