@@ -15,7 +15,10 @@ over the same calls in one process:
   * an AsyncDataSetIterator over device batches (``speed.py``'s figure), per batch, against
     the loop over the same batches;
   * evaluation per batch: ``do_evaluation(Evaluation())`` and ``score`` over numpy batches
-    (``prefetch=0``: the main thread does all of it) and over device batches.
+    (``prefetch=0``: the main thread does all of it) and over device batches;
+  * ``fit(iter(device batches))`` per step by label kind: integer classes (counted by a
+    label check in every step), one-hot labels (nothing to count: no check), and the plain
+    loop on the one-hot batches.
 
     python benchmarks/instructions.py [--calls 2000] [--steps 50] [--k 100] [--width 64] [--batch 32]
 
@@ -69,6 +72,7 @@ def inner(args: argparse.Namespace) -> None:
     ring = async_variants(args.calls)
     _count("async", {"device": ring["device"], "loop": ring["loop"]})  # the others work in threads
     _count("eval", evaluation(args.width, args.batch, args.steps))
+    _count("labels", label_kinds(args.width, args.batch, args.steps))
 
 
 def evaluation(width: int, batch: int, steps: int) -> dict:
@@ -86,6 +90,35 @@ def evaluation(width: int, batch: int, steps: int) -> dict:
     return {"evaluate_numpy": lambda: net.do_evaluation(iter(host), Evaluation(), prefetch=0)[0].state,
             "evaluate_device": lambda: net.do_evaluation(device, Evaluation())[0].state,
             "score_numpy": lambda: jnp.asarray(net.score(host)), "score_device": lambda: jnp.asarray(net.score(device))}
+
+
+def label_kinds(width: int, batch: int, steps: int) -> dict:
+    """fit over ``steps`` device batches with integer class labels and with the same labels
+    one-hot, and the plain loop over the one-hot batches."""
+    import jax
+
+    import jaxws
+    from breakdown import epochs_of, model
+    from jaxws.data import DataSet
+
+    classes = epochs_of(batch, steps, 1)[0]
+    one_hot = [DataSet(ds.features, jax.nn.one_hot(ds.labels, 10)) for ds in classes]
+    nets = {"classes": model(width), "one_hot": model(width)}
+    step = jax.jit(model(width).train_step(), donate_argnums=0)
+    carry = [jaxws.detach(nets["one_hot"]._carry)]  # the same start, the plain loop's own buffers
+
+    def fit(name, batches):
+        def run():
+            nets[name].fit(iter(batches), progress=False)
+            return nets[name]._carry
+        return run
+
+    def plain():
+        for ds in one_hot:
+            carry[0] = step(carry[0], ds)[0]
+        return carry[0]
+
+    return {"classes": fit("classes", classes), "one_hot": fit("one_hot", one_hot), "plain_one_hot": plain}
 
 
 def _read(folder: str) -> dict:
@@ -149,6 +182,10 @@ def main() -> None:
     evaluated = {k: v / args.steps / 1000 for k, v in counts["eval"].items()}
     emit(figure="do_evaluation(Evaluation()) and score, k instructions per batch", width=args.width,
          batch=args.batch, batches=args.steps, **{k: round(v, 1) for k, v in evaluated.items()})
+    kinds = {k: v / args.steps / 1000 for k, v in counts["labels"].items()}
+    emit(figure="fit(iter(device batches)) by label kind, k instructions per step", width=args.width,
+         batch=args.batch, steps=args.steps, **{k: round(v, 1) for k, v in kinds.items()},
+         plain_vs_one_hot=round(kinds["plain_one_hot"] / kinds["one_hot"], 3))
 
 
 if __name__ == "__main__":

@@ -182,6 +182,51 @@ def test_the_device_label_check_adds_no_read_per_step():
     assert net.iteration == 32
 
 
+@pytest.mark.parametrize("loss, activation", [("mse", "identity"), ("mcxent", "softmax")])
+def test_steps_with_no_class_labels_to_count_carry_no_check(monkeypatch, loss, activation):
+    # a regression loss, or one-hot labels: nothing a label check could count, so fit runs
+    # the step without one (no buffer in and out per step) and nothing reads one; evaluation
+    # and score likewise; training equals the plain-JAX loop and the user's arrays survive
+    from sklearn.metrics import mean_squared_error
+
+    from jaxws.eval import RegressionEvaluation
+    from jaxws.nn import LabelCheck
+
+    reads = []
+    read = LabelCheck.raise_if_invalid
+    monkeypatch.setattr(LabelCheck, "raise_if_invalid", lambda self, *a, **k: reads.append(a[0]) or read(self, *a, **k))
+
+    def net():
+        conf = NeuralNetConfiguration(layers=[Dense(8, activation="tanh"), OutputLayer(C, loss=loss, activation=activation)],
+                                      input_shape=(D,), updater=optax.sgd(0.1), seed=0)
+        return MultiLayerNetwork(conf).init()
+
+    x, y = arrays(128)
+    targets = np.eye(C, dtype=np.float32)[y]
+    shared = jnp.asarray(targets[:32])  # one device label array in two batches
+    batches = [DataSet(jnp.asarray(x[0:32]), shared), DataSet(jnp.asarray(x[32:64]), shared),
+               DataSet(jnp.asarray(x[64:96]), jnp.asarray(targets[64:96])), DataSet(x[96:], targets[96:])]
+    model, reference = net(), net()
+    model.fit(iter(batches), epochs=1, progress=False)
+    model.fit(batches, epochs=2, progress=False)
+    assert model.compiled_step(losses=False).compiles == 0  # never the step that counts
+    assert model.compiled_step(losses=False, checked=False).compiles == 2  # device and host (numpy) batches
+    step, carry = jax.jit(reference.train_step()), reference._carry  # the plain-JAX loop
+    for ds in batches * 3:
+        carry, _ = step(carry, DataSet(*(jnp.asarray(a) for a in (ds.features, ds.labels))))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), model.params, carry.params)
+    ev = model.do_evaluation(iter(batches), RegressionEvaluation(C))[0]
+    predicted = np.concatenate([np.asarray(model.output(ds.features)) for ds in batches])
+    expected = np.concatenate([np.asarray(ds.labels) for ds in batches])
+    for col in range(C):
+        assert ev.mean_squared_error(col) == pytest.approx(mean_squared_error(expected[:, col], predicted[:, col]), rel=1e-4)
+    assert np.isfinite(model.score(batches))
+    assert reads == []
+    assert not any(ds.features.is_deleted() or ds.labels.is_deleted() for ds in batches[:3])
+    np.testing.assert_array_equal(np.asarray(shared), targets[:32])
+    assert type(batches[3].labels) is np.ndarray
+
+
 def test_invalid_labels_are_named_by_epoch_and_batch_and_masked_padding_is_fine():
     x, y = arrays(100)
     labels = jnp.asarray(y).at[60].set(7)

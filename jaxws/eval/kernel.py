@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxws.arrays import allow_reads
-from jaxws.data.feed import Judged
 from jaxws.errors import ConfigurationError, InvalidBatchError
 from jaxws.interrupts import guarded
 from jaxws.manager import get_workspace_manager
@@ -131,7 +130,7 @@ class EvaluationMixin:
     def _evaluate(self, pairs: Any, evaluations: tuple, outputs: tuple) -> tuple:
         """Runs every evaluator over ``pairs`` (checked batches and their signatures, from
         ``Feed.signed``); evaluator i reads output ``outputs[i]``. Labels the feed judged on
-        the host (a :class:`Judged` signature) are not counted on the device again."""
+        the host (a ``Judged`` signature) are not counted on the device again."""
         manager = get_workspace_manager()
         fn = self._evaluation_fn(evaluations, outputs)
         checks = FitChecks()  # its check made at the first batch counted on the device
@@ -153,12 +152,12 @@ class EvaluationMixin:
         self._raise_if_counted_invalid("do_evaluation", checks)
         return evaluations
 
-    @staticmethod
-    def _counted(fn: WorkspaceFunction, checks: FitChecks, signature: Any, total: Any, carry: Any, ds: Any) -> Any:
+    def _counted(self, fn: WorkspaceFunction, checks: FitChecks, signature: Any, total: Any, carry: Any,
+                 ds: Any) -> Any:
         """``fn``'s new ``total`` after one batch; the batch's labels counted into ``checks``
-        on the device unless the feed judged them on the host (a :class:`Judged` signature)."""
-        if type(signature) is Judged:
-            checks.lag += 1
+        on the device unless there is nothing to count there (judged on the host: a
+        ``Judged`` signature; not integer class labels)."""
+        if self._counted_apart(checks, signature, ds):
             total = fn(total, None, carry.params, carry.state, ds)[0]
         else:
             total, checks.state = fn(total, checks.counting(), carry.params, carry.state, ds)

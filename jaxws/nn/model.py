@@ -79,6 +79,7 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         self._pending_checks: list[FitChecks] = []  # label checks of fits not read yet
         self._spare_checks: list[FitChecks] = []  # checks read as valid: later fits donate them on
         self._seen_batches: dict[str, set] = {}  # per operation: batch signatures whose shapes were checked
+        self._counts_labels: dict[Any, bool] = {}  # per batch signature: whether its steps count class labels
         self._position: dict | None = None  # where fit's ArrayDataSetIterator stands, as consumed
         self._restored_position: dict | None = None  # the iterator position a restored checkpoint holds
 
@@ -105,6 +106,21 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
     def _labels_what(self) -> str:
         """The loss the labels are for, in messages."""
         return "the model's loss"
+
+    def _counted_apart(self, checks: FitChecks, signature: Any, ds: Any) -> bool:
+        """Whether the step on ``ds`` runs without counting labels (added to ``checks``' lag):
+        the feed judged them on the host (a :class:`Judged` signature), or, judged once per
+        signature, they are not integer class labels (a regression loss): nothing to count,
+        so no check to pass in and out of the step."""
+        if type(signature) is not Judged:
+            try:
+                counts = self._counts_labels[signature]
+            except KeyError:
+                counts = self._counts_labels[signature] = self._class_labels(ds) is not None
+            if counts:
+                return False
+        checks.lag += 1
+        return True
 
     def _reseed(self, state: Any, key: jax.Array) -> Any:
         """The layer state drawing fresh randomness from ``key`` (training-mode output)."""
@@ -294,7 +310,7 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         # per step, by whether a listener reads the losses: the program returns them, or not
         steps = (self.compiled_step(mode, fused=k > 1, losses=False), self.compiled_step(mode, fused=k > 1))
         # looked up at their first batch: device batches need neither
-        judged = None  # single host batches whose labels the feed judged: the step without the count
+        judged = None  # single steps with no labels to count (judged on the host, or none): the step without the count
         residents = None  # Rows: the resident programs
         manager = get_workspace_manager()
         try:
@@ -335,13 +351,12 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
                                 checks.state, losses = self._commit(
                                     residents[bool(listeners)], signature, checks.state, n,
                                     (item.data, item.order, item.start), {"count": item.count, "size": item.size})
-                            elif type(signature) is Judged:  # a host batch whose labels the feed judged
+                            elif k == 1 and self._counted_apart(checks, signature, item):  # nothing to count here
                                 n, fused = 1, False
                                 if judged is None:
                                     judged = (self.compiled_step(mode, losses=False, checked=False),
                                               self.compiled_step(mode, checked=False))
                                 losses = self._commit(judged[bool(listeners)], signature, None, n, (item,))[1]
-                                checks.lag += 1
                             else:  # a batch, k stacked ones, or k Steps stacked in the program
                                 n, fused = (1 if k == 1 else item.count if type(item) is Steps
                                             else jax.tree.leaves(item)[0].shape[0]), k > 1
