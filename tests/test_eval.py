@@ -321,6 +321,26 @@ def test_do_evaluation_equals_output_batch_by_batch():
     assert isinstance(net.evaluate_roc((x, y), 100), ROCMultiClass)
 
 
+def test_an_exact_roc_growing_inside_a_pass_equals_sklearn():
+    # the pass runs on jaxws.jit's lean path, planned by batch signature and the states'
+    # avals: an exact ROC's buffers grow mid-pass (4,096 rows a block) and the next batch
+    # gets a plan of its own; a second pass starts from the grown states
+    r = np.random.default_rng(0)
+    x = r.normal(size=(6000, 5)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * r.normal(size=6000) > 0).astype(np.int32)
+    net = network(classes=2)
+    batches = [(jnp.asarray(x[i:i + 1000]), jnp.asarray(y[i:i + 1000])) for i in range(0, 6000, 1000)]
+    roc = ROC()
+    net.do_evaluation(batches, roc)
+    assert roc.reallocations == 1 and roc.state.scores.shape[0] == 8192
+    scores = np.asarray(net.output(x))[:, 1]
+    assert roc.calculate_auc() == pytest.approx(skm.roc_auc_score(y, scores), abs=1e-6)
+    net.do_evaluation(iter(batches), roc)  # adds the same rows again: 12,000 in all
+    assert roc.reallocations == 2 and roc.state.scores.shape[0] == 16384
+    assert roc.calculate_auc() == pytest.approx(skm.roc_auc_score(np.tile(y, 2), np.tile(scores, 2)), abs=1e-6)
+    assert not any(a.is_deleted() for ds in batches for a in ds)  # the user's batches
+
+
 def test_do_evaluation_adds_no_device_to_host_transfer():
     r = np.random.default_rng(0)
     x = jnp.asarray(r.normal(size=(64, 5)), jnp.float32)

@@ -134,6 +134,7 @@ class EvaluationMixin:
         manager = get_workspace_manager()
         fn = self._evaluation_fn(evaluations, outputs)
         checks = FitChecks()  # its check made at the first batch counted on the device
+        avals = None  # the states' avals: kept through the pass (states are stable) until one grows
         with self._pinned() as carry, guarded() as guard, manager.scope_out_of_workspaces():
             for ds, signature in pairs:
                 if ds.labels is None or (isinstance(ds.labels, tuple) and not ds.labels):
@@ -142,10 +143,15 @@ class EvaluationMixin:
                 for ev, i in zip(evaluations, outputs):
                     shape = self._output_shape(carry, ds, i, signature)
                     ev._ensure_state(shape)
-                    states.append(ev._reserve(ev.state, math.prod(shape[:-1])))
+                    state = ev._reserve(ev.state, math.prod(shape[:-1]))
+                    if state is not ev.state:  # grown (an exact ROC's buffers)
+                        avals = None
+                    states.append(state)
                 states = tuple(states)
+                if avals is None:
+                    avals = tuple([x.aval for x in jax.tree.leaves(states)])
                 with guard:  # states donated and stored in one commit
-                    states = self._counted(fn, checks, signature, states, carry, ds)
+                    states = self._counted(fn, checks, signature, states, carry, ds, (signature, avals))
                     for ev, state in zip(evaluations, states):
                         ev.state = state
         self._verify()
@@ -153,14 +159,17 @@ class EvaluationMixin:
         return evaluations
 
     def _counted(self, fn: WorkspaceFunction, checks: FitChecks, signature: Any, total: Any, carry: Any,
-                 ds: Any) -> Any:
+                 ds: Any, plan: Any = None) -> Any:
         """``fn``'s new ``total`` after one batch; the batch's labels counted into ``checks``
         on the device unless there is nothing to count there (judged on the host: a
-        ``Judged`` signature; not integer class labels)."""
+        ``Judged`` signature; not integer class labels). ``fn`` runs on jaxws.jit's lean
+        path, planned per ``plan`` (the batch ``signature`` and, where they can change,
+        ``total``'s avals): the model's pinned carry, a checked batch and states of its own."""
+        plan = signature if plan is None else plan
         if self._counted_apart(checks, signature, ds):
-            total = fn(total, None, carry.params, carry.state, ds)[0]
+            total = fn._call_planned((plan, False), (total, None, carry.params, carry.state, ds))[0]
         else:
-            total, checks.state = fn(total, checks.counting(), carry.params, carry.state, ds)
+            total, checks.state = fn._call_planned((plan, True), (total, checks.counting(), carry.params, carry.state, ds))
         checks.steps += 1
         return total
 
