@@ -197,8 +197,8 @@ def test_steps_with_no_class_labels_to_count_carry_no_check(monkeypatch, loss, a
     monkeypatch.setattr(LabelCheck, "raise_if_invalid", lambda self, *a, **k: reads.append(a[0]) or read(self, *a, **k))
 
     def net():
-        conf = NeuralNetConfiguration(layers=[Dense(8, activation="tanh"), OutputLayer(C, loss=loss, activation=activation)],
-                                      input_shape=(D,), updater=optax.sgd(0.1), seed=0)
+        layers = [Dense(8, activation="tanh"), OutputLayer(C, loss=loss, activation=activation)]
+        conf = NeuralNetConfiguration(layers=layers, input_shape=(D,), updater=optax.sgd(0.1), seed=0)
         return MultiLayerNetwork(conf).init()
 
     x, y = arrays(128)
@@ -219,7 +219,8 @@ def test_steps_with_no_class_labels_to_count_carry_no_check(monkeypatch, loss, a
     predicted = np.concatenate([np.asarray(model.output(ds.features)) for ds in batches])
     expected = np.concatenate([np.asarray(ds.labels) for ds in batches])
     for col in range(C):
-        assert ev.mean_squared_error(col) == pytest.approx(mean_squared_error(expected[:, col], predicted[:, col]), rel=1e-4)
+        oracle = mean_squared_error(expected[:, col], predicted[:, col])
+        assert ev.mean_squared_error(col) == pytest.approx(oracle, rel=1e-4)
     assert np.isfinite(model.score(batches))
     assert reads == []
     assert not any(ds.features.is_deleted() or ds.labels.is_deleted() for ds in batches[:3])

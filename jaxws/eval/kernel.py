@@ -169,7 +169,8 @@ class EvaluationMixin:
         if self._counted_apart(checks, signature, ds):
             total = fn._call_planned((plan, False), (total, None, carry.params, carry.state, ds))[0]
         else:
-            total, checks.state = fn._call_planned((plan, True), (total, checks.counting(), carry.params, carry.state, ds))
+            args = (total, checks.counting(), carry.params, carry.state, ds)
+            total, checks.state = fn._call_planned((plan, True), args)
         checks.steps += 1
         return total
 

@@ -110,8 +110,8 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
     def _counted_apart(self, checks: FitChecks, signature: Any, ds: Any) -> bool:
         """Whether the step on ``ds`` runs without counting labels (added to ``checks``' lag):
         the feed judged them on the host (a :class:`Judged` signature), or, judged once per
-        signature, they are not integer class labels (a regression loss): nothing to count,
-        so no check to pass in and out of the step."""
+        signature, they are not integer class labels (a regression loss, one-hot labels):
+        nothing to count, so no check to pass in and out of the step."""
         if type(signature) is not Judged:
             try:
                 counts = self._counts_labels[signature]
@@ -310,7 +310,7 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         # per step, by whether a listener reads the losses: the program returns them, or not
         steps = (self.compiled_step(mode, fused=k > 1, losses=False), self.compiled_step(mode, fused=k > 1))
         # looked up at their first batch: device batches need neither
-        judged = None  # single steps with no labels to count (judged on the host, or none): the step without the count
+        judged = None  # single steps with no labels to count (judged on the host, or none): no count
         residents = None  # Rows: the resident programs
         manager = get_workspace_manager()
         try:
