@@ -396,6 +396,33 @@ def test_output_into_a_workspace():
             none.output(x, workspace=ws)
 
 
+def test_output_of_device_arrays_of_a_known_signature_refuses_dead_and_misfit_ones_all_the_same():
+    # device arrays of a signature output judged before are used as they are, the program
+    # found by that signature; dead arrays are still refused by name, a new shape is judged,
+    # and the values equal the plain-JAX forward pass
+    x, _ = data()
+    net = mlp()
+    xd = jnp.asarray(x)
+    forward = jax.jit(lambda p, s, a: net._apply(p, s, a, None, False, net.inference_workspace_mode)[0])
+    for a in (xd, jnp.asarray(x[:7]), xd, x):
+        np.testing.assert_allclose(net.output(a), forward(net.params, net.state, jnp.asarray(a)), rtol=1e-6)
+    assert net._inference_fn(False).compiles == 2  # one per shape
+    assert len(net._inference_fn(False)._planned) == 2  # device inputs: looked up by signature
+    assert not xd.is_deleted() and not jaxws.is_attached(xd)
+    dead = xd + 0
+    dead.delete()
+    with pytest.raises(jaxws.DeletedArrayError):
+        net.output(dead)
+    ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="OUTPUT_INPUTS")
+    with ws:
+        stale = jaxws.jit(lambda a: a * 1)(xd)  # attached to the cycle: dies with it
+    with pytest.raises((jaxws.LeakedWorkspacePointerError, jaxws.OutdatedWorkspacePointerError), match="output"):
+        net.output(stale)
+    with pytest.raises(jaxws.InvalidBatchError):
+        net.output(jnp.ones((4, 5)))
+    np.testing.assert_allclose(net.output(xd), forward(net.params, net.state, xd), rtol=1e-6)
+
+
 def test_rnn_time_step_equals_the_full_sequence():
     conf = NeuralNetConfiguration(layers=[LSTM(8), Dense(6, activation="tanh"), LSTM(5), RnnOutputLayer(3)],
                                   input_shape=(None, 4))

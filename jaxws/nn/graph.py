@@ -203,8 +203,8 @@ class ComputationGraph(Model):
         self._require_init()
         check_arrays("output", inputs, "inputs")
         check_arrays("output", masks, "masks")
-        ds = self._input(MultiDataSet(tuple(inputs), (), None if masks is None else tuple(masks)), "output")
-        return list(self._run_output(ds.features, ds.features_masks, training, key, workspace))
+        ds, signature = self._inference_input(MultiDataSet(tuple(inputs), (), None if masks is None else tuple(masks)))
+        return list(self._run_output(ds.features, ds.features_masks, training, key, workspace, signature))
 
     def output_single(self, *inputs: Any, **kwargs: Any) -> jax.Array:
         """The output of a graph with one output (DL4J's ``outputSingle``)."""

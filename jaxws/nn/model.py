@@ -20,7 +20,7 @@ import optax
 
 from jaxws.arrays import allow_reads, check_arrays, detach, leverage_to
 from jaxws.configuration import SpillPolicy, WorkspaceConfiguration
-from jaxws.data.dataset import DataSet
+from jaxws.data.dataset import DataSet, _device_key
 from jaxws.data.feed import Feed, Judged, Rows, Steps, prepare
 from jaxws.data.feed import signature as signature_of
 from jaxws.errors import ConfigurationError, WorkspaceError
@@ -458,12 +458,26 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         self._require_init()
         check_arrays("output", x, "x")  # named as the caller wrote them
         check_arrays("output", mask, "mask")
-        ds = self._input(DataSet(x, None, mask), "output")
-        return self._run_output(ds.features, ds.features_mask, training, key, workspace)
+        ds, signature = self._inference_input(DataSet(x, None, mask))
+        return self._run_output(ds.features, ds.features_mask, training, key, workspace, signature)
+
+    def _inference_input(self, ds: Any) -> tuple[Any, Any]:
+        """``(ds checked and on the device, its signature or None)``. Unattached device
+        arrays of a signature checked before are used as they are, checked no more (their
+        shapes were; dead ones were refused by the caller's ``check_arrays``)."""
+        signature = _device_key(ds)
+        if signature is not None and signature in self._seen_batches.get("output", ()):
+            return ds, signature
+        ds = self._input(ds, "output")
+        if signature is not None:
+            self._seen_batches.setdefault("output", set()).add(signature)
+        return ds, signature
 
     def _run_output(self, x: Any, mask: Any, training: bool, key: jax.Array | None,
-                    workspace: Workspace | str | None) -> Any:
-        """The inference program on checked device inputs, detached or into ``workspace``."""
+                    workspace: Workspace | str | None, signature: Any = None) -> Any:
+        """The inference program on checked device inputs, detached or into ``workspace``;
+        with the inputs' ``signature`` (unattached device arrays), on jaxws.jit's lean path
+        (the model's carry and checked inputs: no flatten of the parameters per call)."""
         fn = self._inference_fn(training)
         manager = get_workspace_manager()
         ws = None
@@ -483,7 +497,10 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
             if training and key is None:
                 self._rng, key = jax.random.split(self._rng)
             carry = self._carry
-            out = fn(carry.params, carry.state, x, mask, key if training else None)
+            if signature is None or training:  # a key: the user's, or a split of the model's
+                out = fn(carry.params, carry.state, x, mask, key if training else None)
+            else:
+                out = fn._call_planned(signature, (carry.params, carry.state, x, mask, None))
         return out if ws is None else leverage_to(ws, out)
 
     def residual_bytes(self, data: Any, mode: WorkspaceMode | None = None) -> int:
