@@ -85,7 +85,6 @@ class WorkspaceFunction:
         self._plain_jit: Callable | None = None  # without donation: spills and bypass
         self._plans: dict[Any, StepPlan] = {}
         self._planned: dict[Any, StepPlan] = {}  # caller-given signature -> plan (_call_planned)
-        self._last_plan: StepPlan | None = None
         self._plain_keys: set = set()
         self.compiles = 0
         self._static_nums, self._static_names = self._resolve_static(fun, jit_kwargs)
@@ -172,7 +171,6 @@ class WorkspaceFunction:
                 ws.compiles += 1
                 if plan.memory is not None:
                     ws.plans[self._name] = plan.memory
-        self._last_plan = plan
         debug = manager.debug_mode
         if debug is _DISABLED:
             fun = self._donating
@@ -209,7 +207,9 @@ class WorkspaceFunction:
             manager = get_workspace_manager()
         if plan is None or manager.debug_mode is not _DISABLED:
             out = self(*args, **kwargs)
-            self._planned[signature] = self._last_plan
+            plan = self._plan_of(args, kwargs)  # this call's, whatever other threads called since
+            if plan is not None:
+                self._planned[signature] = plan
             return out
         stack = manager._stack
         ws = stack[-1] if stack else None
@@ -225,6 +225,24 @@ class WorkspaceFunction:
         if ws is not None and plan.fresh:
             attach_fresh(ws, plan, out)
         return out
+
+    def _plan_of(self, args: tuple, kwargs: dict) -> StepPlan | None:
+        """The plan :meth:`__call__` made for these arguments (None where it made none: under
+        a trace). Its key, computed as there (kept inline there, the per-step path)."""
+        if self._static_nums or self._static_names:
+            dyn, static = self._split(args, kwargs)
+            leaves, treedef = jax.tree_util.tree_flatten(dyn)
+        elif kwargs:
+            leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+            static = _KWARGS
+        else:
+            leaves, treedef = _flatten(args)
+            static = None
+        try:
+            key = (treedef, static, *map(_aval, leaves))
+        except AttributeError:
+            key = (treedef, static, *map(_leaf_key, leaves))
+        return self._plans.get(key)
 
     def _plain_for(self, key: Any) -> Callable:
         """The non-donating jit (spills, debug modes), counting its compiles."""

@@ -411,3 +411,24 @@ def test_the_private_fast_paths_answer_as_the_public_api_does():
     jax.grad(record)(1.0)
     jax.vmap(record)(jnp.ones(2))
     assert seen == [False, False, False]
+
+
+def test_a_planned_call_keeps_the_plan_of_its_own_arguments_whatever_ran_meanwhile():
+    # the lean path (fit's, evaluation's, output's) plans a signature at its first call; a
+    # call of the same function with other arguments in between (another thread's) must not
+    # leave its plan under that signature
+    f = jaxws.jit(lambda a: a * 2)
+    small, large = jnp.ones(3), jnp.ones((4, 5))
+    donating = f._donating
+
+    def meanwhile(*args, **kwargs):
+        f._donating = donating
+        f(large)  # another caller, planned in between
+        return donating(*args, **kwargs)
+
+    meanwhile.trace = donating.trace
+    f._donating = meanwhile
+    np.testing.assert_array_equal(f._call_planned("small", (small,)), 2 * np.ones(3))
+    assert f._planned["small"] is f._plan_of((small,), {}) is not f._plan_of((large,), {})
+    assert f._planned["small"].out_bytes == small.nbytes  # its own output: f32[3]
+    np.testing.assert_array_equal(f._call_planned("small", (small,)), 2 * np.ones(3))
