@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxws.arrays import allow_reads, check_arrays, detach, leverage_to
+from jaxws.arrays import allow_reads, check_arrays, detach
 from jaxws.configuration import SpillPolicy, WorkspaceConfiguration
-from jaxws.data.dataset import DataSet, _device_key
+from jaxws.data.dataset import DataSet
 from jaxws.data.feed import Feed, Judged, Rows, Steps, prepare
 from jaxws.data.feed import signature as signature_of
 from jaxws.errors import ConfigurationError, WorkspaceError
@@ -31,10 +31,10 @@ from jaxws.nn.checks import FitChecks, LabelCheck
 from jaxws.nn.checkpoints import CheckpointMixin
 from jaxws.nn.listeners import StepLoss, TrainingListener
 from jaxws.nn.modes import WorkspaceMode
+from jaxws.nn.outputs import OutputMixin
 from jaxws.nn.progress import NO_BAR, Bar, interactive, tqdm_class
 from jaxws.nn.steps import StepsMixin, TrainState
-from jaxws.step import WorkspaceFunction, jit
-from jaxws.workspace import Workspace
+from jaxws.step import WorkspaceFunction
 
 __all__ = ["Model", "TrainState"]
 
@@ -45,7 +45,7 @@ TRAINING_CONF = WorkspaceConfiguration(policy_spill=SpillPolicy.REALLOCATE)
 _NO_CYCLE = contextlib.nullcontext()  # a NONE-mode step's: nothing invalidated (reusable, made once)
 
 
-class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
+class Model(StepsMixin, OutputMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
     """Base class: subclasses define ``_apply`` and ``_loss_of``; the rest is shared.
 
     The model owns its carry (params, layer state, updater state). ``fit`` donates it
@@ -416,92 +416,6 @@ class Model(StepsMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
             loss = StepLoss(losses, i if fused else None, verify)
             for listener in self.listeners:
                 listener.iteration_done(self, first + i + 1, self.epoch, loss)
-
-    def _inference_fn(self, training: bool) -> WorkspaceFunction:
-        """``infer(params, state, x, mask, key=None)``; ``key`` reseeds stochastic layers."""
-        if training not in self._infer:
-            def infer(params, state, x, mask, key=None):
-                if key is not None:
-                    state = self._reseed(state, key)
-                return self._apply(params, state, x, mask, training, WorkspaceMode.SINGLE)[0]
-
-            infer.__name__ = f"{type(self).__name__}.output"
-            self._infer[training] = jit(infer)
-        return self._infer[training]
-
-    def output(
-        self,
-        x: Any,
-        training: bool = False,
-        *,
-        mask: Any = None,
-        key: jax.Array | None = None,
-        workspace: Workspace | str | None = None,
-    ) -> jax.Array:
-        """The network's output for ``x``; safe while another thread runs ``fit``.
-
-        Without ``workspace`` the result is detached: it belongs to no workspace and
-        survives any later ``fit``. With an open ``workspace`` (or its id) the result is
-        attached to it and dies with its cycle, as DL4J's output into a workspace. It is
-        computed from the parameters committed when the call starts.
-
-        ``training=True`` runs the layers as in training (dropout on, batch statistics)
-        without changing any state: stochastic layers draw fresh randomness on every call
-        (Monte-Carlo dropout), or the randomness of ``key`` (a ``jax.random.key``) when given.
-
-        Raises:
-            LeakedWorkspacePointerError, OutdatedWorkspacePointerError: ``x`` is dead.
-            InvalidBatchError: ``x`` does not fit the model.
-            WorkspaceError: ``workspace`` given while ``inference_workspace_mode`` is NONE,
-                or not open.
-        """
-        self._require_init()
-        check_arrays("output", x, "x")  # named as the caller wrote them
-        check_arrays("output", mask, "mask")
-        ds, signature = self._inference_input(DataSet(x, None, mask))
-        return self._run_output(ds.features, ds.features_mask, training, key, workspace, signature)
-
-    def _inference_input(self, ds: Any) -> tuple[Any, Any]:
-        """``(ds checked and on the device, its signature or None)``. Unattached device
-        arrays of a signature checked before are used as they are, checked no more (their
-        shapes were; dead ones were refused by the caller's ``check_arrays``)."""
-        signature = _device_key(ds)
-        if signature is not None and signature in self._seen_batches.get("output", ()):
-            return ds, signature
-        ds = self._input(ds, "output")
-        if signature is not None:
-            self._seen_batches.setdefault("output", set()).add(signature)
-        return ds, signature
-
-    def _run_output(self, x: Any, mask: Any, training: bool, key: jax.Array | None,
-                    workspace: Workspace | str | None, signature: Any = None) -> Any:
-        """The inference program on checked device inputs, detached or into ``workspace``;
-        with the inputs' ``signature`` (unattached device arrays), on jaxws.jit's lean path
-        (the model's carry and checked inputs: no flatten of the parameters per call)."""
-        fn = self._inference_fn(training)
-        manager = get_workspace_manager()
-        ws = None
-        if workspace is not None:
-            if self.inference_workspace_mode is WorkspaceMode.NONE:
-                raise WorkspaceError(
-                    "output(workspace=...) needs an inference workspace, but "
-                    "inference_workspace_mode is WorkspaceMode.NONE. Drop workspace= to get a "
-                    "detached array, or configure inference_workspace_mode=WorkspaceMode.ENABLED."
-                )
-            ws = manager.workspace(workspace) if isinstance(workspace, str) else workspace
-            if not ws.is_scope_active:
-                raise WorkspaceError(f"output(workspace=[{ws.id}]): the workspace is not open; call it inside `with ws:`.")
-        # detached: computed outside every workspace; else in the open cycle, then moved to ws
-        scope = manager.scope_out_of_workspaces() if ws is None else contextlib.nullcontext()
-        with scope, self._lock:  # dispatched before any later step can donate the carry
-            if training and key is None:
-                self._rng, key = jax.random.split(self._rng)
-            carry = self._carry
-            if signature is None or training:  # a key: the user's, or a split of the model's
-                out = fn(carry.params, carry.state, x, mask, key if training else None)
-            else:
-                out = fn._call_planned(signature, (carry.params, carry.state, x, mask, None))
-        return out if ws is None else leverage_to(ws, out)
 
     def residual_bytes(self, data: Any, mode: WorkspaceMode | None = None) -> int:
         """Bytes backprop saves for one batch under ``mode`` (the residuals of ``jax.vjp``)."""

@@ -1,0 +1,113 @@
+"""Inference: ``output`` on the model's committed parameters, detached or into a workspace.
+
+The forward pass is one jitted program per training flag; device inputs of a signature
+judged before go to it as they are, found by that signature, as fit's step is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import jax
+
+from jaxws.arrays import check_arrays, leverage_to
+from jaxws.data.dataset import DataSet, _device_key
+from jaxws.errors import WorkspaceError
+from jaxws.manager import get_workspace_manager
+from jaxws.nn.modes import WorkspaceMode
+from jaxws.step import WorkspaceFunction, jit
+from jaxws.workspace import Workspace
+
+__all__ = ["OutputMixin"]
+
+
+class OutputMixin:
+    """``output`` for a model with ``_apply``, ``_reseed``, ``_input``, ``_carry``, ``_lock``,
+    ``_rng``, ``_infer`` and ``_seen_batches``."""
+
+    def _inference_fn(self, training: bool) -> WorkspaceFunction:
+        """``infer(params, state, x, mask, key=None)``; ``key`` reseeds stochastic layers."""
+        if training not in self._infer:
+            def infer(params, state, x, mask, key=None):
+                if key is not None:
+                    state = self._reseed(state, key)
+                return self._apply(params, state, x, mask, training, WorkspaceMode.SINGLE)[0]
+
+            infer.__name__ = f"{type(self).__name__}.output"
+            self._infer[training] = jit(infer)
+        return self._infer[training]
+
+    def output(
+        self,
+        x: Any,
+        training: bool = False,
+        *,
+        mask: Any = None,
+        key: jax.Array | None = None,
+        workspace: Workspace | str | None = None,
+    ) -> jax.Array:
+        """The network's output for ``x``; safe while another thread runs ``fit``.
+
+        Without ``workspace`` the result is detached: it belongs to no workspace and
+        survives any later ``fit``. With an open ``workspace`` (or its id) the result is
+        attached to it and dies with its cycle, as DL4J's output into a workspace. It is
+        computed from the parameters committed when the call starts.
+
+        ``training=True`` runs the layers as in training (dropout on, batch statistics)
+        without changing any state: stochastic layers draw fresh randomness on every call
+        (Monte-Carlo dropout), or the randomness of ``key`` (a ``jax.random.key``) when given.
+
+        Raises:
+            LeakedWorkspacePointerError, OutdatedWorkspacePointerError: ``x`` is dead.
+            InvalidBatchError: ``x`` does not fit the model.
+            WorkspaceError: ``workspace`` given while ``inference_workspace_mode`` is NONE,
+                or not open.
+        """
+        self._require_init()
+        check_arrays("output", x, "x")  # named as the caller wrote them
+        check_arrays("output", mask, "mask")
+        ds, signature = self._inference_input(DataSet(x, None, mask))
+        return self._run_output(ds.features, ds.features_mask, training, key, workspace, signature)
+
+    def _inference_input(self, ds: Any) -> tuple[Any, Any]:
+        """``(ds checked and on the device, its signature or None)``. Unattached device
+        arrays of a signature checked before are used as they are, checked no more (their
+        shapes were; dead ones were refused by the caller's ``check_arrays``)."""
+        signature = _device_key(ds)
+        if signature is not None and signature in self._seen_batches.get("output", ()):
+            return ds, signature
+        ds = self._input(ds, "output")
+        if signature is not None:
+            self._seen_batches.setdefault("output", set()).add(signature)
+        return ds, signature
+
+    def _run_output(self, x: Any, mask: Any, training: bool, key: jax.Array | None,
+                    workspace: Workspace | str | None, signature: Any = None) -> Any:
+        """The inference program on checked device inputs, detached or into ``workspace``;
+        with the inputs' ``signature`` (unattached device arrays), on jaxws.jit's lean path
+        (the model's carry and checked inputs: no flatten of the parameters per call)."""
+        fn = self._inference_fn(training)
+        manager = get_workspace_manager()
+        ws = None
+        if workspace is not None:
+            if self.inference_workspace_mode is WorkspaceMode.NONE:
+                raise WorkspaceError(
+                    "output(workspace=...) needs an inference workspace, but "
+                    "inference_workspace_mode is WorkspaceMode.NONE. Drop workspace= to get a "
+                    "detached array, or configure inference_workspace_mode=WorkspaceMode.ENABLED."
+                )
+            ws = manager.workspace(workspace) if isinstance(workspace, str) else workspace
+            if not ws.is_scope_active:
+                raise WorkspaceError(f"output(workspace=[{ws.id}]): the workspace is not open; call it inside `with ws:`.")
+        # detached: computed outside every workspace; else in the open cycle, then moved to ws
+        scope = manager.scope_out_of_workspaces() if ws is None else contextlib.nullcontext()
+        with scope, self._lock:  # dispatched before any later step can donate the carry
+            if training and key is None:
+                self._rng, key = jax.random.split(self._rng)
+            carry = self._carry
+            if signature is None or training:  # a key: the user's, or a split of the model's
+                out = fn(carry.params, carry.state, x, mask, key if training else None)
+            else:
+                out = fn._call_planned(signature, (carry.params, carry.state, x, mask, None))
+        return out if ws is None else leverage_to(ws, out)
