@@ -139,12 +139,8 @@ class WorkspaceFunction:
         # the hot path, once per step: one flatten, one lookup keyed on the leaves' cached
         # avals, per-leaf work in C (map over builtins), the admission's fast path; every
         # Python frame here is paid per step, so the trace and thread lookups are inline
-        if self._static_nums or self._static_names:
-            dyn, static = self._split(args, kwargs)
-            leaves, treedef = jax.tree_util.tree_flatten(dyn)
-        elif kwargs:
-            leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-            static = _KWARGS
+        if self._static_nums or self._static_names or kwargs:
+            leaves, treedef, static = self._flat(args, kwargs)
         else:  # the same leaves as (args, {}), flattened cheaper
             leaves, treedef = _flatten(args)
             static = None
@@ -226,18 +222,19 @@ class WorkspaceFunction:
             attach_fresh(ws, plan, out)
         return out
 
-    def _plan_of(self, args: tuple, kwargs: dict) -> StepPlan | None:
-        """The plan :meth:`__call__` made for these arguments (None where it made none: under
-        a trace). Its key, computed as there (kept inline there, the per-step path)."""
+    def _flat(self, args: tuple, kwargs: dict) -> tuple[list, Any, Any]:
+        """``(leaves, treedef, static)`` of a call's dynamic arguments, as plans are keyed."""
         if self._static_nums or self._static_names:
             dyn, static = self._split(args, kwargs)
-            leaves, treedef = jax.tree_util.tree_flatten(dyn)
-        elif kwargs:
-            leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-            static = _KWARGS
-        else:
-            leaves, treedef = _flatten(args)
-            static = None
+            return (*jax.tree_util.tree_flatten(dyn), static)
+        if kwargs:
+            return (*jax.tree_util.tree_flatten((args, kwargs)), _KWARGS)
+        return (*_flatten(args), None)
+
+    def _plan_of(self, args: tuple, kwargs: dict) -> StepPlan | None:
+        """The plan :meth:`__call__` made for these arguments (None where it made none: under
+        a trace), looked up by the key it computes (inline there: the per-step path)."""
+        leaves, treedef, static = self._flat(args, kwargs)
         try:
             key = (treedef, static, *map(_aval, leaves))
         except AttributeError:
