@@ -151,21 +151,20 @@ class EvaluationMixin:
                 if avals is None:
                     avals = tuple([x.aval for x in jax.tree.leaves(states)])
                 with guard:  # states donated and stored in one commit
-                    states = self._counted(fn, checks, signature, states, carry, ds, (signature, avals))
+                    states = self._counted(fn, checks, signature, (signature, avals), states, carry, ds)
                     for ev, state in zip(evaluations, states):
                         ev.state = state
         self._verify()
         self._raise_if_counted_invalid("do_evaluation", checks)
         return evaluations
 
-    def _counted(self, fn: WorkspaceFunction, checks: FitChecks, signature: Any, total: Any, carry: Any,
-                 ds: Any, plan: Any = None) -> Any:
+    def _counted(self, fn: WorkspaceFunction, checks: FitChecks, signature: Any, plan: Any, total: Any,
+                 carry: Any, ds: Any) -> Any:
         """``fn``'s new ``total`` after one batch; the batch's labels counted into ``checks``
         on the device unless there is nothing to count there (judged on the host: a
         ``Judged`` signature; not integer class labels). ``fn`` runs on jaxws.jit's lean
-        path, planned per ``plan`` (the batch ``signature`` and, where they can change,
-        ``total``'s avals): the model's pinned carry, a checked batch and states of its own."""
-        plan = signature if plan is None else plan
+        path, planned per ``plan`` (the batch ``signature``, with ``total``'s avals where
+        they can change): the model's pinned carry, a checked batch and states of its own."""
         if self._counted_apart(checks, signature, ds):
             total = fn._call_planned((plan, False), (total, None, carry.params, carry.state, ds))[0]
         else:
@@ -243,7 +242,7 @@ class EvaluationMixin:
         feed = self._feed(data, "score", batch_size=batch_size, rewind="always")
         with feed, self._pinned() as carry, get_workspace_manager().scope_out_of_workspaces():
             for ds, signature in feed.signed():
-                total = self._counted(self._score_fn, checks, signature, total, carry, ds)
+                total = self._counted(self._score_fn, checks, signature, signature, total, carry, ds)
                 count += ds.num_examples
         self._verify()
         self._raise_if_counted_invalid("score", checks)
