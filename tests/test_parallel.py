@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.experimental import io_callback
 
 import jaxws
 from jaxws.data import from_iterable
@@ -128,6 +130,35 @@ def test_one_collective_and_one_dispatch_per_k_rounds(k):
     group.close()
     assert text.count("all_reduce") + text.count("all-reduce") == 1
     assert program.compiles == 1 and wrapper.rounds == k  # one program for k rounds
+
+
+def test_at_most_two_programs_in_flight():
+    """XLA's CPU collectives deadlock (then abort the process) when dozens of programs with
+    an all-reduce are queued on 8 devices: fit waits for a program once the next is dispatched."""
+    net = network(optax.sgd(0.1))
+    wrapper = ParallelWrapper(net, workers=8, averaging_frequency=1, prefetch_buffer=2)
+    real = wrapper._compiled()
+    dispatched, finished = [], {}
+
+    def finish(n):  # runs when the program's score is computed
+        time.sleep(0.02)
+        finished[int(n)] = time.perf_counter()
+        return n
+
+    slow = jax.jit(lambda score, n: (score, io_callback(finish, jax.ShapeDtypeStruct((), jnp.int32), n))[0])
+
+    def program(stacked, group):
+        dispatched.append(time.perf_counter())
+        stacked, score = real(stacked, group)
+        return stacked, slow(score, len(dispatched) - 1)
+
+    wrapper._program = program
+    wrapper.fit(make_batches(8 * 12))
+    deadline = time.perf_counter() + 10
+    while len(finished) < 12 and time.perf_counter() < deadline:  # the last score is read by nobody
+        time.sleep(0.01)
+    assert len(dispatched) == len(finished) == 12
+    assert all(dispatched[n] >= finished[n - 2] for n in range(2, 12))
 
 
 def test_epochs_and_workspace_mode_none():

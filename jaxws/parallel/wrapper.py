@@ -272,16 +272,25 @@ class ParallelWrapper:
         with model._lock:
             stacked = self._replicate(model._require_init())
         manager = get_workspace_manager()
+        donates = self.workspace_mode.donates
         with guarded() as guard:
             try:
                 for _ in range(epochs):
                     groups = self._groups(feed)
+                    previous = None  # the last program's score, kept one more cycle to wait on
                     try:
                         for group in groups:
                             cycle = (manager.get_workspace_for_current_thread(TRAINING_CONF, TRAINING_WORKSPACE)
-                                     if self.workspace_mode.donates else contextlib.nullcontext())  # NONE: no cycles
+                                     if donates else contextlib.nullcontext())  # NONE: no cycles
                             with guard, cycle:
                                 stacked, score = program(stacked, group)
+                                # Two programs in flight at most: XLA's CPU collectives deadlock
+                                # (and abort the process) when dozens are queued on 8 devices.
+                                if previous is not None:
+                                    previous.block_until_ready()
+                                previous = score
+                                if donates:
+                                    cycle._keep_one_more_cycle(score)
                                 rounds = group.active.shape[1]
                                 self.rounds += rounds
                                 model.iteration += rounds
@@ -295,6 +304,8 @@ class ParallelWrapper:
                             raise e.__cause__ from None  # our own check, in the prefetch thread
                         raise
                     finally:
+                        if donates and previous is not None:
+                            previous.delete()  # kept for a next cycle that will not come
                         if isinstance(groups, AsyncDataSetIterator):
                             groups.close()
                     model.epoch += 1
