@@ -161,6 +161,52 @@ def test_at_most_two_programs_in_flight():
     assert all(dispatched[n] >= finished[n - 2] for n in range(2, 12))
 
 
+def sharded_batches(n, workers=8):
+    """Device batches laid over ``workers`` CPU devices (GSPMD data parallelism), the last
+    two sharing one label array, with the same batches on the host."""
+    sharding = jax.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:workers]), ("data",)), jax.P("data"))
+    host = make_batches(n, size=16)
+    host[-1] = (host[-1][0], host[-2][1])
+    placed = [(jax.device_put(x, sharding), jax.device_put(y, sharding)) for x, y in host[:-1]]
+    placed.append((jax.device_put(host[-1][0], sharding), placed[-1][1]))
+    return placed, host
+
+
+def test_passes_over_batches_on_several_cpu_devices_run_one_program_at_a_time(monkeypatch):
+    """fit, do_evaluation and score over batches sharded across the CPU devices run as
+    plain JAX would, but each program waits for the one before: queued by the dozen,
+    XLA's CPU all-reduce deadlocks and aborts the process."""
+    from jaxws.eval import Evaluation
+    from jaxws.step import WorkspaceFunction
+
+    placed, host = sharded_batches(24)
+    net, reference = network(optax.adam(1e-2)), network(optax.adam(1e-2))
+    ready = []
+    planned = WorkspaceFunction._call_planned
+
+    def watched(self, key, args, kwargs=None):  # was the program before done when this one came?
+        ready.append(all(leaf.is_ready() for leaf in jax.tree.leaves(args[0]) if isinstance(leaf, jax.Array)))
+        return planned(self, key, args, kwargs)
+
+    reference.fit(host)  # on one device
+    monkeypatch.setattr(WorkspaceFunction, "_call_planned", watched)
+    net.fit(iter(placed), epochs=1)
+    assert len(ready) == 24 and all(ready)
+    assert_tree_close(net.params, reference.params, tol=1e-5)
+    assert len(jax.tree.leaves(net.params)[0].sharding.device_set) == 8
+
+    ready.clear()
+    got = net.do_evaluation(iter(placed), Evaluation())[0]
+    assert len(ready) == 24 and all(ready)
+    expected = net.do_evaluation(host, Evaluation())[0]
+    assert got.accuracy() == expected.accuracy() and got.confusion_matrix().tolist() == expected.confusion_matrix().tolist()
+    assert net.score(iter(placed)) == pytest.approx(net.score(host), rel=1e-6)
+    for (x, y), (hx, hy) in zip(placed, host):  # the user's arrays survive, the shared labels too
+        assert not x.is_deleted() and not y.is_deleted()
+        np.testing.assert_array_equal(np.asarray(x), hx)
+        np.testing.assert_array_equal(np.asarray(y), hy)
+
+
 def test_epochs_and_workspace_mode_none():
     batches = make_batches(8)
     a, b = network(optax.sgd(0.1)), network(optax.sgd(0.1))
