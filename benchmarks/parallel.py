@@ -7,7 +7,8 @@ with ``np.stack`` (in the loop; a second figure takes them stacked before the ti
 places them with ``make_array_from_process_local_data`` and calls a jitted shard_map
 program (scan over k steps, then ``lax.pmean`` of params and updater state). Both run the
 model's same pure step over 600 rounds. Dispatches and collectives per round are read
-from the programs.
+from the programs. Last, ``net.fit`` over batches sharded across the devices (GSPMD)
+against a plain ``jax.jit`` loop of the same step.
 
     python benchmarks/parallel.py
 """
@@ -126,10 +127,46 @@ def measure(k, workers, rounds=600, repeats=3):
             "backend": jax.default_backend(), "devices": jax.device_count()}
 
 
+def gspmd(workers, steps=300, repeats=5):
+    """``net.fit`` over batches laid across the devices (GSPMD) against a plain ``jax.jit``
+    loop of the model's pure step over the same batches; both wait for the step before
+    on the CPU (where XLA's all-reduce deadlocks otherwise), and so does fit itself."""
+    r = np.random.default_rng(0)
+    sharding = NamedSharding(Mesh(np.array(jax.devices()[:workers]), ("data",)), P("data"))
+    data = [(jax.device_put(r.normal(size=(8 * workers, D)).astype(np.float32), sharding),
+             jax.device_put(r.integers(0, CLASSES, 8 * workers).astype(np.int32), sharding)) for _ in range(steps)]
+    net, reference = network(), network()
+    step = jax.jit(reference.train_step(), donate_argnums=0)
+    wait = jax.default_backend() == "cpu"
+
+    def plain(carry):
+        for x, y in data:
+            if wait:
+                jax.tree.leaves(carry.params)[0].block_until_ready()
+            carry, _ = step(carry, DataSet(x, y))
+        return jax.block_until_ready(carry)
+
+    carry = plain(jax.device_put(reference._carry, NamedSharding(sharding.mesh, P())))
+    net.fit(iter(data))  # compile
+    t_fit = t_plain = float("inf")
+    for _ in range(repeats):  # interleaved, best of
+        start = time.perf_counter()
+        net.fit(iter(data))
+        jax.block_until_ready(net.params)
+        t_fit = min(t_fit, time.perf_counter() - start)
+        start = time.perf_counter()
+        carry = plain(carry)
+        t_plain = min(t_plain, time.perf_counter() - start)
+    return {"benchmark": "parallel", "figure": "gspmd fit", "workers": workers, "steps": steps,
+            "fit_us_per_step": round(t_fit / steps * 1e6, 1), "plain_us_per_step": round(t_plain / steps * 1e6, 1),
+            "fit_vs_plain": round(t_plain / t_fit, 3), "backend": jax.default_backend()}
+
+
 def main():
     workers = min(8, jax.device_count())
     for k in (1, 2, 5, 10):
         print(json.dumps(measure(k, workers)))
+    print(json.dumps(gspmd(workers)))
 
 
 if __name__ == "__main__":
