@@ -4,6 +4,7 @@ is computed from (leaf keys, per-device bytes, paths to output leaves)."""
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -12,7 +13,7 @@ import numpy as np
 from jaxws._internals import ArrayImpl as _ArrayImpl
 from jaxws.memory import MemoryPlan, tree_bytes
 
-__all__ = ["StepPlan", "attach_fresh", "match_outputs"]
+__all__ = ["StepPlan", "attach_fresh", "match_outputs", "several_cpu_devices", "spans_cpu_devices"]
 
 
 class StepPlan(NamedTuple):
@@ -26,6 +27,7 @@ class StepPlan(NamedTuple):
     memory: MemoryPlan | None  # XLA's plan for the donating executable
     fresh_paths: tuple | None = None  # how to reach each fresh leaf without a flatten (None: flatten)
     temp_bytes: int = 0  # XLA's working memory for the step (memory.temp_bytes)
+    watch: bool = False  # a donated carry that may span several CPU devices (see spans_cpu_devices)
 
 
 def match_outputs(infos: list, outs: list, jaxpr: Any) -> tuple:
@@ -93,6 +95,27 @@ def attach_fresh(ws: Any, plan: StepPlan, out: Any) -> None:
     generation = ws.generation
     for leaf in picked:
         ws._attach(leaf, generation)
+
+
+@functools.cache
+def several_cpu_devices() -> bool:
+    """Whether this process has several CPU devices (``jax_num_cpu_devices``): only then
+    can an array span them. Asked at a step's first call, not at import."""
+    try:
+        return len(jax.devices("cpu")) > 1
+    except RuntimeError:  # no CPU backend (JAX_PLATFORMS without it)
+        return False
+
+
+def spans_cpu_devices(x: jax.Array) -> bool:
+    """Whether ``x`` is laid over several CPU devices. A loop of programs over such arrays
+    runs each once the one before is done: queued by the dozen, XLA's CPU all-reduce
+    deadlocks, and aborts the process. The usual array (one device) costs a type test."""
+    sharding = x.sharding
+    if type(sharding) is jax.sharding.SingleDeviceSharding:
+        return False
+    devices = sharding.device_set
+    return len(devices) > 1 and next(iter(devices)).platform == "cpu"
 
 
 def _leaf_key(x: Any) -> Any:

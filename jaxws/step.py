@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import jax
 
 from jaxws._internals import EVAL_TRACE as _EVAL_TRACE
+from jaxws._internals import ArrayImpl as _ArrayImpl
 from jaxws._internals import flatten as _flatten
 from jaxws._internals import trace_state as _trace_state
 from jaxws.aot import Compiled, Lowered
@@ -34,6 +35,8 @@ from jaxws.plan import (
     _twice_donated,
     attach_fresh,
     match_outputs,
+    several_cpu_devices,
+    spans_cpu_devices,
 )
 from jaxws.workspace import _TAG
 
@@ -167,6 +170,10 @@ class WorkspaceFunction:
                 ws.compiles += 1
                 if plan.memory is not None:
                     ws.plans[self._name] = plan.memory
+        if plan.watch:  # a loop's carry: over several CPU devices, the call before done first
+            carry = leaves[plan.donated[0]]
+            if type(carry) is _ArrayImpl and spans_cpu_devices(carry):
+                carry.block_until_ready()  # XLA's CPU all-reduce deadlocks with dozens queued
         debug = manager.debug_mode
         if debug is _DISABLED:
             fun = self._donating
@@ -358,6 +365,7 @@ class WorkspaceFunction:
             memory=memory,
             fresh_paths=_paths(out_info, fresh),
             temp_bytes=memory.temp_bytes if memory is not None else 0,
+            watch=bool(donated) and several_cpu_devices(),
         )
         return plan, compiled
 

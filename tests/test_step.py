@@ -432,3 +432,43 @@ def test_a_planned_call_keeps_the_plan_of_its_own_arguments_whatever_ran_meanwhi
     assert f._planned["small"] is f._plan_of((small,), {}) is not f._plan_of((large,), {})
     assert f._planned["small"].out_bytes == small.nbytes  # its own output: f32[3]
     np.testing.assert_array_equal(f._call_planned("small", (small,)), 2 * np.ones(3))
+
+
+def test_a_loop_over_arrays_laid_across_cpu_devices_runs_each_call_once_the_one_before_is_done():
+    """A GSPMD step over several CPU devices: queued by the dozen, XLA's all-reduce deadlocks
+    and aborts the process (a plain jax.jit loop of 500 such steps did), so each call waits
+    for its carry; the numbers are those of the same loop on one device."""
+    step, params, opt_state = adam_step()
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    rows, replicated = jax.NamedSharding(mesh, jax.P("data")), jax.NamedSharding(mesh, jax.P())
+    r = np.random.default_rng(0)
+    xs = [r.normal(size=(16, 8)).astype(np.float32) for _ in range(12)]
+    y = r.normal(size=(16, 1)).astype(np.float32)
+    placed = [(jax.device_put(a, rows), jax.device_put(y, rows)) for a in xs]
+    spread = jaxws.jit(step, donate_argnums=(0, 1))
+    ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="GSPMD_LOOP")
+    expected = jax.tree.map(jnp.copy, (params, opt_state))  # device_put may share their buffers
+    carry = jax.device_put((params, opt_state), replicated)
+    with ws:
+        carry = spread(*carry, *placed[0])[:2]
+    ready, donating = [], spread._donating
+
+    class Watched:  # was the carry computed when the call came?
+        def __call__(self, *args):
+            ready.append(all(leaf.is_ready() for leaf in jax.tree.leaves(args[:2])))
+            return donating(*args)
+
+        def __getattr__(self, name):
+            return getattr(donating, name)
+
+    spread._donating = Watched()
+    for a, b in placed[1:]:
+        with ws:
+            carry = spread(*carry, a, b)[:2]
+    assert len(ready) == 11 and all(ready)
+    one = jaxws.jit(step, donate_argnums=(0, 1))
+    for a in xs:
+        with ws:
+            expected = one(*expected, a, y)[:2]
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-6), carry, expected)
+    assert all(not a.is_deleted() and not b.is_deleted() for a, b in placed)  # the user's batches

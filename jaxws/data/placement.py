@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxws._internals import ArrayImpl as _ArrayImpl
+from jaxws.plan import several_cpu_devices, spans_cpu_devices
 
 __all__ = ["Placement", "host_leaf", "across_cpu_devices"]
 
@@ -25,17 +26,15 @@ def across_cpu_devices(batch: Any) -> bool:
     """Whether a program over ``batch`` runs on several CPU devices (its first array is laid
     over them: GSPMD data parallelism). Passes over such batches run each program once the
     one before is done: queued by the dozen, XLA's CPU all-reduce deadlocks, and aborts
-    the process. Asked per program, so the usual batch (one device) costs a type test."""
+    the process. Asked per program: where the process has one CPU device, a cached call."""
+    if not several_cpu_devices():
+        return False
     x = getattr(batch, "features", None)
     if type(x) is not _ArrayImpl:
         x = next((leaf for leaf in jax.tree.leaves(batch) if isinstance(leaf, jax.Array)), None)
         if x is None:
             return False
-    sharding = x.sharding
-    if type(sharding) is jax.sharding.SingleDeviceSharding:
-        return False
-    devices = sharding.device_set
-    return len(devices) > 1 and next(iter(devices)).platform == "cpu"
+    return spans_cpu_devices(x)
 
 
 @functools.cache
