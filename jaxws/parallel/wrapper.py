@@ -57,6 +57,9 @@ def _mean_over_workers(leaves: list, weight, extra: list):
     return out, total[start:-1]
 
 
+_first_rows = jax.jit(lambda tree: jax.tree.map(lambda a: a[0], tree))  # one program for every leaf
+
+
 class ParallelWrapper:
     """DL4J's ParallelWrapper over JAX devices (and processes).
 
@@ -148,6 +151,7 @@ class ParallelWrapper:
         self.rounds = 0
         self.scores: list[float] = []  # averaged score of each program, when reported
         self._program = None
+        self._broadcast = None  # the program laying the model's carry out as replicas
 
     # -- the per-worker program ------------------------------------------------------------
 
@@ -212,10 +216,16 @@ class ParallelWrapper:
 
     def _replicate(self, carry: TrainState) -> TrainState:
         """One replica per worker, stacked on the workers axis (works across processes)."""
+        if jax.process_count() == 1:  # device to device, one program: no host round-trip
+            if self._broadcast is None:
+                workers = self.workers
+                self._broadcast = jax.jit(
+                    lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (workers, *a.shape)), tree),
+                    in_shardings=NamedSharding(self.mesh, P()), out_shardings=self.sharding)
+            return self._broadcast(carry)
+
         def stacked(a):
             shape = (self.workers, *a.shape)
-            if jax.process_count() == 1:  # device to device: no host round-trip
-                return jax.device_put(jnp.broadcast_to(a, shape), self.sharding)
             host = np.asarray(a)
             return jax.make_array_from_callback(shape, self.sharding, lambda idx: np.broadcast_to(host, shape)[idx])
 
@@ -224,7 +234,7 @@ class ParallelWrapper:
     @staticmethod
     def _consensus(stacked: TrainState) -> TrainState:
         """Replica 0 of this process (all replicas agree after an averaging), in fresh buffers."""
-        return jax.tree.map(lambda a: jnp.array(a.addressable_shards[0].data[0]), stacked)
+        return _first_rows(jax.tree.map(lambda a: a.addressable_data(0), stacked))
 
     # -- fit -------------------------------------------------------------------------------
 
