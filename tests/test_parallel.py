@@ -207,6 +207,22 @@ def test_passes_over_batches_on_several_cpu_devices_run_one_program_at_a_time(mo
         np.testing.assert_array_equal(np.asarray(y), hy)
 
 
+def test_fused_steps_and_resident_data_over_several_cpu_devices_equal_one_device():
+    placed, host = sharded_batches(24)
+    fused, expected = network(optax.adam(1e-2)), network(optax.adam(1e-2))
+    fused.fit(placed, steps_per_execution=4)
+    expected.fit(host, steps_per_execution=4)
+    assert_tree_close(fused.params, expected.params)
+    sharding = placed[0][0].sharding
+    x = jax.device_put(np.concatenate([h[0] for h in host]), sharding)
+    y = jax.device_put(np.concatenate([h[1] for h in host]), sharding)
+    resident, expected = network(optax.adam(1e-2)), network(optax.adam(1e-2))
+    resident.fit((x, y), batch_size=16, steps_per_execution=6)  # batches taken inside the program
+    expected.fit((np.asarray(x), np.asarray(y)), batch_size=16, steps_per_execution=6)
+    assert_tree_close(resident.params, expected.params)
+    assert not x.is_deleted() and not y.is_deleted() and all(not a.is_deleted() for a in jax.tree.leaves(placed))
+
+
 def test_epochs_and_workspace_mode_none():
     batches = make_batches(8)
     a, b = network(optax.sgd(0.1)), network(optax.sgd(0.1))
