@@ -223,6 +223,33 @@ def test_fused_steps_and_resident_data_over_several_cpu_devices_equal_one_device
     assert not x.is_deleted() and not y.is_deleted() and all(not a.is_deleted() for a in jax.tree.leaves(placed))
 
 
+@pytest.mark.parametrize("kind", ["classes", "one-hot with masks"])
+def test_a_group_of_batches_alike_stacks_as_the_padded_path_does(kind):
+    from jaxws.data import DataSet
+    from jaxws.parallel.groups import _stack_padded, stack
+
+    r = np.random.default_rng(0)
+
+    def batch(n=4):
+        x = r.normal(size=(n, 3, D)).astype(np.float32)
+        if kind == "classes":
+            return DataSet(x, r.integers(0, CLASSES, (n, 3)).astype(np.int32))
+        return DataSet(x, np.eye(CLASSES, dtype=np.float32)[r.integers(0, CLASSES, (n, 3))],
+                       (r.random((n, 3)) > 0.2).astype(np.int32), (r.random((n, 3)) > 0.2).astype(np.float32))
+
+    slots = [[batch() for _ in range(4)] for _ in range(3)]
+    fast, padded = stack(slots), _stack_padded(slots)
+    assert jax.tree.structure(fast) == jax.tree.structure(padded)
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(padded)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    slots[-1][-1] = batch(2)  # a smaller last batch, a missing one: padded and masked
+    smaller = stack(slots)
+    assert smaller.data.features.shape == (4, 3, 4, 3, D) and smaller.data.labels_mask[3, 2, 2:].sum() == 0
+    slots[-1][-1] = None
+    assert stack(slots).active[3, 2] == 0
+
+
 def test_epochs_and_workspace_mode_none():
     batches = make_batches(8)
     a, b = network(optax.sgd(0.1)), network(optax.sgd(0.1))

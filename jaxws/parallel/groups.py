@@ -56,6 +56,39 @@ def _rebuild(like: DataSet | MultiDataSet, out: dict[str, list]) -> DataSet | Mu
 
 def stack(slots: list[list[DataSet | MultiDataSet | None]], batch: int | None = None) -> Group:
     """Stacks ``slots[round][worker]`` into a Group, padding batches to ``batch`` examples."""
+    return (batch is None and _stack_alike(slots)) or _stack_padded(slots, batch)
+
+
+def _stack_alike(slots: list[list[Any]]) -> Group | None:
+    """The usual group: full rounds of DataSets alike (the same fields, shapes and dtypes),
+    one ``np.stack`` a field. None for any other (a missing batch, a smaller one, a
+    MultiDataSet): :func:`_stack_padded` pads it, or names the batch that does not fit."""
+    rounds, workers = len(slots), len(slots[0])
+    order = [row[w] for w in range(workers) for row in slots]  # worker-major: [workers, rounds]
+    if any(type(ds) is not DataSet for ds in order) or order[0].labels is None:
+        return None
+    out = {}
+    for name in _FIELDS:
+        values = [getattr(ds, name) for ds in order]
+        if values[0] is None or any(v is None for v in values):
+            if any(v is not None for v in values):
+                return None
+            out[name] = None
+            continue
+        arrays = [np.asarray(v) for v in values]
+        shape, dtype = arrays[0].shape, arrays[0].dtype
+        if any(a.shape != shape or a.dtype != dtype for a in arrays):
+            return None
+        stacked = np.stack(arrays).reshape(workers, rounds, *shape)
+        out[name] = stacked.astype(np.float32, copy=False) if name.endswith("mask") else stacked
+    if out["labels_mask"] is None:  # every example counts: the padded path's explicit mask
+        out["labels_mask"] = np.ones((workers, rounds, *_labels_mask(order[0].labels, None).shape), np.float32)
+    return Group(DataSet(**out), np.ones((workers, rounds), np.float32))
+
+
+def _stack_padded(slots: list[list[DataSet | MultiDataSet | None]], batch: int | None = None) -> Group:
+    """:func:`stack` for any group: batches padded to ``batch`` examples, missing ones
+    masked out, every misfit named."""
     present = [ds for row in slots for ds in row if ds is not None]
     first = present[0]
     batch = batch or max(ds.num_examples for ds in present)
