@@ -46,6 +46,24 @@ def batches(n):
     return [(r.normal(size=(BATCH, D)).astype(np.float32), r.integers(0, CLASSES, BATCH).astype(np.int32)) for _ in range(n)]
 
 
+def best_of(variants, repeats):
+    """The best wall time of each variant (a callable), run interleaved ``repeats`` times."""
+    best = dict.fromkeys(variants, float("inf"))
+    for _ in range(repeats):
+        for name, run in variants.items():
+            begin = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - begin)
+    return best
+
+
+def fitted(trainer, data):
+    """``trainer.fit(data)`` (a ParallelWrapper or a model), waited for."""
+    trainer.fit(data)
+    model = getattr(trainer, "model", trainer)
+    jax.block_until_ready(model.params)
+
+
 def hand_written(net, data, workers, k):
     """A plain shard_map local-SGD loop, as a user would write it.
 
@@ -100,19 +118,13 @@ def measure(k, workers, rounds=600, repeats=3):
     wrapper = ParallelWrapper(net, workers=workers, averaging_frequency=k, prefetch_buffer=4)
     wrapper.fit(data[: workers * k])  # compile
     run, carry, hand_collectives = hand_written(network(), data, workers, k)
-    carry = run(carry)  # compile
-    t_wrapper = t_hand = t_prestacked = float("inf")
-    for _ in range(repeats):  # interleaved, best of
-        start = time.perf_counter()
-        wrapper.fit(data)
-        jax.block_until_ready(net.params)
-        t_wrapper = min(t_wrapper, time.perf_counter() - start)
-        start = time.perf_counter()
-        carry = run(carry)
-        t_hand = min(t_hand, time.perf_counter() - start)
-        start = time.perf_counter()
-        carry = run(carry, before=True)
-        t_prestacked = min(t_prestacked, time.perf_counter() - start)
+    state = [run(carry)]  # compile
+
+    def hand(before=False):
+        state[0] = run(state[0], before)
+
+    best = best_of({"wrapper": lambda: fitted(wrapper, data), "hand": hand, "prestacked": lambda: hand(True)}, repeats)
+    t_wrapper, t_hand, t_prestacked = best["wrapper"], best["hand"], best["prestacked"]
     groups = wrapper._groups(net._feed(data[: workers * k], "benchmark", place=False))
     group = next(iter(groups))
     groups.close()
@@ -147,17 +159,14 @@ def gspmd(workers, steps=300, repeats=5):
             carry, _ = step(carry, DataSet(x, y))
         return jax.block_until_ready(carry)
 
-    carry = plain(jax.device_put(reference._carry, NamedSharding(sharding.mesh, P())))
-    net.fit(iter(data))  # compile
-    t_fit = t_plain = float("inf")
-    for _ in range(repeats):  # interleaved, best of
-        start = time.perf_counter()
-        net.fit(iter(data))
-        jax.block_until_ready(net.params)
-        t_fit = min(t_fit, time.perf_counter() - start)
-        start = time.perf_counter()
-        carry = plain(carry)
-        t_plain = min(t_plain, time.perf_counter() - start)
+    state = [plain(jax.device_put(reference._carry, NamedSharding(sharding.mesh, P())))]
+    fitted(net, iter(data))  # compile
+
+    def loop():
+        state[0] = plain(state[0])
+
+    best = best_of({"fit": lambda: fitted(net, iter(data)), "plain": loop}, repeats)
+    t_fit, t_plain = best["fit"], best["plain"]
     return {"benchmark": "parallel", "figure": "gspmd fit", "workers": workers, "steps": steps,
             "fit_us_per_step": round(t_fit / steps * 1e6, 1), "plain_us_per_step": round(t_plain / steps * 1e6, 1),
             "fit_vs_plain": round(t_plain / t_fit, 3), "backend": jax.default_backend()}
@@ -171,15 +180,13 @@ def start(workers, k=10, repeats=20):
     net = network()
     wrapper = ParallelWrapper(net, workers=workers, averaging_frequency=k, prefetch_buffer=4)
     run, carry, _ = hand_written(network(), data, workers, k)
-    t_fit = t_hand = float("inf")
-    for _ in range(repeats + 1):  # interleaved, best of (the first compiles)
-        begin = time.perf_counter()
-        wrapper.fit(data)
-        jax.block_until_ready(net.params)
-        t_fit = min(t_fit, time.perf_counter() - begin)
-        begin = time.perf_counter()
-        carry = run(carry)
-        t_hand = min(t_hand, time.perf_counter() - begin)
+    state = [carry]
+
+    def hand():
+        state[0] = run(state[0])
+
+    best = best_of({"fit": lambda: fitted(wrapper, data), "hand": hand}, repeats + 1)  # the first compiles
+    t_fit, t_hand = best["fit"], best["hand"]
     return {"benchmark": "parallel", "figure": f"one fit call of one program (k={k})", "workers": workers,
             "fit_ms": round(t_fit * 1e3, 2), "hand_written_ms": round(t_hand * 1e3, 2),
             "fit_vs_hand_written": round(t_hand / t_fit, 3), "backend": jax.default_backend()}
