@@ -13,7 +13,7 @@ import numpy as np
 from jaxws._internals import ArrayImpl as _ArrayImpl
 from jaxws.memory import MemoryPlan, tree_bytes
 
-__all__ = ["StepPlan", "attach_fresh", "match_outputs", "several_cpu_devices", "spans_cpu_devices"]
+__all__ = ["StepPlan", "attach_fresh", "match_outputs", "several_cpu_devices", "spans_cpu_devices", "wait_for_carry"]
 
 
 class StepPlan(NamedTuple):
@@ -116,6 +116,14 @@ def spans_cpu_devices(x: jax.Array) -> bool:
         return False
     devices = sharding.device_set
     return len(devices) > 1 and next(iter(devices)).platform == "cpu"
+
+
+def wait_for_carry(leaves: list, plan: StepPlan) -> None:
+    """Waits for a call's first donated leaf (a loop's carry: the call before made it)
+    where it spans several CPU devices (``plan.watch``: the process has them)."""
+    carry = leaves[plan.donated[0]]
+    if type(carry) is _ArrayImpl and spans_cpu_devices(carry):
+        carry.block_until_ready()
 
 
 def _leaf_key(x: Any) -> Any:

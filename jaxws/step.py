@@ -17,7 +17,6 @@ from typing import Any, Callable, Sequence
 import jax
 
 from jaxws._internals import EVAL_TRACE as _EVAL_TRACE
-from jaxws._internals import ArrayImpl as _ArrayImpl
 from jaxws._internals import flatten as _flatten
 from jaxws._internals import trace_state as _trace_state
 from jaxws.aot import Compiled, Lowered
@@ -36,7 +35,7 @@ from jaxws.plan import (
     attach_fresh,
     match_outputs,
     several_cpu_devices,
-    spans_cpu_devices,
+    wait_for_carry,
 )
 from jaxws.workspace import _TAG
 
@@ -170,10 +169,8 @@ class WorkspaceFunction:
                 ws.compiles += 1
                 if plan.memory is not None:
                     ws.plans[self._name] = plan.memory
-        if plan.watch:  # a loop's carry: over several CPU devices, the call before done first
-            carry = leaves[plan.donated[0]]
-            if type(carry) is _ArrayImpl and spans_cpu_devices(carry):
-                carry.block_until_ready()  # XLA's CPU all-reduce deadlocks with dozens queued
+        if plan.watch:  # XLA's CPU all-reduce deadlocks with dozens of calls queued
+            wait_for_carry(leaves, plan)
         debug = manager.debug_mode
         if debug is _DISABLED:
             fun = self._donating
@@ -214,6 +211,8 @@ class WorkspaceFunction:
             if plan is not None:
                 self._planned[signature] = plan
             return out
+        if plan.watch:
+            wait_for_carry(self._flat(args, kwargs)[0], plan)
         stack = manager._stack
         ws = stack[-1] if stack else None
         fun = self._donating

@@ -295,10 +295,6 @@ class Workspace:
         setattr(array, _TAG, _Attachment(self, generation, carried))
         self._arrays.setdefault(generation, []).append(weakref.ref(array))
 
-    def _keep_one_more_cycle(self, array: jax.Array) -> None:
-        """Moves ``array`` from this cycle to the next: it is deleted when that one ends."""
-        self._attach(array, self.generation + 1)
-
     def live_arrays(self) -> list[jax.Array]:
         """The arrays this workspace owns that are still alive."""
         live = [ref() for refs in self._arrays.values() for ref in refs] + list(self._slot)

@@ -4,7 +4,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -12,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.experimental import io_callback
 
 import jaxws
 from jaxws.data import from_iterable
 from jaxws import WorkspaceMode
+from jaxws._internals import ArrayImpl
 from jaxws.nn import Dense, MultiLayerNetwork, NeuralNetConfiguration, OutputLayer
 from jaxws.parallel import ParallelWrapper, TrainingMode
 
@@ -132,33 +131,40 @@ def test_one_collective_and_one_dispatch_per_k_rounds(k):
     assert program.compiles == 1 and wrapper.rounds == k  # one program for k rounds
 
 
-def test_at_most_two_programs_in_flight():
-    """XLA's CPU collectives deadlock (then abort the process) when dozens of programs with
-    an all-reduce are queued on 8 devices: fit waits for a program once the next is dispatched."""
+class Watched:
+    """A program's own jax.jit (or pmap), noting whether its arguments were computed when
+    it was called."""
+
+    def __init__(self, program, ready):
+        self.program, self.ready = program, ready
+
+    def __call__(self, *args, **kwargs):
+        leaves = jax.tree.leaves((args, kwargs))
+        if not any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):  # a call, not a trace
+            self.ready.append(all(leaf.is_ready() for leaf in leaves if type(leaf) is ArrayImpl))
+        return self.program(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.program, name)
+
+
+@pytest.mark.parametrize("backend", ["sharding", "pmap"])
+def test_each_program_over_the_cpu_devices_finds_the_one_before_done(monkeypatch, backend):
+    """XLA's CPU all-reduce deadlocks (then aborts the process) when dozens of programs are
+    queued on 8 devices: each round's program is dispatched once the one before is done."""
+    ready = []
+    pmap = jax.pmap
+    monkeypatch.setattr(jax, "pmap", lambda *args, **kwargs: Watched(pmap(*args, **kwargs), ready))
     net = network(optax.sgd(0.1))
-    wrapper = ParallelWrapper(net, workers=8, averaging_frequency=1, prefetch_buffer=2)
-    real = wrapper._compiled()
-    dispatched, finished = [], {}
-
-    def finish(n):  # runs when the program's score is computed
-        time.sleep(0.02)
-        finished[int(n)] = time.perf_counter()
-        return n
-
-    slow = jax.jit(lambda score, n: (score, io_callback(finish, jax.ShapeDtypeStruct((), jnp.int32), n))[0])
-
-    def program(stacked, group):
-        dispatched.append(time.perf_counter())
-        stacked, score = real(stacked, group)
-        return stacked, slow(score, len(dispatched) - 1)
-
-    wrapper._program = program
-    wrapper.fit(make_batches(8 * 12))
-    deadline = time.perf_counter() + 10
-    while len(finished) < 12 and time.perf_counter() < deadline:  # the last score is read by nobody
-        time.sleep(0.01)
-    assert len(dispatched) == len(finished) == 12
-    assert all(dispatched[n] >= finished[n - 2] for n in range(2, 12))
+    wrapper = ParallelWrapper(net, workers=8, averaging_frequency=1, prefetch_buffer=2, backend=backend)
+    program = wrapper._compiled()
+    if backend == "sharding":
+        program._donating = Watched(program._donating, ready)
+    batches = make_batches(8 * 12)
+    wrapper.fit(batches)
+    assert len(ready) == 12 and all(ready)
+    expected = reference(network(optax.sgd(0.1)).params, optax.sgd(0.1), batches, 8, 1)
+    assert_tree_close(net.params, expected)
 
 
 def sharded_batches(n, workers=8):
@@ -180,16 +186,17 @@ def test_passes_over_batches_on_several_cpu_devices_run_one_program_at_a_time(mo
     from jaxws.step import WorkspaceFunction
 
     placed, host = sharded_batches(24)
-    net, reference = network(optax.adam(1e-2)), network(optax.adam(1e-2))
-    ready = []
-    planned = WorkspaceFunction._call_planned
-
-    def watched(self, key, args, kwargs=None):  # was the program before done when this one came?
-        ready.append(all(leaf.is_ready() for leaf in jax.tree.leaves(args[0]) if isinstance(leaf, jax.Array)))
-        return planned(self, key, args, kwargs)
-
+    reference = network(optax.adam(1e-2))
     reference.fit(host)  # on one device
-    monkeypatch.setattr(WorkspaceFunction, "_call_planned", watched)
+    ready = []
+    init = WorkspaceFunction.__init__
+
+    def watched_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self._donating = Watched(self._donating, ready)
+
+    monkeypatch.setattr(WorkspaceFunction, "__init__", watched_init)
+    net = network(optax.adam(1e-2))  # its programs made from now on
     net.fit(iter(placed), epochs=1)
     assert len(ready) == 24 and all(ready)
     assert_tree_close(net.params, reference.params, tol=1e-5)

@@ -14,27 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxws._internals import ArrayImpl as _ArrayImpl
-from jaxws.plan import several_cpu_devices, spans_cpu_devices
 
-__all__ = ["Placement", "host_leaf", "across_cpu_devices"]
+__all__ = ["Placement", "host_leaf"]
 
 _NUMERIC: dict = {}  # dtype -> whether it holds numbers
 _SMALL = 1 << 20  # bytes: a leaf this small moves through the jitted call's transfer on the CPU
-
-
-def across_cpu_devices(batch: Any) -> bool:
-    """Whether a program over ``batch`` runs on several CPU devices (its first array is laid
-    over them: GSPMD data parallelism). Passes over such batches run each program once the
-    one before is done: queued by the dozen, XLA's CPU all-reduce deadlocks, and aborts
-    the process. Asked per program: where the process has one CPU device, a cached call."""
-    if not several_cpu_devices():
-        return False
-    x = getattr(batch, "features", None)
-    if type(x) is not _ArrayImpl:
-        x = next((leaf for leaf in jax.tree.leaves(batch) if isinstance(leaf, jax.Array)), None)
-        if x is None:
-            return False
-    return spans_cpu_devices(x)
 
 
 @functools.cache

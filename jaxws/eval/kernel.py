@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxws.arrays import allow_reads
-from jaxws.data.placement import across_cpu_devices
 from jaxws.errors import ConfigurationError, InvalidBatchError
 from jaxws.interrupts import guarded
 from jaxws.manager import get_workspace_manager
@@ -166,8 +165,6 @@ class EvaluationMixin:
         ``Judged`` signature; not integer class labels). ``fn`` runs on jaxws.jit's lean
         path, planned per ``plan`` (the batch ``signature``, with ``total``'s avals where
         they can change): the model's pinned carry, a checked batch and states of its own."""
-        if across_cpu_devices(ds):  # the batch before counted first
-            jax.tree.leaves(total)[0].block_until_ready()
         if self._counted_apart(checks, signature, ds):
             total = fn._call_planned((plan, False), (total, None, carry.params, carry.state, ds))[0]
         else:

@@ -23,7 +23,6 @@ from jaxws.configuration import SpillPolicy, WorkspaceConfiguration
 from jaxws.data.dataset import DataSet
 from jaxws.data.feed import Feed, Judged, Rows, Steps, prepare
 from jaxws.data.feed import signature as signature_of
-from jaxws.data.placement import across_cpu_devices
 from jaxws.errors import ConfigurationError, WorkspaceError
 from jaxws.eval.kernel import EvaluationMixin
 from jaxws.interrupts import guarded
@@ -215,8 +214,6 @@ class Model(StepsMixin, OutputMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         """
         with self._lock:
             carry = self._carry
-            if across_cpu_devices(args[0]):  # the step before done first
-                jax.tree.leaves(carry.params)[0].block_until_ready()
             if self._pins and id(carry.params) in self._pins:  # a reader holds this version
                 carry = carry._replace(params=detach(carry.params), state=detach(carry.state))
             if check is None:

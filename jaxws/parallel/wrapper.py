@@ -25,6 +25,7 @@ from jaxws.nn.model import TRAINING_CONF, TRAINING_WORKSPACE, Model, TrainState
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.parallel.distributed import worker_devices
 from jaxws.parallel.groups import Group, deal, stack
+from jaxws.plan import spans_cpu_devices
 from jaxws.step import jit
 
 __all__ = ["ParallelWrapper", "TrainingMode"]
@@ -193,6 +194,9 @@ class ParallelWrapper:
             program = jax.pmap(self._worker, axis_name=AXIS, devices=self.devices, donate_argnums=donate)
 
             def run(carry, group):
+                first = jax.tree.leaves(carry)[0]
+                if spans_cpu_devices(first):  # as jaxws.jit waits for a carry over CPU devices
+                    first.block_until_ready()
                 carry, score = program(carry, group.data, group.active)
                 return carry, score[0]
 
@@ -282,25 +286,16 @@ class ParallelWrapper:
         with model._lock:
             stacked = self._replicate(model._require_init())
         manager = get_workspace_manager()
-        donates = self.workspace_mode.donates
         with guarded() as guard:
             try:
                 for _ in range(epochs):
                     groups = self._groups(feed)
-                    previous = None  # the last program's score, kept one more cycle to wait on
                     try:
                         for group in groups:
                             cycle = (manager.get_workspace_for_current_thread(TRAINING_CONF, TRAINING_WORKSPACE)
-                                     if donates else contextlib.nullcontext())  # NONE: no cycles
+                                     if self.workspace_mode.donates else contextlib.nullcontext())  # NONE: no cycles
                             with guard, cycle:
-                                stacked, score = program(stacked, group)
-                                # Two programs in flight at most: XLA's CPU collectives deadlock
-                                # (and abort the process) when dozens are queued on 8 devices.
-                                if previous is not None:
-                                    previous.block_until_ready()
-                                previous = score
-                                if donates:
-                                    cycle._keep_one_more_cycle(score)
+                                stacked, score = program(stacked, group)  # over CPU devices: once the last is done
                                 rounds = group.active.shape[1]
                                 self.rounds += rounds
                                 model.iteration += rounds
@@ -314,8 +309,6 @@ class ParallelWrapper:
                             raise e.__cause__ from None  # our own check, in the prefetch thread
                         raise
                     finally:
-                        if donates and previous is not None:
-                            previous.delete()  # kept for a next cycle that will not come
                         if isinstance(groups, AsyncDataSetIterator):
                             groups.close()
                     model.epoch += 1
