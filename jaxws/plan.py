@@ -13,7 +13,8 @@ import numpy as np
 from jaxws._internals import ArrayImpl as _ArrayImpl
 from jaxws.memory import MemoryPlan, tree_bytes
 
-__all__ = ["StepPlan", "attach_fresh", "match_outputs", "several_cpu_devices", "spans_cpu_devices", "wait_for_carry"]
+__all__ = ["StepPlan", "attach_fresh", "match_outputs", "several_cpu_devices", "spans_cpu_devices",
+           "unusable_donation_message", "unusable_sharding_message", "wait_for_carry"]
 
 
 class StepPlan(NamedTuple):
@@ -124,6 +125,36 @@ def wait_for_carry(leaves: list, plan: StepPlan) -> None:
     carry = leaves[plan.donated[0]]
     if type(carry) is _ArrayImpl and spans_cpu_devices(carry):
         carry.block_until_ready()
+
+
+def unusable_sharding_message(name: str, what: str) -> str:
+    """Why XLA would copy donated buffers whose shape and dtype an output matches."""
+    return (
+        f"Op [{name}]: {what}: some donated buffers match an output's shape and dtype "
+        "but not its sharding or memory layout, so XLA would copy them.\n"
+        "Fix: give the outputs the inputs' shardings (out_shardings= or "
+        "jax.lax.with_sharding_constraint), or stop donating those leaves."
+    )
+
+
+def unusable_donation_message(name: str, names: list[str], infos: list, outs: list, unused: list) -> str:
+    """Which donated leaves (``unused``, by path in ``names``) no output can reuse, and the fix."""
+    lines = []
+    for i in unused:
+        info = infos[i]
+        same_shape = [f"out{j} {o.dtype}{list(o.shape)}" for j, o in enumerate(outs) if o.shape == info.shape]
+        lines.append(
+            f"  {names[i]}: {info.dtype}{list(info.shape)} -> no output of that shape and dtype"
+            + (f" (same shape: {', '.join(same_shape)})" if same_shape else "")
+        )
+    return (
+        f"Op [{name}] cannot reuse {len(unused)} donated buffer(s); XLA would keep "
+        "both the input and the output, silently doubling their memory:\n"
+        + "\n".join(lines)
+        + "\nFix: return each donated leaf with its input's shape and dtype (e.g. "
+        "new.astype(old.dtype): update bf16 params in fp32, store them back as bf16), or "
+        "stop donating it. unusable_donation='warn' accepts the extra copy."
+    )
 
 
 def _leaf_key(x: Any) -> Any:

@@ -35,6 +35,8 @@ from jaxws.plan import (
     attach_fresh,
     match_outputs,
     several_cpu_devices,
+    unusable_donation_message,
+    unusable_sharding_message,
     wait_for_carry,
 )
 from jaxws.workspace import _TAG
@@ -75,7 +77,7 @@ class WorkspaceFunction:
         functools.update_wrapper(self, fun)
         self._fun = fun
         self._name = getattr(fun, "__name__", "step")
-        self._unusable = unusable_donation
+        self._unusable_policy = unusable_donation
         self._jit_kwargs = jit_kwargs
         # None, not (): jax maps names to positions (and back) only for what is left None
         self._donating = jax.jit(
@@ -334,7 +336,7 @@ class WorkspaceFunction:
             )
         donated, inherit, forwarded, fresh, unused = match_outputs(infos, outs, jaxpr)
         if unused:
-            self._unusable_donation(args, kwargs, infos, outs, unused)
+            self._unusable(unusable_donation_message(self._name, self._leaf_names(args, kwargs), infos, outs, unused))
         return infos, outs, traced.out_info, donated, inherit, forwarded, fresh, bool(unused)
 
     def _finish(self, analysis: tuple, compile_: Callable[[], Any], leaves: list) -> tuple[StepPlan, Any]:
@@ -346,15 +348,14 @@ class WorkspaceFunction:
         self.compiles += 1
         for w in caught:
             if str(w.message).startswith("Some donated buffers were not usable") and not unused:
-                self._unusable_sharding(str(w.message).splitlines()[0])
+                self._unusable(unusable_sharding_message(self._name, str(w.message).splitlines()[0]))
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         memory = MemoryPlan.from_compiled(compiled)
         reused = sum(_device_bytes(leaves[i], infos[i]) for _, i in inherit)
         if memory is not None and memory.alias_bytes < reused and not unused:
-            self._unusable_sharding(
-                f"XLA reuses {format_bytes(memory.alias_bytes)} of the {format_bytes(reused)} donated"
-            )
+            self._unusable(unusable_sharding_message(
+                self._name, f"XLA reuses {format_bytes(memory.alias_bytes)} of the {format_bytes(reused)} donated"))
         plan = StepPlan(
             donated=donated,
             inherit=inherit,
@@ -373,36 +374,9 @@ class WorkspaceFunction:
         analysis = self._analyse(traced, args, kwargs, leaves)
         return self._finish(analysis, lambda: traced.lower().compile(), leaves)[0]
 
-    def _unusable_sharding(self, what: str) -> None:
-        message = (
-            f"Op [{self._name}]: {what}: some donated buffers match an output's shape and dtype "
-            "but not its sharding or memory layout, so XLA would copy them.\n"
-            "Fix: give the outputs the inputs' shardings (out_shardings= or "
-            "jax.lax.with_sharding_constraint), or stop donating those leaves."
-        )
-        if self._unusable == "raise":
-            raise DonationError(message)
-        warnings.warn(message, DonationWarning, stacklevel=5)
-
-    def _unusable_donation(self, args, kwargs, infos, outs, unused) -> None:
-        names = self._leaf_names(args, kwargs)
-        lines = []
-        for i in unused:
-            info = infos[i]
-            same_shape = [f"out{j} {o.dtype}{list(o.shape)}" for j, o in enumerate(outs) if o.shape == info.shape]
-            lines.append(
-                f"  {names[i]}: {info.dtype}{list(info.shape)} -> no output of that shape and dtype"
-                + (f" (same shape: {', '.join(same_shape)})" if same_shape else "")
-            )
-        message = (
-            f"Op [{self._name}] cannot reuse {len(unused)} donated buffer(s); XLA would keep "
-            "both the input and the output, silently doubling their memory:\n"
-            + "\n".join(lines)
-            + "\nFix: return each donated leaf with its input's shape and dtype (e.g. "
-            "new.astype(old.dtype): update bf16 params in fp32, store them back as bf16), or "
-            "stop donating it. unusable_donation='warn' accepts the extra copy."
-        )
-        if self._unusable == "raise":
+    def _unusable(self, message: str) -> None:
+        """Raises, or warns (``unusable_donation='warn'``), that donated bytes would be copied."""
+        if self._unusable_policy == "raise":
             raise DonationError(message)
         warnings.warn(message, DonationWarning, stacklevel=5)
 
