@@ -14,7 +14,7 @@ from jaxws._internals import ArrayImpl as _ArrayImpl
 from jaxws.memory import MemoryPlan, tree_bytes
 
 __all__ = ["StepPlan", "attach_fresh", "match_outputs", "several_cpu_devices", "spans_cpu_devices",
-           "unusable_donation_message", "unusable_sharding_message", "wait_for_carry"]
+           "unusable_donation_message", "unusable_sharding_message", "wait_if_across_cpus"]
 
 
 class StepPlan(NamedTuple):
@@ -28,7 +28,7 @@ class StepPlan(NamedTuple):
     memory: MemoryPlan | None  # XLA's plan for the donating executable
     fresh_paths: tuple | None = None  # how to reach each fresh leaf without a flatten (None: flatten)
     temp_bytes: int = 0  # XLA's working memory for the step (memory.temp_bytes)
-    watch: bool = False  # a donated carry that may span several CPU devices (see spans_cpu_devices)
+    watch: bool = False  # donated leaves, and several CPU devices they may span (wait_if_across_cpus)
 
 
 def match_outputs(infos: list, outs: list, jaxpr: Any) -> tuple:
@@ -119,10 +119,9 @@ def spans_cpu_devices(x: jax.Array) -> bool:
     return len(devices) > 1 and next(iter(devices)).platform == "cpu"
 
 
-def wait_for_carry(leaves: list, plan: StepPlan) -> None:
-    """Waits for a call's first donated leaf (a loop's carry: the call before made it)
-    where it spans several CPU devices (``plan.watch``: the process has them)."""
-    carry = leaves[plan.donated[0]]
+def wait_if_across_cpus(carry: Any) -> None:
+    """Waits for ``carry`` (a loop's: the call before made it) where it spans several CPU
+    devices, so that the next program is not queued behind it (see :func:`spans_cpu_devices`)."""
     if type(carry) is _ArrayImpl and spans_cpu_devices(carry):
         carry.block_until_ready()
 

@@ -37,7 +37,7 @@ from jaxws.plan import (
     several_cpu_devices,
     unusable_donation_message,
     unusable_sharding_message,
-    wait_for_carry,
+    wait_if_across_cpus,
 )
 from jaxws.workspace import _TAG
 
@@ -172,7 +172,7 @@ class WorkspaceFunction:
                 if plan.memory is not None:
                     ws.plans[self._name] = plan.memory
         if plan.watch:  # XLA's CPU all-reduce deadlocks with dozens of calls queued
-            wait_for_carry(leaves, plan)
+            wait_if_across_cpus(leaves[plan.donated[0]])
         debug = manager.debug_mode
         if debug is _DISABLED:
             fun = self._donating
@@ -214,7 +214,7 @@ class WorkspaceFunction:
                 self._planned[signature] = plan
             return out
         if plan.watch:
-            wait_for_carry(self._flat(args, kwargs)[0], plan)
+            wait_if_across_cpus(self._flat(args, kwargs)[0][plan.donated[0]])
         stack = manager._stack
         ws = stack[-1] if stack else None
         fun = self._donating

@@ -25,7 +25,7 @@ from jaxws.nn.model import TRAINING_CONF, TRAINING_WORKSPACE, Model, TrainState
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.parallel.distributed import worker_devices
 from jaxws.parallel.groups import Group, deal, stack
-from jaxws.plan import spans_cpu_devices
+from jaxws.plan import wait_if_across_cpus
 from jaxws.step import jit
 
 __all__ = ["ParallelWrapper", "TrainingMode"]
@@ -194,9 +194,7 @@ class ParallelWrapper:
             program = jax.pmap(self._worker, axis_name=AXIS, devices=self.devices, donate_argnums=donate)
 
             def run(carry, group):
-                first = jax.tree.leaves(carry)[0]
-                if spans_cpu_devices(first):  # as jaxws.jit waits for a carry over CPU devices
-                    first.block_until_ready()
+                wait_if_across_cpus(jax.tree.leaves(carry)[0])  # as jaxws.jit does
                 carry, score = program(carry, group.data, group.active)
                 return carry, score[0]
 
