@@ -70,8 +70,9 @@ def _stack_alike(slots: list[list[Any]]) -> Group | None:
     out = {}
     for name in _FIELDS:
         values = [getattr(ds, name) for ds in order]
-        if values[0] is None or any(v is None for v in values):
-            if any(v is not None for v in values):
+        given = [v is not None for v in values]
+        if not all(given):  # a field none has, or some (the padded path names them)
+            if any(given):
                 return None
             out[name] = None
             continue

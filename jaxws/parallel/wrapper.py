@@ -25,7 +25,7 @@ from jaxws.nn.model import TRAINING_CONF, TRAINING_WORKSPACE, Model, TrainState
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.parallel.distributed import worker_devices
 from jaxws.parallel.groups import Group, deal, stack
-from jaxws.plan import wait_if_across_cpus
+from jaxws.plan import several_cpu_devices, wait_if_across_cpus
 from jaxws.step import jit
 
 __all__ = ["ParallelWrapper", "TrainingMode"]
@@ -192,9 +192,11 @@ class ParallelWrapper:
         donate = (0,) if self.workspace_mode.donates else ()
         if self.backend == "pmap":
             program = jax.pmap(self._worker, axis_name=AXIS, devices=self.devices, donate_argnums=donate)
+            watch = several_cpu_devices()  # as a jaxws.jit plan knows it
 
             def run(carry, group):
-                wait_if_across_cpus(jax.tree.leaves(carry)[0])  # as jaxws.jit does
+                if watch:
+                    wait_if_across_cpus(jax.tree.leaves(carry)[0])
                 carry, score = program(carry, group.data, group.active)
                 return carry, score[0]
 
