@@ -1,0 +1,116 @@
+"""ParallelInference against callers that each call a jitted forward pass themselves.
+
+C caller threads each send R requests of a few rows (numpy, as a server receives them)
+and wait for every answer as numpy. Variants, interleaved, best of N:
+
+  * ``plain``: what a JAX user writes without ParallelInference: every caller calls one
+    shared ``jax.jit`` of the forward pass (hand-written from the same parameters) and
+    reads the result with ``np.asarray``. JAX's dispatch is thread-safe, so the callers
+    run it concurrently, one program per request;
+  * ``output``: every caller calls ``net.output(x)`` (jaxws, one program per request);
+  * ``batched``: ``ParallelInference(net, batch_limit=32)`` (BATCHED): concurrent
+    requests merged into padded batches, one program per merged batch;
+  * ``sequential``: ``ParallelInference(net, inference_mode=SEQUENTIAL)``: one program per
+    request, run by the worker thread.
+
+Then one caller alone (latency: every request waits for its answer before the next is
+sent), plain against ``batched``. The model is DESIGN's small MLP (64-64-32-10).
+
+    python benchmarks/inference.py [--repeats 5] [--callers 8] [--requests 250] [--rows 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxws.parallel import InferenceMode, ParallelInference
+
+from speed import D, best_of, model
+
+
+def emit(**fields):
+    print(json.dumps({"benchmark": "inference", "backend": jax.default_backend(), "device": jax.devices()[0].device_kind, **fields}), flush=True)
+
+
+def forward(params, x):
+    """The small MLP's forward pass, written by hand (the plain baseline's program)."""
+    for layer in params[:-1]:
+        x = jax.nn.relu(x @ layer["W"] + layer["b"])
+    return jax.nn.softmax(x @ params[-1]["W"] + params[-1]["b"])
+
+
+def concurrently(callers: int, requests: list, answer) -> None:
+    """``callers`` threads, each answering its share of ``requests`` one after another
+    (``answer(x)`` returns numpy), started together; returns when all are answered."""
+    start = threading.Barrier(callers)
+
+    def caller(mine):
+        start.wait()
+        for x in mine:
+            answer(x)
+
+    threads = [threading.Thread(target=caller, args=(requests[i::callers],), name=f"bench-caller-{i}", daemon=True)
+               for i in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--callers", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=250, help="requests per caller")
+    parser.add_argument("--rows", type=int, default=4, help="examples per request")
+    args = parser.parse_args()
+
+    net = model()
+    params = jax.device_put(jax.tree.map(np.asarray, net.params))  # the baseline's own copy
+    fwd = jax.jit(forward)
+    r = np.random.default_rng(0)
+    total = args.callers * args.requests
+    requests = [r.normal(size=(args.rows, D)).astype(np.float32) for _ in range(total)]
+    np.testing.assert_allclose(np.asarray(fwd(params, requests[0])), np.asarray(net.output(requests[0])), rtol=1e-5, atol=1e-6)
+
+    batched = ParallelInference(net, batch_limit=32)
+    sequential = ParallelInference(net, inference_mode=InferenceMode.SEQUENTIAL)
+    answers = {
+        "plain": lambda x: np.asarray(fwd(params, x)),
+        "output": lambda x: np.asarray(net.output(x)),
+        "batched": batched.output,
+        "sequential": sequential.output,
+    }
+    try:
+        for answer in answers.values():  # compile every bucket and warm the threads
+            concurrently(args.callers, requests, answer)
+        served = batched.executions
+        t = best_of(args.repeats, {name: (lambda a=answer: concurrently(args.callers, requests, a))
+                                   for name, answer in answers.items()})
+        merged = (batched.executions - served) / (total * args.repeats)
+        us = {name: seconds / total * 1e6 for name, seconds in t.items()}
+        emit(figure=f"{args.callers} concurrent callers, {args.rows} rows a request: throughput / plain (callers calling jax.jit)",
+             callers=args.callers, rows=args.rows, requests=total,
+             **{f"{name}_us_per_request": round(v, 1) for name, v in us.items()},
+             **{f"{name}_ratio": round(t["plain"] / t[name], 3) for name in ("output", "batched", "sequential")},
+             programs_per_request_batched=round(merged, 3))
+
+        alone = requests[: args.requests]
+        t = best_of(args.repeats, {name: (lambda a=answers[name]: concurrently(1, alone, a)) for name in ("plain", "batched")})
+        emit(figure="one caller: latency / plain", requests=len(alone),
+             plain_us=round(t["plain"] / len(alone) * 1e6, 1), batched_us=round(t["batched"] / len(alone) * 1e6, 1),
+             batched_over_plain=round(t["batched"] / t["plain"], 3))
+    finally:
+        batched.close()
+        sequential.close()
+
+
+if __name__ == "__main__":
+    main()
