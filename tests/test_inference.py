@@ -102,7 +102,7 @@ def test_a_failure_in_the_model_reaches_the_callers_with_its_cause():
     def broken(*args):
         raise FloatingPointError("device fell over")
 
-    net._infer[False] = broken  # what the workers will call
+    net._infer[False] = jaxws.jit(broken)  # what the workers will call (raises as it traces)
     with ParallelInference(net, workers=2) as pi:
         for _ in range(3):
             with pytest.raises(FloatingPointError, match="device fell over"):

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from jaxws.arrays import allow_reads
 from jaxws.data.feed import validate
 from jaxws.errors import ConfigurationError, WorkspaceError
 from jaxws.manager import get_workspace_manager
@@ -161,10 +162,12 @@ class ParallelInference:
         op = "ParallelInference.output"
         model = self.model
         batch = model._request(x, mask)
-        ds = validate(batch, op, lambda d, shapes=True: model._check_batch(d, op, shapes), "x")
-        x, mask = jax.tree.map(np.asarray, model._inputs_of(ds))  # host copies: the caller's arrays are only read
-        shape = jax.tree.map(lambda a: (a.shape[1:], a.dtype), (x, mask))
-        request = _Request(x, mask, concurrent.futures.Future(), shape, len(jax.tree.leaves(x)[0]))
+        ds = validate(batch, op, lambda d, shapes=True: model._check_batch(d, op, shapes), "x",
+                      seen=model._seen_batches.setdefault(op, set()))  # shapes judged once per signature
+        x, mask = jax.tree.map(np.asarray, model._inputs_of(ds))  # on the host: the caller's arrays are only read
+        leaves, treedef = jax.tree.flatten((x, mask))
+        shape = (treedef, *[(a.shape[1:], a.dtype) for a in leaves])
+        request = _Request(x, mask, concurrent.futures.Future(), shape, len(leaves[0]))
         with self._has_room:
             while len(self._pending) >= self.queue_limit and not self._closed:
                 self._has_room.wait()
@@ -228,20 +231,26 @@ class ParallelInference:
 
     def _serve(self, index: int) -> None:
         manager = get_workspace_manager()  # this thread's: outputs belong to no workspace
-        device = self._devices[index]
         while (taken := self._take()) is not None:
             try:
                 serving = self._serving  # one version for the whole batch
                 params, state = serving.replicas[index]
-                x, mask = _concatenate([(t.x, t.mask) for t in taken])
                 n = sum(t.rows for t in taken)
+                x, mask = (taken[0].x, taken[0].mask) if len(taken) == 1 else _concatenate([(t.x, t.mask) for t in taken])
                 size = _bucket(n, self.batch_limit) if n <= self.batch_limit else n
                 if size > n:  # pad to the bucket: no new program for this size
                     x, mask = jax.tree.map(lambda a: np.concatenate([a, np.zeros((size - n, *a.shape[1:]), a.dtype)]), (x, mask))
+                # host inputs go in as they are: the call moves them to the replica's device;
+                # the signature stands for the inputs' shapes and the replica: no flatten of the
+                # parameters per batch (the replicas are ours, the inputs host arrays)
+                signature = (index, size, taken[0].shape)
                 with manager.scope_out_of_workspaces():
-                    out = jax.device_get(serving.infer(params, state, *jax.device_put((x, mask), device)))
-                self.executions += 1
-                self.batch_sizes[size] += 1
+                    out = serving.infer._call_planned(signature, (params, state, x, mask, None))
+                with allow_reads():  # the callers asked for these rows
+                    out = jax.tree.map(np.asarray, out)
+                with self._has_work:  # counted under the lock: several workers finish at once
+                    self.executions += 1
+                    self.batch_sizes[size] += 1
                 start = 0
                 for request in taken:
                     request.future.set_result(jax.tree.map(lambda o: o[start:start + request.rows], out))
