@@ -1,5 +1,7 @@
 """ParallelInference: concurrent callers get model.output's answers, merged into few programs."""
 
+import _thread
+import signal
 import threading
 import time
 
@@ -18,10 +20,6 @@ def network():
     conf = NeuralNetConfiguration(layers=[Dense(16, activation="tanh"), OutputLayer(4)],
                                   input_shape=(6,), updater=optax.sgd(0.1), seed=1)
     return MultiLayerNetwork(conf).init()
-
-
-def inference_threads():
-    return [t for t in threading.enumerate() if t.name.startswith("jaxws-inference")]
 
 
 def hammer(pi, threads=12, requests=8, seed=0):
@@ -86,14 +84,135 @@ def test_a_bad_request_fails_only_for_its_caller():
         assert pi.output(np.ones((2, 6), np.float32)).shape == (2, 4)
 
 
-def test_close_is_idempotent_and_leaves_no_thread():
+def test_callers_serve_each_other_on_their_own_threads_and_close_is_idempotent():
+    threads_before = threading.active_count()
     pi = ParallelInference(network(), workers=2)
-    assert len(inference_threads()) == 2
+    ran_on = []
+    compute = pi._compute
+    pi._compute = lambda slot, taken: (ran_on.append(threading.current_thread()), compute(slot, taken))[1]
+    assert threading.active_count() == threads_before  # no server thread
+    assert pi.output(np.ones((3, 6), np.float32)).shape == (3, 4)
+    assert ran_on == [threading.current_thread()]  # a lone caller runs its request at once, itself
     pi.close()
     pi.close()
-    assert inference_threads() == []
+    assert threading.active_count() == threads_before
     with pytest.raises(jaxws.WorkspaceError, match="is closed"):
         pi.output(np.ones((1, 6), np.float32))
+
+
+def slowed(pi, seconds, started):
+    """``pi``'s batches take ``seconds`` longer; ``started`` is set as the first begins."""
+    compute = pi._compute
+
+    def slow(slot, taken):
+        started.set()
+        time.sleep(seconds)
+        return compute(slot, taken)
+
+    pi._compute = slow
+
+
+def test_close_lets_the_running_batch_finish_and_fails_the_waiting_requests():
+    net = network()
+    x = np.ones((2, 6), np.float32)
+    pi = ParallelInference(net, workers=1)
+    started, outcomes = threading.Event(), {}
+    slowed(pi, 0.3, started)
+
+    def caller(name):
+        try:
+            outcomes[name] = pi.output(x)
+        except jaxws.WorkspaceError as e:
+            outcomes[name] = e
+
+    running = threading.Thread(target=caller, args=("running",))
+    running.start()
+    started.wait()
+    waiting = threading.Thread(target=caller, args=("waiting",))
+    waiting.start()
+    while not pi._pending:
+        time.sleep(0.001)
+    pi.close()
+    assert "running" in outcomes  # close returned after the running batch answered its caller
+    np.testing.assert_allclose(outcomes["running"], np.asarray(net.output(x)), rtol=1e-5, atol=1e-6)
+    running.join()
+    waiting.join()
+    assert "was closed before this request ran" in str(outcomes["waiting"])
+    assert pi.executions == 1
+
+
+def test_a_caller_interrupted_while_it_runs_a_batch_hands_the_other_requests_on():
+    net = network()
+    x, y, z = (np.full((n, 6), v, np.float32) for n, v in ((2, 1.0), (3, 0.5), (1, -1.0)))
+    pi = ParallelInference(net, batch_limit=8)
+    pi.output(x)  # compiled
+    answers, merged = {}, []
+    first = threading.Thread(target=lambda: answers.setdefault("z", pi.output(z)))
+    helper = threading.Thread(target=lambda: answers.setdefault("y", pi.output(y)))
+    compute = pi._compute
+
+    def patched(slot, taken):
+        if threading.current_thread() is first:
+            while len(pi._pending) < 2:  # this caller's and the helper's requests wait for the slot
+                time.sleep(0.001)
+        elif threading.current_thread() is threading.main_thread():
+            merged.append(len(taken))
+            _thread.interrupt_main()
+            time.sleep(0.05)  # the interrupt lands here, while the model runs
+        return compute(slot, taken)
+
+    def queue_the_helper():
+        while not pi._pending:
+            time.sleep(0.001)
+        helper.start()
+
+    pi._compute = patched
+    first.start()
+    while pi._free:
+        time.sleep(0.001)
+    threading.Thread(target=queue_the_helper).start()
+    with pytest.raises(KeyboardInterrupt):
+        pi.output(x)  # runs its request and the helper's, merged, once the first batch is done
+    assert merged == [2]
+    first.join()
+    helper.join(timeout=10)
+    assert not helper.is_alive()  # the helper's request went back to the queue and the helper ran it
+    np.testing.assert_allclose(answers["y"], np.asarray(net.output(y)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(answers["z"], np.asarray(net.output(z)), rtol=1e-5, atol=1e-6)
+    assert (pi.executions, pi._free, list(pi._pending)) == (3, [0], [])  # the interrupted batch never counted
+    pi._compute = compute
+    np.testing.assert_allclose(pi.output(x), np.asarray(net.output(x)), rtol=1e-5, atol=1e-6)
+    pi.close()
+
+
+def test_a_caller_interrupted_while_it_waits_leaves_the_queue():
+    net = network()
+    x = np.ones((2, 6), np.float32)
+    pi = ParallelInference(net)
+    started, answers = threading.Event(), []
+    slowed(pi, 0.5, started)
+    helper = threading.Thread(target=lambda: answers.append(pi.output(x)))
+    helper.start()
+    started.wait()
+    main = threading.main_thread().ident
+    threading.Timer(0.1, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        pi.output(np.ones((5, 6), np.float32))  # waits for the helper's batch
+    assert list(pi._pending) == []  # the request left with its caller
+    helper.join()
+    assert pi.executions == 1 and pi.batch_sizes == {2: 1}  # nobody ran the abandoned request
+    pi.close()
+
+
+def test_request_shapes_are_judged_once_per_signature():
+    net = network()
+    judged = []
+    check = net._check_batch
+    net._check_batch = lambda ds, op, shapes=True: (judged.append(shapes), check(ds, op, shapes))[1]
+    with ParallelInference(net) as pi:
+        for rows in (3, 3, 3, 5, 3, 5):
+            pi.output(np.ones((rows, 6), np.float32))
+    assert judged.count(True) == 2
 
 
 def test_a_failure_in_the_model_reaches_the_callers_with_its_cause():
@@ -122,7 +241,7 @@ def test_bad_arguments(kwargs, fragment):
 def test_builder():
     pi = (ParallelInference.Builder(network()).inference_mode(InferenceMode.SEQUENTIAL)
           .batch_limit(8).queue_limit(4).workers(2).build())
-    assert (pi.inference_mode, pi.batch_limit, pi.queue_limit, len(pi._threads)) == (InferenceMode.SEQUENTIAL, 8, 4, 2)
+    assert (pi.inference_mode, pi.batch_limit, pi.queue_limit, pi.workers) == (InferenceMode.SEQUENTIAL, 8, 4, 2)
     pi.close()
 
 
@@ -229,7 +348,6 @@ def test_close_while_sixteen_threads_call_leaves_no_caller_blocked():
         blocked_total += sum(t.is_alive() for t in threads)
         assert all("closed" in o for o in outcomes)
     assert blocked_total == 0
-    assert inference_threads() == []
 
 
 def test_a_dead_input_is_named_before_its_shape():

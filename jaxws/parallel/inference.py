@@ -1,14 +1,15 @@
 """ParallelInference: thread-safe inference, concurrent requests merged into bucketed batches.
 
-Callers on any thread submit inputs; named daemon workers (one per device, each with its
-own parameter replica) merge pending requests of one shape up to ``batch_limit`` examples,
-pad them to a power-of-two bucket, run the model, and hand each caller its rows.
+Callers on any thread submit inputs and serve each other: one that finds a worker slot
+free (one per device, each with its own parameter replica) merges the pending requests of
+one shape up to ``batch_limit`` examples, pads them to a power-of-two bucket, runs the
+model on its own thread, and hands each caller its rows.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
+import contextlib
 import enum
 import itertools
 import threading
@@ -20,12 +21,14 @@ import numpy as np
 from jaxws.arrays import allow_reads
 from jaxws.data.feed import validate
 from jaxws.errors import ConfigurationError, WorkspaceError
+from jaxws.interrupts import InterruptGuard, guarded
 from jaxws.manager import get_workspace_manager
 from jaxws.nn.model import Model
 
 __all__ = ["ParallelInference", "InferenceMode"]
 
 _ids = itertools.count()
+_OUTSIDE = contextlib.nullcontext()  # a thread with no workspace open: outputs belong to none already
 
 
 class InferenceMode(enum.Enum):
@@ -40,12 +43,36 @@ def _bucket(n: int, limit: int) -> int:
     return min(limit, 1 << max(0, n - 1).bit_length())
 
 
-class _Request(NamedTuple):
-    x: Any  # an array, or a tuple of them (a ComputationGraph's inputs)
-    mask: Any
-    future: concurrent.futures.Future
-    shape: tuple  # what must agree to share a batch: per-example shapes and dtypes
-    rows: int
+class _Request:
+    """One caller's request and its answer. Its caller waits on ``wake`` (a condition of
+    the instance's lock, made when it first has to wait: a lone caller never does) until
+    ``done``, or until a slot is free for it to run a batch."""
+
+    __slots__ = ("x", "mask", "shape", "rows", "wake", "done", "result", "error")
+
+    def __init__(self, x: Any, mask: Any, shape: tuple, rows: int):
+        self.x = x  # an array, or a tuple of them (a ComputationGraph's inputs)
+        self.mask = mask
+        self.shape = shape  # what must agree to share a batch: per-example shapes and dtypes
+        self.rows = rows
+        self.wake: threading.Condition | None = None
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def notify(self) -> None:
+        """Wakes the caller if it waits (the instance's lock held)."""
+        if self.wake is not None:
+            self.wake.notify()
+
+
+def _host(tree: Any) -> Any:
+    """``tree``'s arrays as numpy (one array, the usual request, without a tree walk)."""
+    return np.asarray(tree) if isinstance(tree, (np.ndarray, jax.Array)) else jax.tree.map(np.asarray, tree)
+
+
+def _rows(tree: Any, start: int, stop: int) -> Any:
+    return tree[start:stop] if isinstance(tree, np.ndarray) else jax.tree.map(lambda o: o[start:stop], tree)
 
 
 def _concatenate(parts: list) -> Any:
@@ -53,30 +80,35 @@ def _concatenate(parts: list) -> Any:
 
 
 class _Serving(NamedTuple):
-    """What the workers run: swapped whole by ``update_model``."""
+    """What the callers run: swapped whole by ``update_model``."""
 
     model: Model
     infer: Any
-    replicas: list  # (params, state) per worker, on its device
+    replicas: list  # (params, state) per worker slot, on its device
 
 
 class ParallelInference:
     """DL4J's ParallelInference: ``output(x)`` from any number of threads.
 
-    Each worker holds its own copy of the model's parameters on its device (the model's
-    own buffers are never shared, so training the model meanwhile is safe);
-    :meth:`update_model` swaps in new parameters atomically while requests keep flowing.
-    In BATCHED mode a request is merged only with requests of the same per-example shape
-    and dtype, so one odd request never fails its neighbours.
+    There are no server threads: the callers serve each other. A caller that finds a
+    worker slot free runs the oldest waiting requests (its own among them, or before it)
+    as one batch on that slot's replica, on its own thread, and hands each caller its
+    rows; the others wait, and the first waiting caller takes the next batch when a slot
+    frees. A lone caller thus runs its request at once, with no thread hand-off, and busy
+    callers are merged into bigger batches. Each slot holds its own copy of the model's
+    parameters on its device (the model's own buffers are never shared, so training the
+    model meanwhile is safe); :meth:`update_model` swaps in new parameters atomically while
+    requests keep flowing. In BATCHED mode a request is merged only with requests of the
+    same per-example shape and dtype, so one odd request never fails its neighbours.
 
     Args:
-        model: an initialised MultiLayerNetwork or FunctionalModel.
+        model: an initialised MultiLayerNetwork, ComputationGraph or FunctionalModel.
         inference_mode: BATCHED (default) merges concurrent requests; SEQUENTIAL does not.
         batch_limit: the most examples in one merged batch (a request larger than this
             runs alone, at its own size).
         queue_limit: the most requests waiting; ``output`` blocks while the queue is full.
-        workers: worker threads, each with a replica of the parameters on its own device
-            (round robin over the local devices).
+        workers: batches that may run at once, each slot with a replica of the parameters
+            on its own device (round robin over the local devices).
 
     Example:
         >>> import numpy as np
@@ -105,27 +137,23 @@ class ParallelInference:
         self.inference_mode = inference_mode
         self.batch_limit = batch_limit
         self.queue_limit = queue_limit
+        self.workers = workers
         self.id = f"PARALLEL_INFERENCE_{next(_ids)}"
         self.executions = 0  # model calls made (merged batches)
         self.batch_sizes: collections.Counter = collections.Counter()  # padded size -> calls
         devices = jax.local_devices()
         self._devices = [devices[i % len(devices)] for i in range(workers)]
         self._serving = self._replicate(model)
-        lock = threading.Lock()
-        self._has_work = threading.Condition(lock)
-        self._has_room = threading.Condition(lock)
+        self._lock = threading.Lock()
+        self._has_room = threading.Condition(self._lock)
+        self._idle = threading.Condition(self._lock)  # every slot free (what close waits for)
         self._pending: collections.deque[_Request] = collections.deque()
+        self._free = list(range(workers))  # worker slots no batch runs on
         self._closed = False
-        self._threads = [
-            threading.Thread(target=self._serve, args=(i,), name=f"jaxws-inference-{self.id}-{i}", daemon=True)
-            for i in range(workers)
-        ]
-        for thread in self._threads:
-            thread.start()
 
     @property
     def model(self) -> Model:
-        """The model whose parameters the workers serve."""
+        """The model whose parameters are served."""
         return self._serving.model
 
     def _replicate(self, model: Model) -> _Serving:
@@ -158,47 +186,64 @@ class ParallelInference:
             InvalidBatchError: ``x`` does not fit the model (raised here, in the caller).
             WorkspaceError: the instance is closed (also for requests still waiting when
                 :meth:`close` is called).
+            Exception: the model's failure, in every caller of the batch it failed.
         """
         op = "ParallelInference.output"
         model = self.model
         batch = model._request(x, mask)
         ds = validate(batch, op, lambda d, shapes=True: model._check_batch(d, op, shapes), "x",
                       seen=model._seen_batches.setdefault(op, set()))  # shapes judged once per signature
-        x, mask = jax.tree.map(np.asarray, model._inputs_of(ds))  # on the host: the caller's arrays are only read
-        leaves, treedef = jax.tree.flatten((x, mask))
-        shape = (treedef, *[(a.shape[1:], a.dtype) for a in leaves])
-        request = _Request(x, mask, concurrent.futures.Future(), shape, len(leaves[0]))
-        with self._has_room:
+        x, mask = model._inputs_of(ds)
+        x, mask = _host(x), None if mask is None else _host(mask)  # the caller's arrays are only read
+        if mask is None and isinstance(x, np.ndarray):  # the usual request: one array
+            request = _Request(x, None, (x.shape[1:], x.dtype), len(x))
+        else:
+            leaves, treedef = jax.tree.flatten((x, mask))
+            request = _Request(x, mask, (treedef, *[(a.shape[1:], a.dtype) for a in leaves]), len(leaves[0]))
+        with self._lock:
             while len(self._pending) >= self.queue_limit and not self._closed:
                 self._has_room.wait()
             if self._closed:
                 raise self._closed_error()
             self._pending.append(request)
-            self._has_work.notify()
-        return request.future.result()
+            try:
+                while not request.done:
+                    if self._free and self._pending:  # a slot and work: this caller runs the next batch
+                        with guarded() as guard, guard:  # the slot and the batch come back, interrupted or not
+                            self._run(guard, self._free.pop(), self._take())
+                    else:
+                        if request.wake is None:
+                            request.wake = threading.Condition(self._lock)
+                        request.wake.wait()
+            except BaseException:  # interrupted: the request leaves the queue, the next caller takes over
+                if request in self._pending:
+                    self._pending.remove(request)
+                    self._has_room.notify()
+                self._hand_on()
+                raise
+        if request.error is not None:
+            raise request.error  # the model's failure, with the traceback of the caller that ran it
+        return request.result
 
     def _closed_error(self) -> WorkspaceError:
         return WorkspaceError(f"[{self.id}] is closed; create a new ParallelInference.")
 
     def close(self) -> None:
-        """Stops and joins the workers; waiting requests fail at once; idempotent.
+        """Fails waiting requests at once and waits for running batches; idempotent.
 
-        Requests a worker has already taken complete; every other caller, waiting or new,
-        gets a WorkspaceError saying the instance is closed.
+        Batches already running complete and their callers get their rows; every other
+        caller, waiting or new, gets a WorkspaceError saying the instance is closed.
         """
-        with self._has_work:
-            if self._closed:
-                return
-            self._closed = True
-            abandoned = list(self._pending)
-            self._pending.clear()
-            self._has_work.notify_all()
-            self._has_room.notify_all()
-        for request in abandoned:
-            request.future.set_exception(WorkspaceError(f"[{self.id}] was closed before this request ran."))
-        for thread in self._threads:
-            if thread is not threading.current_thread():
-                thread.join()
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                for request in self._pending:
+                    request.error, request.done = WorkspaceError(f"[{self.id}] was closed before this request ran."), True
+                    request.notify()
+                self._pending.clear()
+                self._has_room.notify_all()
+            while len(self._free) < self.workers:
+                self._idle.wait()
 
     def __enter__(self) -> ParallelInference:
         return self
@@ -206,59 +251,83 @@ class ParallelInference:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    # -- workers ---------------------------------------------------------------------------
+    # -- the caller that runs a batch ------------------------------------------------------
 
-    def _take(self) -> list[_Request] | None:
-        """The oldest request and, in BATCHED mode, later ones of its shape up to batch_limit rows."""
-        with self._has_work:
-            while not self._pending and not self._closed:
-                self._has_work.wait()
-            if not self._pending:
-                return None  # closed
-            first = self._pending.popleft()
-            taken, rows = [first], first.rows
-            if self.inference_mode is InferenceMode.BATCHED and rows < self.batch_limit:
-                kept = collections.deque()
-                for request in self._pending:
-                    if request.shape == first.shape and rows + request.rows <= self.batch_limit:
-                        taken.append(request)
-                        rows += request.rows
-                    else:
-                        kept.append(request)
-                self._pending = kept
-            self._has_room.notify(len(taken))
-            return taken
+    def _take(self) -> list[_Request]:
+        """The oldest request and, in BATCHED mode, later ones of its shape up to batch_limit
+        rows (called with the lock held)."""
+        first = self._pending.popleft()
+        taken, rows = [first], first.rows
+        if self.inference_mode is InferenceMode.BATCHED and rows < self.batch_limit and self._pending:
+            kept = collections.deque()
+            for request in self._pending:
+                if request.shape == first.shape and rows + request.rows <= self.batch_limit:
+                    taken.append(request)
+                    rows += request.rows
+                else:
+                    kept.append(request)
+            self._pending = kept
+        self._has_room.notify(len(taken))
+        return taken
 
-    def _serve(self, index: int) -> None:
-        manager = get_workspace_manager()  # this thread's: outputs belong to no workspace
-        while (taken := self._take()) is not None:
+    def _hand_on(self) -> None:
+        """Wakes the oldest waiting caller if a slot is free to run its batch (lock held)."""
+        if self._free and self._pending:
+            self._pending[0].notify()
+
+    def _run(self, guard: InterruptGuard, slot: int, taken: list[_Request]) -> None:
+        """Runs ``taken`` as one batch on ``slot``'s replica and hands each caller its rows;
+        called in a commit of ``guard``, with the lock held, which it releases meanwhile.
+        The model's failure goes to every caller of the batch; an interrupt (only while the
+        model runs) puts the unanswered requests back at the head of the queue."""
+        self._hand_on()  # another free slot: the next caller need not wait for this batch
+        self._lock.release()
+        ran = False
+        try:
             try:
-                serving = self._serving  # one version for the whole batch
-                params, state = serving.replicas[index]
-                n = sum(t.rows for t in taken)
-                x, mask = (taken[0].x, taken[0].mask) if len(taken) == 1 else _concatenate([(t.x, t.mask) for t in taken])
-                size = _bucket(n, self.batch_limit) if n <= self.batch_limit else n
-                if size > n:  # pad to the bucket: no new program for this size
-                    x, mask = jax.tree.map(lambda a: np.concatenate([a, np.zeros((size - n, *a.shape[1:]), a.dtype)]), (x, mask))
-                # host inputs go in as they are: the call moves them to the replica's device;
-                # the signature stands for the inputs' shapes and the replica: no flatten of the
-                # parameters per batch (the replicas are ours, the inputs host arrays)
-                signature = (index, size, taken[0].shape)
-                with manager.scope_out_of_workspaces():
-                    out = serving.infer._call_planned(signature, (params, state, x, mask, None))
-                with allow_reads():  # the callers asked for these rows
-                    out = jax.tree.map(np.asarray, out)
-                with self._has_work:  # counted under the lock: several workers finish at once
-                    self.executions += 1
-                    self.batch_sizes[size] += 1
+                with guard.released():
+                    out, size = self._compute(slot, taken)
+            except Exception as e:  # noqa: BLE001 - every caller of the batch gets it, with its traceback
+                for request in taken:
+                    request.error, request.done = e, True  # the answer first: waiters read done
+            else:
                 start = 0
                 for request in taken:
-                    request.future.set_result(jax.tree.map(lambda o: o[start:start + request.rows], out))
+                    request.result, request.done = _rows(out, start, start + request.rows), True
                     start += request.rows
-            except BaseException as e:  # noqa: BLE001 - the callers get it, with its traceback
-                for request in taken:
-                    if not request.future.done():
-                        request.future.set_exception(e)
+                ran = True
+        finally:
+            self._lock.acquire()
+            self._free.append(slot)
+            if ran:
+                self.executions += 1
+                self.batch_sizes[size] += 1
+            self._pending.extendleft(reversed([r for r in taken if not r.done]))  # interrupted
+            for request in taken:
+                request.notify()
+            self._hand_on()
+            if len(self._free) == self.workers:
+                self._idle.notify_all()
+
+    def _compute(self, slot: int, taken: list[_Request]) -> tuple[Any, int]:
+        """The model's output for the merged requests, as numpy, and the padded batch size."""
+        serving = self._serving  # one version for the whole batch
+        params, state = serving.replicas[slot]
+        if len(taken) == 1:
+            n, x, mask = taken[0].rows, taken[0].x, taken[0].mask
+        else:
+            n, (x, mask) = sum(t.rows for t in taken), _concatenate([(t.x, t.mask) for t in taken])
+        size = _bucket(n, self.batch_limit) if n <= self.batch_limit else n
+        if size > n:  # pad to the bucket: no new program for this size
+            x, mask = jax.tree.map(lambda a: np.concatenate([a, np.zeros((size - n, *a.shape[1:]), a.dtype)]), (x, mask))
+        # host inputs go in as they are: the call moves them to the replica's device; the
+        # signature stands for the inputs' shapes and the replica: no flatten of the
+        # parameters per batch (the replicas are ours, the inputs host arrays)
+        manager = get_workspace_manager()  # the rows belong to no workspace, even in a caller's cycle
+        with manager.scope_out_of_workspaces() if manager._stack else _OUTSIDE:
+            out = serving.infer._call_planned((slot, size, taken[0].shape), (params, state, x, mask, None))
+        with allow_reads():  # the callers asked for these rows
+            return _host(out), size
 
     # -- DL4J's builder --------------------------------------------------------------------
 
