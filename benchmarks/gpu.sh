@@ -12,11 +12,11 @@ log="$out/results.jsonl"
 python -c "import jax; d = jax.devices()[0]; print(jax.__version__, d, d.client.platform_version)" | tee "$out/devices.txt"
 # the tests of the per-step path on the CPU backend with 8 virtual devices (this jax version)
 JAX_PLATFORMS=cpu timeout 110 python -m pytest -q -x -p no:cacheprovider tests/test_step.py tests/test_feed.py 2>&1 | tail -3 | tee "$out/tests.txt"
-timeout 45 python benchmarks/pinned.py | tee -a "$log"
+timeout 45 python benchmarks/inference.py --repeats 3 | tee -a "$log"
 timeout 150 python benchmarks/speed.py --repeats 3 | tee -a "$log"
 timeout 90 python benchmarks/breakdown.py --sizes 64:32,1024:1024,4096:4096 --steps 100 | tee -a "$log"
 timeout 70 python benchmarks/modes.py | tee -a "$log"
 timeout 60 python benchmarks/prefetch.py | tee -a "$log"
 timeout 60 python benchmarks/donation.py --state-mib 3072 --steps 20 | tee -a "$log"
-# graph.py, evaluation.py (unchanged paths), parallel.py (one device) and checkpoint.py were
-# recorded in earlier runs; run them by hand if a session has device time to spare
+# graph.py, evaluation.py (unchanged paths), parallel.py (one device), checkpoint.py and pinned.py
+# were recorded in earlier runs; run them by hand if a session has device time to spare

@@ -14,9 +14,11 @@ and wait for every answer as numpy. Variants, interleaved, best of N:
     request, run by the worker thread.
 
 Then one caller alone (latency: every request waits for its answer before the next is
-sent), plain against ``batched``. The model is DESIGN's small MLP (64-64-32-10).
+sent), plain against ``batched``. The model is DESIGN's small MLP (64-64-32-10) or, with
+``--width W``, an MLP of two hidden layers of W (where a batch of 32 costs little more to
+run than a batch of 4, so merging pays).
 
-    python benchmarks/inference.py [--repeats 5] [--callers 8] [--requests 250] [--rows 4]
+    python benchmarks/inference.py [--repeats 5] [--callers 8] [--requests 250] [--rows 4] [--width W] [--workers 1]
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import numpy as np
 
 from jaxws.parallel import InferenceMode, ParallelInference
 
-from speed import D, best_of, model
+from jaxws.nn import Dense, MultiLayerNetwork, NeuralNetConfiguration, OutputLayer
+from speed import CLASSES, D, best_of, model
 
 
 def emit(**fields):
@@ -70,9 +73,13 @@ def main() -> None:
     parser.add_argument("--callers", type=int, default=8)
     parser.add_argument("--requests", type=int, default=250, help="requests per caller")
     parser.add_argument("--rows", type=int, default=4, help="examples per request")
+    parser.add_argument("--width", type=int, default=0, help="hidden width (0: the small MLP)")
+    parser.add_argument("--workers", type=int, default=1, help="ParallelInference's worker slots")
     args = parser.parse_args()
 
-    net = model()
+    net = model() if not args.width else MultiLayerNetwork(NeuralNetConfiguration(
+        layers=[Dense(args.width, activation="relu"), Dense(args.width, activation="relu"), OutputLayer(CLASSES)],
+        input_shape=(D,), seed=0)).init()
     params = jax.device_put(jax.tree.map(np.asarray, net.params))  # the baseline's own copy
     fwd = jax.jit(forward)
     r = np.random.default_rng(0)
@@ -80,8 +87,8 @@ def main() -> None:
     requests = [r.normal(size=(args.rows, D)).astype(np.float32) for _ in range(total)]
     np.testing.assert_allclose(np.asarray(fwd(params, requests[0])), np.asarray(net.output(requests[0])), rtol=1e-5, atol=1e-6)
 
-    batched = ParallelInference(net, batch_limit=32)
-    sequential = ParallelInference(net, inference_mode=InferenceMode.SEQUENTIAL)
+    batched = ParallelInference(net, batch_limit=32, workers=args.workers)
+    sequential = ParallelInference(net, inference_mode=InferenceMode.SEQUENTIAL, workers=args.workers)
     answers = {
         "plain": lambda x: np.asarray(fwd(params, x)),
         "output": lambda x: np.asarray(net.output(x)),
@@ -97,14 +104,14 @@ def main() -> None:
         merged = (batched.executions - served) / (total * args.repeats)
         us = {name: seconds / total * 1e6 for name, seconds in t.items()}
         emit(figure=f"{args.callers} concurrent callers, {args.rows} rows a request: throughput / plain (callers calling jax.jit)",
-             callers=args.callers, rows=args.rows, requests=total,
+             width=args.width or "64-32", workers=args.workers, callers=args.callers, rows=args.rows, requests=total,
              **{f"{name}_us_per_request": round(v, 1) for name, v in us.items()},
              **{f"{name}_ratio": round(t["plain"] / t[name], 3) for name in ("output", "batched", "sequential")},
              programs_per_request_batched=round(merged, 3))
 
         alone = requests[: args.requests]
         t = best_of(args.repeats, {name: (lambda a=answers[name]: concurrently(1, alone, a)) for name in ("plain", "batched")})
-        emit(figure="one caller: latency / plain", requests=len(alone),
+        emit(figure="one caller: latency / plain", width=args.width or "64-32", requests=len(alone),
              plain_us=round(t["plain"] / len(alone) * 1e6, 1), batched_us=round(t["batched"] / len(alone) * 1e6, 1),
              batched_over_plain=round(t["batched"] / t["plain"], 3))
     finally:
