@@ -406,8 +406,10 @@ def test_output_of_device_arrays_of_a_known_signature_refuses_dead_and_misfit_on
     forward = jax.jit(lambda p, s, a: net._apply(p, s, a, None, False, net.inference_workspace_mode)[0])
     for a in (xd, jnp.asarray(x[:7]), xd, x):
         np.testing.assert_allclose(net.output(a), forward(net.params, net.state, jnp.asarray(a)), rtol=1e-6)
-    assert net._inference_fn(False).compiles == 2  # one per shape
-    assert len(net._inference_fn(False)._planned) == 2  # device inputs: looked up by signature
+    # one per shape of device arrays, one for the numpy array (moved by the call itself);
+    # every input is looked up by its signature, numpy too
+    assert net._inference_fn(False).compiles == 3
+    assert len(net._inference_fn(False)._planned) == 3
     assert not xd.is_deleted() and not jaxws.is_attached(xd)
     dead = xd + 0
     dead.delete()
@@ -421,6 +423,21 @@ def test_output_of_device_arrays_of_a_known_signature_refuses_dead_and_misfit_on
     with pytest.raises(jaxws.InvalidBatchError):
         net.output(jnp.ones((4, 5)))
     np.testing.assert_allclose(net.output(xd), forward(net.params, net.state, xd), rtol=1e-6)
+
+
+def test_output_of_a_numpy_array_is_not_changed_by_refilling_the_array_after_the_call():
+    # output returns before its program has run; the numpy input it was given may be
+    # refilled at once (a loader's buffer): the program reads a copy of its own
+    conf = NeuralNetConfiguration(layers=[Dense(1024, activation="tanh") for _ in range(6)] + [OutputLayer(3)],
+                                  input_shape=(256,), seed=0)
+    net = MultiLayerNetwork(conf).init()
+    x = np.random.default_rng(0).normal(size=(1024, 256)).astype(np.float32)  # 1 MiB
+    expected = np.asarray(net.output(x.copy()))
+    for _ in range(3):
+        buffer = x.copy()
+        out = net.output(buffer)
+        buffer[...] = 1e3
+        np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-6)
 
 
 def test_rnn_time_step_equals_the_full_sequence():
