@@ -76,9 +76,12 @@ def validate(ds: Any, op: str, check: Callable[..., Any] | None = None, where: s
     return ds
 
 
-def prepare(ds: Any, op: str, check: Callable[..., Any] | None = None, placement: Placement | None = None) -> Any:
-    """One batch, validated and on the device (what ``output`` and friends run on)."""
-    return (placement or _ANYWHERE).place(validate(ds, op, check))[0]
+def prepare(ds: Any, op: str, check: Callable[..., Any] | None = None, placement: Placement | None = None,
+            *, seen: set | None = None, stage: bool = False) -> Any:
+    """One batch, validated (shapes once per signature with ``seen``, as :func:`validate`)
+    and on the device (what ``output`` and friends run on). ``stage``: on the CPU, small
+    numpy batches come back as copies for the jitted call to move (``Placement.staged``)."""
+    return (placement or _ANYWHERE).place(validate(ds, op, check, seen=seen), stage=stage)[0]
 
 
 def _on_host(ds: Any) -> bool:

@@ -14,7 +14,7 @@ import jax
 from jaxws.arrays import check_arrays, leverage_to
 from jaxws.data.dataset import DataSet, _device_key
 from jaxws.data.dataset import signature as _signature
-from jaxws.data.feed import _ANYWHERE, validate
+from jaxws.data.feed import _on_host, prepare
 from jaxws.errors import WorkspaceError
 from jaxws.manager import get_workspace_manager
 from jaxws.nn.modes import WorkspaceMode
@@ -83,14 +83,12 @@ class OutputMixin:
         seen = self._seen_batches.setdefault("output", set())
         if signature is not None and signature in seen:
             return ds, signature
-        ds = validate(ds, "output", lambda d, shapes=True: self._check_batch(d, "output", shapes), seen=seen)
-        staged = _ANYWHERE.staged(ds)
-        if staged is not None:  # copies: the program may read them after output returns
-            return staged, _signature(staged)
-        ds = _ANYWHERE.place(ds)[0]  # device arrays pass through; host ones are copied, ours
+        ds = prepare(ds, "output", lambda d, shapes=True: self._check_batch(d, "output", shapes), seen=seen, stage=True)
         signature = _device_key(ds)
-        if signature is not None:
+        if signature is not None:  # placed by us, or unattached and passed through
             seen.add(signature)
+        elif _on_host(ds):  # staged: copies, as the program may read them after output returns
+            signature = _signature(ds)
         return ds, signature
 
     def _run_output(self, x: Any, mask: Any, training: bool, key: jax.Array | None,
