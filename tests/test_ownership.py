@@ -169,6 +169,28 @@ def test_the_ring_invalidates_only_what_it_placed():
 # -- what jaxws hands back to be kept is detached ----------------------------------------
 
 
+@pytest.mark.parametrize("kind", ["device", "numpy", "list", "device batches"])
+def test_parallel_inference_leaves_the_requests_alone(kind):
+    # a request is only read: merged with others, padded, moved by the program's own call,
+    # whichever caller runs it; the model's own buffers are never the replicas'
+    u = UserArrays()
+    net = network()
+    requests = {"device": [u.x], "numpy": [u.host[0]], "list": [u.x_host.tolist()], "device batches": u.xs}[kind]
+    with ParallelInference(net, batch_limit=16, workers=2) as pi:
+        answers = [(x, pi.output(x)) for x in requests]
+        threads = [threading.Thread(target=lambda x=x: answers.append((x, pi.output(x)))) for x in requests * 3]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(answers) == 4 * len(requests)
+    for x, y in answers:
+        np.testing.assert_allclose(y, np.asarray(net.output(np.asarray(x, np.float32))), rtol=1e-6)
+    u.assert_intact()
+    net.fit(u.batches(), progress=False)  # the model's own buffers were never the replicas'
+    u.assert_intact()
+
+
 def test_to_equinox_returns_a_module_that_survives_training():
     eqx = pytest.importorskip("equinox")
     mlp = eqx.nn.MLP(D, 2, width_size=4, depth=1, key=jax.random.key(0))
