@@ -453,6 +453,30 @@ def test_rnn_time_step_equals_the_full_sequence():
     np.testing.assert_allclose(net.rnn_time_step(x[:, 0]), full[:, 0], rtol=1e-5, atol=1e-6)
 
 
+def test_rnn_time_step_in_a_loop_judges_each_signature_once_and_leaves_the_inputs_alone():
+    # DL4J's rnnTimeStep loop (generation): one program per input signature, shapes judged
+    # once, the time axis added and dropped inside it; numpy, device and in-cycle inputs
+    conf = NeuralNetConfiguration(layers=[LSTM(8), RnnOutputLayer(3)], input_shape=(None, 4))
+    net = MultiLayerNetwork(conf).init()
+    x = rng.normal(size=(2, 12, 4)).astype(np.float32)
+    full = np.asarray(net.output(x))
+    judged = []
+    check = net._check_batch
+    net._check_batch = lambda ds, op, shapes=True: (judged.append(shapes), check(ds, op, shapes))[1]
+    xd = jnp.asarray(x)
+    steps = [net.rnn_time_step(x[:, t]) for t in range(4)]  # numpy
+    steps += [net.rnn_time_step(xd[:, t]) for t in range(4, 8)]  # device arrays
+    ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="RNN_INPUTS")
+    for t in range(8, 12):
+        with ws:  # an input made in a live cycle: used, not adopted
+            step = jaxws.jit(lambda a: a + 0)(xd[:, t])
+            steps.append(jaxws.detach(net.rnn_time_step(step)))
+    np.testing.assert_allclose(np.stack([np.asarray(s) for s in steps], 1), full, rtol=1e-5, atol=1e-6)
+    assert judged.count(True) == 2  # one step of numpy, one of device arrays
+    assert net._rnn_fn.compiles == 2  # host and device inputs of one shape
+    assert not xd.is_deleted() and not jaxws.is_attached(xd)
+
+
 def test_set_params_accepts_numpy_and_copies():
     net = mlp()
     new = jax.tree.map(lambda a: np.full(a.shape, 0.5, np.float64), net.params)

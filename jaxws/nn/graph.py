@@ -16,14 +16,11 @@ import numpy as np
 
 from jaxws.arrays import check_arrays
 from jaxws.data.dataset import MultiDataSet
-from jaxws.data.feed import validate
 from jaxws.errors import ConfigurationError, InvalidBatchError
-from jaxws.manager import get_workspace_manager
 from jaxws.memory import format_bytes
 from jaxws.nn.graph_conf import ComputationGraphConfiguration, GraphBuilder, InputType
 from jaxws.nn.model import Model, TrainState
 from jaxws.nn.network import check_labels, check_mask, class_labels, labels_in_range
-from jaxws.step import jit
 from jaxws.workspace import Workspace
 
 __all__ = ["ComputationGraph", "ComputationGraphConfiguration", "GraphBuilder", "InputType"]
@@ -234,25 +231,25 @@ class ComputationGraph(Model):
         returns the outputs (one step each, or the steps given), detached.
         """
         self._require_init()
-        ds = validate(MultiDataSet(tuple(inputs)), "rnn_time_step")
-        single = [len(s) == 2 and np.ndim(x) == 2 for x, s in zip(ds.features, self.conf.input_shapes)]  # one step
-        seqs = tuple(x[:, None] if one else x for x, one in zip(ds.features, single))
-        seqs = self._input(MultiDataSet(seqs), "rnn_time_step").features
-        batch = seqs[0].shape[0]
-        lstms = self._dag.recurrent()
-        if self._rnn_state is None or next(iter(self._rnn_state.values()), (jnp.zeros((batch,)),))[0].shape[0] != batch:
-            self._rnn_state = {str(i): self._dag.nodes[i].op.initial_carry(batch) for i in lstms}
-        if self._rnn_fn is None:
-            def rnn_step(rnn_state, params, state, xs):
-                return self._dag.rnn(rnn_state, [params[n] for n in self._names], [state[n] for n in self._names], xs)
+        ds, signature = self._inference_input(MultiDataSet(tuple(inputs)), "rnn_time_step", self._rnn_check)
+        single, several = self._steps_given(ds.features)
+        return list(self._rnn_outputs(ds.features, signature, single, any(single) and not any(several)))
 
-            rnn_step.__name__ = "ComputationGraph.rnn_time_step"
-            self._rnn_fn = jit(rnn_step, donate_argnums=(0,) if self.inference_workspace_mode.donates else ())
-        with get_workspace_manager().scope_out_of_workspaces(), self._lock:
-            carry = self._carry
-            outs, self._rnn_state = self._rnn_fn(self._rnn_state, carry.params, carry.state, seqs)
-        steps_only = any(single) and not any(len(s) == 2 and np.ndim(x) == 3 for x, s in zip(ds.features, self.conf.input_shapes))
-        return [o[:, 0] if steps_only and o.ndim == 3 else o for o in outs]
+    def _steps_given(self, xs: tuple) -> tuple[tuple, tuple]:
+        """Per input: given as one step (no time axis), given as several steps."""
+        sequences = [len(s) == 2 for s in self.conf.input_shapes]
+        return (tuple(seq and np.ndim(x) == 2 for x, seq in zip(xs, sequences)),
+                tuple(seq and np.ndim(x) == 3 for x, seq in zip(xs, sequences)))
+
+    def _rnn_check(self, ds: MultiDataSet, shapes: bool = True) -> None:
+        """rnn_time_step's batch check: an input of one step is judged as a sequence of one."""
+        if shapes:
+            single = self._steps_given(ds.features)[0]
+            self._check_batch(MultiDataSet(tuple(x[:, None] if one else x for x, one in zip(ds.features, single))),
+                              "rnn_time_step")
+
+    def _dag_lists(self, params: dict, state: dict) -> tuple[list, list]:
+        return [params[n] for n in self._names], [state[n] for n in self._names]
 
     # -- summary ---------------------------------------------------------------------------
 

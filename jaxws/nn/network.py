@@ -13,16 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxws.data.dataset import DataSet
-from jaxws.data.feed import validate
 from jaxws.errors import ConfigurationError, InvalidBatchError
-from jaxws.manager import get_workspace_manager
 from jaxws.memory import format_bytes
 from jaxws.nn.checks import LabelCheck
 from jaxws.nn.conf import NeuralNetConfiguration
 from jaxws.nn.dag import Dag
 from jaxws.nn.layers import BaseOutputLayer
 from jaxws.nn.model import Model, TrainState
-from jaxws.step import jit
 
 __all__ = ["MultiLayerNetwork", "check_labels", "check_mask", "class_labels", "labels_in_range"]
 
@@ -229,28 +226,19 @@ class MultiLayerNetwork(Model):
         ``x`` is one step ``[batch, features]`` (returns ``[batch, n_out]``) or any number
         of steps ``[batch, time, features]``, whatever time length the configuration
         declares. The state is carried in buffers donated to each call (unless
-        ``inference_workspace_mode`` is NONE); the output is detached.
+        ``inference_workspace_mode`` is NONE); the output is detached. Shapes are judged
+        once per signature, and inputs go to the program as ``output``'s do.
         """
         self._require_init()
-        x = validate(DataSet(x), "rnn_time_step").features
-        single = np.ndim(x) == len(self.conf.input_shape)
-        seq = self._input(DataSet(x[:, None] if single else x), "rnn_time_step").features
-        lstms = self._dag.recurrent()
-        batch = seq.shape[0]
-        if self._rnn_state is None or next(iter(self._rnn_state.values()), (jnp.zeros((batch,)),))[0].shape[0] != batch:
-            self._rnn_state = {str(i): self.layers[i].initial_carry(batch) for i in lstms}
-        if self._rnn_fn is None:
-            def rnn_step(rnn_state, params, state, x):
-                outputs, new = self._dag.rnn(rnn_state, params, state, [x])
-                return outputs[0], new
+        ds, signature = self._inference_input(DataSet(x), "rnn_time_step", self._rnn_check)
+        single = np.ndim(ds.features) == len(self.conf.input_shape)
+        return self._rnn_outputs((ds.features,), signature, (single,), single)[0]
 
-            rnn_step.__name__ = "MultiLayerNetwork.rnn_time_step"
-            donate = (0,) if self.inference_workspace_mode.donates else ()
-            self._rnn_fn = jit(rnn_step, donate_argnums=donate)
-        with get_workspace_manager().scope_out_of_workspaces(), self._lock:
-            carry = self._carry
-            out, self._rnn_state = self._rnn_fn(self._rnn_state, carry.params, carry.state, seq)
-        return out[:, 0] if single else out
+    def _rnn_check(self, ds: DataSet, shapes: bool = True) -> None:
+        """rnn_time_step's batch check: one step is judged as a sequence of one."""
+        if shapes:
+            x = ds.features
+            self._check_batch(DataSet(x[:, None]) if np.ndim(x) == len(self.conf.input_shape) else ds, "rnn_time_step")
 
     # -- summary ---------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ judged before go to it as they are, found by that signature, as fit's step is.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -72,18 +72,20 @@ class OutputMixin:
         ds, signature = self._inference_input(DataSet(x, None, mask))
         return self._run_output(ds.features, ds.features_mask, training, key, workspace, signature)
 
-    def _inference_input(self, ds: Any) -> tuple[Any, Any]:
+    def _inference_input(self, ds: Any, op: str = "output", check: Callable | None = None) -> tuple[Any, Any]:
         """``(ds checked and ready for the program, its signature)``. Unattached device
         arrays of a signature checked before are used as they are, checked no more (their
         shapes were; dead ones were refused by the caller's ``check_arrays``). Host arrays
         have their shapes judged once per signature too; on the CPU small ones go to the
         program as copies that its call moves (as fit's host batches do), elsewhere they are
-        placed first: no ``jax.device_put`` of a small batch on the CPU (~45 us of Python)."""
+        placed first: no ``jax.device_put`` of a small batch on the CPU (~45 us of Python).
+        ``op`` names the caller in errors and keys the signatures seen; ``check(ds, shapes)``
+        replaces the model's batch check."""
         signature = _device_key(ds)
-        seen = self._seen_batches.setdefault("output", set())
+        seen = self._seen_batches.setdefault(op, set())
         if signature is not None and signature in seen:
             return ds, signature
-        ds = prepare(ds, "output", lambda d, shapes=True: self._check_batch(d, "output", shapes), seen=seen, stage=True)
+        ds = prepare(ds, op, check or (lambda d, shapes=True: self._check_batch(d, op, shapes)), seen=seen, stage=True)
         signature = _device_key(ds)
         if signature is not None:  # placed by us, or unattached and passed through
             seen.add(signature)
@@ -120,3 +122,36 @@ class OutputMixin:
             else:
                 out = fn._call_planned(signature, (carry.params, carry.state, x, mask, None))
         return out if ws is None else leverage_to(ws, out)
+
+    # -- stateful step-by-step inference ---------------------------------------------------
+
+    def _dag_lists(self, params: Any, state: Any) -> tuple[list, list]:
+        """The parameters and layer state as the DAG executor takes them: lists by node."""
+        return params, state
+
+    def _rnn_outputs(self, xs: tuple, signature: Any, single: tuple, steps_only: bool) -> list:
+        """``rnn_time_step``'s outputs for checked inputs ``xs`` (``single``: each given as
+        one step, with no time axis; ``steps_only``: outputs lose their time axis), run from
+        the carried RNN state, which they replace. The time axis is added and dropped inside
+        the program (no eager op per call); inputs of a known ``signature`` go to it as
+        ``output``'s do."""
+        batch = xs[0].shape[0]
+        state = self._rnn_state
+        if state is None or (state and next(iter(state.values()))[0].shape[0] != batch):
+            state = {str(i): self._dag.nodes[i].op.initial_carry(batch) for i in self._dag.recurrent()}
+        fn = self._rnn_fn
+        if fn is None:
+            def rnn_step(rnn_state, params, layer_state, xs, single, steps_only):
+                xs = [x[:, None] if one else x for x, one in zip(xs, single)]
+                outs, new = self._dag.rnn(rnn_state, *self._dag_lists(params, layer_state), xs)
+                return [o[:, 0] if steps_only and o.ndim == 3 else o for o in outs], new
+
+            rnn_step.__name__ = f"{type(self).__name__}.rnn_time_step"
+            donated = (0,) if self.inference_workspace_mode.donates else ()
+            fn = self._rnn_fn = jit(rnn_step, donate_argnums=donated, static_argnames=("single", "steps_only"))
+        kwargs = {"single": single, "steps_only": steps_only}
+        with get_workspace_manager().scope_out_of_workspaces(), self._lock:
+            carry = self._carry
+            args = (state, carry.params, carry.state, tuple(xs))
+            outs, self._rnn_state = fn(*args, **kwargs) if signature is None else fn._call_planned(signature, args, kwargs)
+        return outs
