@@ -14,7 +14,9 @@ and wait for every answer as numpy. Variants, interleaved, best of N:
     request, run by the worker thread.
 
 Then one caller alone (latency: every request waits for its answer before the next is
-sent), plain against ``batched``. The model is DESIGN's small MLP (64-64-32-10) or, with
+sent), plain against ``batched``; and DL4J's ``rnnTimeStep`` loop (generation, one step of
+one example a call, the LSTM state carried): ``net.rnn_time_step`` against the same step
+function under ``jax.jit`` with the state donated, for numpy and device inputs. The model is DESIGN's small MLP (64-64-32-10) or, with
 ``--width W``, an MLP of two hidden layers of W (where a batch of 32 costs little more to
 run than a batch of 4, so merging pays).
 
@@ -34,7 +36,7 @@ import numpy as np
 
 from jaxws.parallel import InferenceMode, ParallelInference
 
-from jaxws.nn import Dense, MultiLayerNetwork, NeuralNetConfiguration, OutputLayer
+from jaxws.nn import LSTM, Dense, MultiLayerNetwork, NeuralNetConfiguration, OutputLayer, RnnOutputLayer
 from speed import CLASSES, D, best_of, model
 
 
@@ -117,6 +119,39 @@ def main() -> None:
     finally:
         batched.close()
         sequential.close()
+    rnn_figure(args.repeats)
+
+
+def rnn_figure(repeats: int, calls: int = 500) -> None:
+    net = MultiLayerNetwork(NeuralNetConfiguration(layers=[LSTM(32), RnnOutputLayer(CLASSES)], input_shape=(None, 10), seed=0)).init()
+    x = np.random.default_rng(0).normal(size=(1, 10)).astype(np.float32)
+    xd = jax.device_put(x)
+    params, state = jax.device_put(jax.tree.map(np.asarray, (net.params, net._carry.state)))
+    step = jax.jit(lambda carried, x: net._dag.rnn(carried, params, state, [x[:, None]]), donate_argnums=0)
+    carried = {"state": {str(i): net.layers[i].initial_carry(1) for i in net._dag.recurrent()}}
+
+    def plain(x):
+        def run():
+            for _ in range(calls):
+                outs, carried["state"] = step(carried["state"], x)
+            jax.block_until_ready(outs)
+        return run
+
+    def ours(x):
+        def run():
+            for _ in range(calls):
+                out = net.rnn_time_step(x)
+            jax.block_until_ready(out)
+        return run
+
+    variants = {"plain_numpy": plain(x), "rnn_time_step_numpy": ours(x), "plain_device": plain(xd), "rnn_time_step_device": ours(xd)}
+    for run in variants.values():
+        run()
+    us = {k: v / calls * 1e6 for k, v in best_of(repeats, variants).items()}
+    emit(figure="rnn_time_step, one step of one example a call / the step under jax.jit",
+         **{f"{k}_us": round(v, 1) for k, v in us.items()},
+         numpy_ratio=round(us["rnn_time_step_numpy"] / us["plain_numpy"], 3),
+         device_ratio=round(us["rnn_time_step_device"] / us["plain_device"], 3))
 
 
 if __name__ == "__main__":
