@@ -1,4 +1,5 @@
-"""Inference: ``output`` on the model's committed parameters, detached or into a workspace.
+"""Inference: ``output`` on the model's committed parameters, detached or into a workspace,
+and ``rnn_time_step``'s program.
 
 The forward pass is one jitted program per training flag; device inputs of a signature
 judged before go to it as they are, found by that signature, as fit's step is.
@@ -25,8 +26,9 @@ __all__ = ["OutputMixin"]
 
 
 class OutputMixin:
-    """``output`` for a model with ``_apply``, ``_reseed``, ``_input``, ``_carry``, ``_lock``,
-    ``_rng``, ``_infer`` and ``_seen_batches``."""
+    """``output`` for a model with ``_apply``, ``_reseed``, ``_check_batch``, ``_carry``,
+    ``_lock``, ``_rng``, ``_infer`` and ``_seen_batches``; and the program of
+    ``rnn_time_step`` for one with a ``_dag``, ``_rnn_state`` and ``_rnn_fn``."""
 
     def _inference_fn(self, training: bool) -> WorkspaceFunction:
         """``infer(params, state, x, mask, key=None)``; ``key`` reseeds stochastic layers."""
