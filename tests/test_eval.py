@@ -321,6 +321,26 @@ def test_do_evaluation_equals_output_batch_by_batch():
     assert isinstance(net.evaluate_roc((x, y), 100), ROCMultiClass)
 
 
+def test_evaluators_of_one_setting_get_empty_states_of_their_own_from_one_program():
+    # DL4J's loop makes a new Evaluation per call: its empty state comes from one cached
+    # program per setting, never shared: two alike in one pass are donated side by side
+    r = np.random.default_rng(1)
+    x = r.normal(size=(96, 5)).astype(np.float32)
+    y = r.integers(0, 4, 96).astype(np.int32)
+    net = network()
+    first, second, roc_a, roc_b = Evaluation(), Evaluation(), ROCMultiClass(), ROCMultiClass()
+    net.do_evaluation((x, y), first, second, roc_a, roc_b, batch_size=32)
+    np.testing.assert_array_equal(first.confusion_matrix(), second.confusion_matrix())
+    assert first.confusion_matrix().sum() == 96
+    assert roc_a.calculate_auc(0) == roc_b.calculate_auc(0)
+    states = jax.tree.leaves((first.state, second.state, roc_a.state, roc_b.state))
+    assert len({a.unsafe_buffer_pointer() for a in states}) == len(states)
+    for _ in range(3):  # a fresh evaluator per call, as DL4J's loop makes them
+        assert net.evaluate((x[:32], y[:32])).confusion_matrix().sum() == 32
+    from jaxws.eval.base import _EMPTY
+    assert (Evaluation, 4, 1, None, None) in _EMPTY  # the setting's one program
+
+
 def test_an_exact_roc_growing_inside_a_pass_equals_sklearn():
     # the pass runs on jaxws.jit's lean path, planned by batch signature and the states'
     # avals: an exact ROC's buffers grow mid-pass (4,096 rows a block) and the next batch

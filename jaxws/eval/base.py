@@ -7,6 +7,7 @@ evaluator inside the network's jitted step; ``merge`` is associative.
 from __future__ import annotations
 
 import abc
+import copy
 import json
 from typing import Any
 
@@ -56,6 +57,9 @@ def flatten_batch(labels, predictions, mask, *, who: str, sparse_ok: bool = True
         weights = mask.reshape(rows).astype(jnp.float32)
     flat_labels = labels.reshape(rows) if sparse else labels.reshape(rows, classes)
     return flat_labels, predictions.reshape(rows, classes).astype(jnp.float32), weights, sparse
+
+
+_EMPTY: dict = {}  # an evaluator's _init_key -> the jitted init that makes its empty state
 
 
 class Evaluator(abc.ABC):
@@ -113,12 +117,27 @@ class Evaluator(abc.ABC):
         """What the compiled update depends on besides shapes."""
         return (type(self),)
 
+    def _init_key(self) -> tuple | None:
+        """What :meth:`init`'s state depends on, if it can say (hashable): the empty state
+        is then made by one cached program (~5 us) instead of eager ``jnp.zeros`` (~30 us
+        each). None (the default: an evaluator of your own): made eagerly."""
+        return None
+
     # -- DL4J surface ----------------------------------------------------------------------
 
     def _ensure_state(self, predictions_shape: tuple) -> None:
         if self.state is None:
             self._configure(int(predictions_shape[-1]) if len(predictions_shape) > 1 else 1)
-            self.state = self.init()
+            key = self._init_key()
+            if key is None:
+                self.state = self.init()
+                return
+            make = _EMPTY.get(key)
+            if make is None:  # an empty copy's init: the cache holds no evaluator's data
+                proto = copy.copy(self)
+                proto.state = proto._jit_update = None
+                make = _EMPTY[key] = jax.jit(proto.init)
+            self.state = make()
 
     def eval(self, labels: Any, predictions: Any, mask: Any = None) -> None:
         """Adds a batch (arrays of any kind); one jitted update, no host transfer."""

@@ -52,6 +52,9 @@ class EvaluationBinary(Evaluator):
     def _static_key(self) -> tuple:
         return (type(self), self.size, None if self.thresholds is None else tuple(self.thresholds))
 
+    def _init_key(self) -> tuple:
+        return self._static_key()  # every setting the state's shapes follow
+
     def _configure(self, num_outputs: int) -> None:
         if self.size is None:
             self.size = num_outputs

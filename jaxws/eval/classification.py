@@ -113,6 +113,9 @@ class Evaluation(Evaluator):
         return (type(self), self.num_classes, self.top_n, self.binary_decision_threshold,
                 None if self.cost_array is None else tuple(self.cost_array))
 
+    def _init_key(self) -> tuple:
+        return self._static_key()  # every setting the state's shapes follow
+
     def _configure(self, num_outputs: int) -> None:
         if self.num_classes is None:
             self.num_classes = max(2, num_outputs)

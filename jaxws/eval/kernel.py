@@ -24,6 +24,13 @@ from jaxws.step import WorkspaceFunction, jit
 __all__ = ["EvaluationMixin"]
 
 
+@jax.jit
+def _fresh_total() -> jax.Array:
+    """A new float32 0 for score's running total (donated to its program): one cached
+    program, 5 us a call, where an eager ``jnp.zeros`` takes 27."""
+    return jnp.zeros((), jnp.float32)
+
+
 class EvaluationMixin:
     """``do_evaluation``, its shortcuts and ``score``, for models with ``_apply``, ``_loss``,
     ``_inputs_of``, ``_feed`` and ``_pinned``."""
@@ -238,7 +245,7 @@ class EvaluationMixin:
 
             score.__name__ = f"{type(self).__name__}.score"
             self._score_fn = jit(score, donate_argnums=(0, 1))
-        total, checks, count = jnp.zeros(()), FitChecks(), 0
+        total, checks, count = _fresh_total(), FitChecks(), 0
         feed = self._feed(data, "score", batch_size=batch_size, rewind="always")
         with feed, self._pinned() as carry, get_workspace_manager().scope_out_of_workspaces():
             for ds, signature in feed.signed():

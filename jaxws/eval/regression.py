@@ -64,6 +64,9 @@ class RegressionEvaluation(Evaluator):
     def _static_key(self) -> tuple:
         return (type(self), self.num_columns)
 
+    def _init_key(self) -> tuple:
+        return self._static_key()  # every setting the state's shapes follow
+
     def _configure(self, num_outputs: int) -> None:
         if self.num_columns is None:
             self.num_columns = num_outputs

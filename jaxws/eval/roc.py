@@ -87,6 +87,9 @@ class _ROCFamily(Evaluator):
     def _static_key(self) -> tuple:
         return (type(self), self.threshold_steps, self.num_outputs)
 
+    def _init_key(self) -> tuple:
+        return self._static_key()  # every setting the state's shapes follow
+
     def _config(self) -> dict:
         return {"threshold_steps": self.threshold_steps, "auprc": self.auprc}
 
