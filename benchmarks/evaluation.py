@@ -5,9 +5,12 @@ to get a confusion matrix and thresholded one-vs-all ROC counts (100 steps):
 ``do_evaluation`` (forward pass and both evaluators in one jitted step, no transfer),
 the host approach done well (``np.asarray`` of each batch's predictions, counts with
 ``np.bincount``), and scikit-learn per batch (``confusion_matrix``; its ROC needs all
-scores at once, so only the matrix is timed: a lower bound). Then exact-mode ROC.
+scores at once, so only the matrix is timed: a lower bound). Then exact-mode ROC. Then
+DL4J's per-batch calls (``net.evaluate(ds)``, ``net.score(ds)`` with a fresh evaluator
+each call, 200 device batches of 32) against the same work under ``jax.jit`` read back
+per call (the confusion matrix of one batch; ``float`` of its loss).
 
-    python benchmarks/evaluation.py [--examples 1000000]
+    python benchmarks/evaluation.py [--examples 1000000] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def timed(fn):
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--examples", type=int, default=1_000_000)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     conf = NeuralNetConfiguration(layers=[Dense(32, activation="relu"), OutputLayer(CLASSES)],
                                   input_shape=(FEATURES,), updater=optax.sgd(0.1))
@@ -103,6 +107,34 @@ def main():
                       "pass_s": round(t_exact, 3), "auc_on_host_s": round(t_auc, 3),
                       "buffer_reallocations": roc.reallocations, "average_auc": round(auc, 4),
                       "vs_thresholded_pass": round(t_exact / t_ours, 2)}))
+    per_call_figure(args.repeats)
+
+
+def per_call_figure(repeats: int) -> None:
+    from jaxws.data import DataSet
+    from speed import best_of, data, model
+
+    net = model()
+    _, _, epochs = data(1)
+    batches = epochs[0]
+    classes = net.layers[-1].n_out
+    params, state = jax.device_put(jax.tree.map(np.asarray, (net.params, net._carry.state)))
+    forward = jax.jit(lambda p, s, x: net._apply(p, s, x, None, False, net.inference_workspace_mode)[0])
+    counts = jax.jit(lambda p, s, x, y: jnp.zeros((classes, classes), jnp.int32).at[y, forward(p, s, x).argmax(-1)].add(1))
+    loss = jax.jit(lambda p, s, ds: net._loss(p, s, ds, False, net.inference_workspace_mode)[0])
+    variants = {
+        "evaluate": lambda: [net.evaluate(ds).confusion_matrix() for ds in batches],
+        "plain_counts": lambda: [np.asarray(counts(params, state, ds.features, ds.labels)) for ds in batches],
+        "score": lambda: [net.score(ds) for ds in batches],
+        "plain_loss": lambda: [float(loss(params, state, DataSet(ds.features, ds.labels))) for ds in batches],
+    }
+    for run in variants.values():
+        run()
+    us = {k: v / len(batches) * 1e6 for k, v in best_of(repeats, variants).items()}
+    print(json.dumps({"benchmark": "evaluation", "figure": "per call (DL4J's loop): evaluate(ds), score(ds) / the same under jax.jit",
+                      "backend": jax.default_backend(), **{f"{k}_us": round(v, 1) for k, v in us.items()},
+                      "evaluate_ratio": round(us["evaluate"] / us["plain_counts"], 3),
+                      "score_ratio": round(us["score"] / us["plain_loss"], 3)}), flush=True)
 
 
 if __name__ == "__main__":
