@@ -188,18 +188,7 @@ class ParallelInference:
                 :meth:`close` is called).
             Exception: the model's failure, in every caller of the batch it failed.
         """
-        op = "ParallelInference.output"
-        model = self.model
-        batch = model._request(x, mask)
-        ds = validate(batch, op, lambda d, shapes=True: model._check_batch(d, op, shapes), "x",
-                      seen=model._seen_batches.setdefault(op, set()))  # shapes judged once per signature
-        x, mask = model._inputs_of(ds)
-        x, mask = _host(x), None if mask is None else _host(mask)  # the caller's arrays are only read
-        if mask is None and isinstance(x, np.ndarray):  # the usual request: one array
-            request = _Request(x, None, (x.shape[1:], x.dtype), len(x))
-        else:
-            leaves, treedef = jax.tree.flatten((x, mask))
-            request = _Request(x, mask, (treedef, *[(a.shape[1:], a.dtype) for a in leaves]), len(leaves[0]))
+        request = self._request(x, mask)
         with self._lock:
             while len(self._pending) >= self.queue_limit and not self._closed:
                 self._has_room.wait()
@@ -224,6 +213,20 @@ class ParallelInference:
         if request.error is not None:
             raise request.error  # the model's failure, with the traceback of the caller that ran it
         return request.result
+
+    def _request(self, x: Any, mask: Any) -> _Request:
+        """``x`` checked (dead arrays named, shapes judged once per signature) and on the
+        host, where requests are merged; the caller's arrays are only read."""
+        op = "ParallelInference.output"
+        model = self.model
+        ds = validate(model._request(x, mask), op, lambda d, shapes=True: model._check_batch(d, op, shapes), "x",
+                      seen=model._seen_batches.setdefault(op, set()))
+        x, mask = model._inputs_of(ds)
+        x, mask = _host(x), None if mask is None else _host(mask)
+        if mask is None and isinstance(x, np.ndarray):  # the usual request: one array
+            return _Request(x, None, (x.shape[1:], x.dtype), len(x))
+        leaves, treedef = jax.tree.flatten((x, mask))
+        return _Request(x, mask, (treedef, *[(a.shape[1:], a.dtype) for a in leaves]), len(leaves[0]))
 
     def _closed_error(self) -> WorkspaceError:
         return WorkspaceError(f"[{self.id}] is closed; create a new ParallelInference.")
