@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Iterator
+from typing import ContextManager, Iterator
 
 from jaxws.configuration import WorkspaceConfiguration
 from jaxws.errors import ConfigurationError, WorkspaceError
@@ -28,6 +28,8 @@ __all__ = [
     "get_memory_manager",
     "print_allocation_statistics_for_current_thread",
 ]
+
+_NOTHING_OPEN = contextlib.nullcontext()  # scope_out_of_workspaces with no workspace open
 
 DEBUG_ENV = "JAXWS_WORKSPACES_DEBUG"
 
@@ -140,9 +142,14 @@ class WorkspaceManager:
         for ws in list(self._workspaces.values()):
             self.destroy_workspace(ws)
 
+    def scope_out_of_workspaces(self) -> ContextManager[None]:
+        """Inside, jaxws outputs belong to no workspace (ND4J's ``scopeOutOfWorkspaces``).
+        With none open they belong to none already: nothing to enter (a shared no-op, where
+        the scope costs a generator a call; output and ParallelInference enter it per call)."""
+        return self._out_of_workspaces() if self._stack else _NOTHING_OPEN
+
     @contextlib.contextmanager
-    def scope_out_of_workspaces(self) -> Iterator[None]:
-        """Inside, jaxws outputs belong to no workspace (ND4J's ``scopeOutOfWorkspaces``)."""
+    def _out_of_workspaces(self) -> Iterator[None]:
         self._stack.append(None)
         try:
             yield

@@ -9,7 +9,6 @@ model on its own thread, and hands each caller its rows.
 from __future__ import annotations
 
 import collections
-import contextlib
 import enum
 import itertools
 import threading
@@ -28,7 +27,6 @@ from jaxws.nn.model import Model
 __all__ = ["ParallelInference", "InferenceMode"]
 
 _ids = itertools.count()
-_OUTSIDE = contextlib.nullcontext()  # a thread with no workspace open: outputs belong to none already
 
 
 class InferenceMode(enum.Enum):
@@ -326,8 +324,7 @@ class ParallelInference:
         # host inputs go in as they are: the call moves them to the replica's device; the
         # signature stands for the inputs' shapes and the replica: no flatten of the
         # parameters per batch (the replicas are ours, the inputs host arrays)
-        manager = get_workspace_manager()  # the rows belong to no workspace, even in a caller's cycle
-        with manager.scope_out_of_workspaces() if manager._stack else _OUTSIDE:
+        with get_workspace_manager().scope_out_of_workspaces():  # the rows belong to no workspace
             out = serving.infer._call_planned((slot, size, taken[0].shape), (params, state, x, mask, None))
         with allow_reads():  # the callers asked for these rows
             return _host(out), size
