@@ -230,6 +230,41 @@ def test_fused_steps_and_resident_data_over_several_cpu_devices_equal_one_device
     assert not x.is_deleted() and not y.is_deleted() and all(not a.is_deleted() for a in jax.tree.leaves(placed))
 
 
+def test_a_checked_step_over_sharded_labels_adds_one_all_reduce_to_the_gradients():
+    """Each reduction over labels laid across devices is an all-reduce the step waits for:
+    the label check's count rides in the gradients' all-reduce and its smallest and largest
+    label share one, where there were three of their own."""
+    import re
+
+    from jaxws.data import DataSet
+    from jaxws.nn.checks import LabelCheck
+
+    placed, _ = sharded_batches(2)
+    net = network(optax.adam(1e-2))
+    replicated = jax.NamedSharding(placed[0][0].sharding.mesh, jax.P())
+    args = jax.device_put((net._carry, LabelCheck.init()), replicated)
+
+    def all_reduces(step, *args):
+        return len(re.findall(r"\ball-reduce(?:-start)?\(", jax.jit(step).lower(*args).compile().as_text()))
+
+    plain = all_reduces(net.train_step(), args[0], DataSet(*placed[0]))
+    checked = all_reduces(net._checked_step(net.training_workspace_mode), *args, DataSet(*placed[0]))
+    assert plain >= 1 and checked == plain + 1
+
+
+def test_invalid_labels_laid_across_devices_are_reported_with_their_extremes():
+    placed, host = sharded_batches(3)
+    x, y = host[1]
+    y = y.copy()
+    y[[2, 13]] = np.iinfo(np.int32).min, 5  # the smallest int32: ``-label`` would overflow
+    sharding = placed[0][1].sharding
+    placed[1] = (placed[1][0], jax.device_put(y, sharding))
+    net = network(optax.adam(1e-2))
+    with pytest.raises(jaxws.InvalidBatchError, match=r"batch 1 \(counting from 0 in that call\) was the first with "
+                       r"classes outside 0\.\.2 \(found -2147483648\.\.5\); 2 invalid label\(s\) in all, over 3 step"):
+        net.fit(iter(placed))
+
+
 @pytest.mark.parametrize("kind", ["classes", "one-hot with masks"])
 def test_a_group_of_batches_alike_stacks_as_the_padded_path_does(kind):
     from jaxws.data import DataSet
