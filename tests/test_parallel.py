@@ -304,6 +304,70 @@ def test_epochs_and_workspace_mode_none():
     assert not any(x.is_deleted() for x in jax.tree.leaves(kept))  # the model's own buffers are copied
 
 
+def laid_out(monkeypatch, wrapper):
+    """Counts the times ``wrapper`` lays the model's carry out as replicas."""
+    calls = []
+    replicate = wrapper._replicate
+    monkeypatch.setattr(wrapper, "_replicate", lambda carry: calls.append(1) or replicate(carry))
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["averaging", "averaging, own updaters", "shared gradients"])
+def test_a_fit_after_a_fit_starts_from_the_replicas_it_ended_with(monkeypatch, mode):
+    """Where every replica equals the consensus the model got, the next fit starts from
+    them instead of laying the model out again; where they differ (updater state not
+    averaged), it lays it out. The same numbers as a new wrapper for each call."""
+    first, second = make_batches(16, seed=1), make_batches(13, seed=2, last=5)
+    kwargs = {"averaging, own updaters": {"average_updaters": False},
+              "shared gradients": {"training_mode": TrainingMode.SHARED_GRADIENTS}}.get(mode, {})
+    net, expected = network(optax.adam(1e-2)), network(optax.adam(1e-2))
+    wrapper = ParallelWrapper(net, workers=4, averaging_frequency=2, **kwargs)
+    calls = laid_out(monkeypatch, wrapper)
+    wrapper.fit(first)
+    user = jaxws.detach(net.params)  # a copy of the user's
+    wrapper.fit(second)
+    for batches in (first, second):
+        ParallelWrapper(expected, workers=4, averaging_frequency=2, **kwargs).fit(batches)
+    assert_tree_close(net.params, expected.params, 1e-6)
+    assert len(calls) == (2 if kwargs.get("average_updaters") is False else 1)
+    if mode == "averaging":  # and local SGD's over both calls' batches
+        assert_tree_close(net.params, reference(network(optax.adam(1e-2)).params, optax.adam(1e-2), first + second, 4, 2))
+    assert not any(a.is_deleted() for a in jax.tree.leaves(user))
+
+
+def test_a_model_changed_between_fits_is_laid_out_again(monkeypatch):
+    batches, extra = make_batches(8, seed=1), make_batches(3, seed=2)
+    net, expected = network(optax.adam(1e-2)), network(optax.adam(1e-2))
+    wrapper = ParallelWrapper(net, workers=4, averaging_frequency=2)
+    calls = laid_out(monkeypatch, wrapper)
+    wrapper.fit(batches)
+    net.fit(extra, progress=False)  # the model trained alone in between
+    wrapper.fit(batches)
+    ParallelWrapper(expected, workers=4, averaging_frequency=2).fit(batches)
+    expected.fit(extra, progress=False)
+    ParallelWrapper(expected, workers=4, averaging_frequency=2).fit(batches)
+    assert len(calls) == 2
+    assert_tree_close(net.params, expected.params, 1e-6)
+
+
+def test_close_releases_the_kept_replicas(monkeypatch):
+    batches = make_batches(8)
+    net = network(optax.adam(1e-2))
+    with ParallelWrapper(net, workers=4, averaging_frequency=2) as wrapper:
+        calls = laid_out(monkeypatch, wrapper)
+        wrapper.fit(batches)
+        kept = jax.tree.leaves(wrapper._kept[0])
+        model = jax.tree.leaves(net._carry)
+    assert all(a.is_deleted() for a in kept)  # the wrapper's own buffers, freed at once
+    assert not any(a.is_deleted() for a in model)
+    wrapper.close()  # idempotent
+    wrapper.fit(batches)  # lays the model out again
+    assert len(calls) == 2
+    expected = network(optax.adam(1e-2))
+    ParallelWrapper(expected, workers=4, averaging_frequency=2).fit(batches + batches)
+    assert_tree_close(net.params, expected.params, 1e-6)
+
+
 def test_bad_batch_mid_epoch_raises_and_keeps_the_consensus():
     good = make_batches(8)
     bad = (np.ones((8, D + 1), np.float32), np.zeros(8, np.int32))

@@ -68,7 +68,9 @@ class ParallelWrapper:
     per worker. Every ``averaging_frequency`` rounds the workers' parameters (and updater
     state with ``average_updaters``) are averaged; the wrapped model ends with the
     consensus. A last round with fewer batches than workers averages over the workers
-    that had one.
+    that had one. Between calls the wrapper keeps the replicas, as DL4J's workers do: a
+    ``fit`` on a model nothing changed since the last one starts from them; ``close()``
+    (or leaving a ``with`` block) frees them.
 
     Args:
         model: a MultiLayerNetwork or FunctionalModel, initialised.
@@ -153,6 +155,7 @@ class ParallelWrapper:
         self.scores: list[float] = []  # averaged score of each program, when reported
         self._program = None
         self._broadcast = None  # the program laying the model's carry out as replicas
+        self._kept: tuple[TrainState, TrainState] | None = None  # (replicas, the consensus the model got)
 
     # -- the per-worker program ------------------------------------------------------------
 
@@ -235,6 +238,52 @@ class ParallelWrapper:
 
         return jax.tree.map(stacked, carry)
 
+    def _replicas_for(self, carry: TrainState) -> TrainState:
+        """The replicas a fit starts from: those the last fit ended with, where the model
+        still holds the consensus taken from them (saves laying the carry out again, a
+        copy per leaf and device); else ``carry`` laid out anew."""
+        kept = self._kept
+        if kept is not None and kept[1] is carry and not any(a.is_deleted() for a in jax.tree.leaves(kept[0])):
+            self._kept = None  # donated from here on
+            return kept[0]
+        self.close()  # the model changed since: they are stale
+        return self._replicate(carry)
+
+    def _keep(self, stacked: TrainState, consensus: TrainState) -> None:
+        """Keeps ``stacked`` for the next fit where every replica equals ``consensus``: the
+        last averaging took in all that differs between workers (the updater state too,
+        or, sharing gradients, the replicas never differ but in layer state)."""
+        if self.training_mode is TrainingMode.SHARED_GRADIENTS:
+            agree = not any(_averaged(a) for a in jax.tree.leaves(consensus.state))
+        else:
+            agree = self.average_updaters
+        self._kept = (stacked, consensus) if agree else None
+
+    def close(self) -> None:
+        """Releases the replicas kept between fit calls (a model's worth of memory on each
+        worker's device); the next ``fit`` lays the model out again. Idempotent.
+
+        Example:
+            >>> import numpy as np, optax
+            >>> from jaxws.nn import MultiLayerNetwork, NeuralNetConfiguration, OutputLayer
+            >>> net = MultiLayerNetwork(NeuralNetConfiguration(layers=[OutputLayer(2)], input_shape=(3,),
+            ...                                                updater=optax.sgd(0.1))).init()
+            >>> batches = [(np.ones((4, 3), np.float32), np.zeros(4, np.int32))] * 4
+            >>> with ParallelWrapper(net, workers=2) as wrapper:  # the second fit starts from the replicas
+            ...     wrapper.fit(batches).fit(batches).rounds
+            4
+        """
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            for a in jax.tree.leaves(kept[0]):
+                a.delete()  # the wrapper's own buffers
+
+    def __enter__(self) -> ParallelWrapper:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     @staticmethod
     def _consensus(stacked: TrainState) -> TrainState:
         """Replica 0 of this process (all replicas agree after an averaging), in fresh buffers."""
@@ -284,7 +333,7 @@ class ParallelWrapper:
         feed = model._feed(data, op, epochs=epochs, place=False)
         program = self._compiled()
         with model._lock:
-            stacked = self._replicate(model._require_init())
+            stacked = self._replicas_for(model._require_init())
         manager = get_workspace_manager()
         with guarded() as guard:
             try:
@@ -316,6 +365,7 @@ class ParallelWrapper:
                 with guard, model._lock:
                     if not any(a.is_deleted() for a in jax.tree.leaves(stacked)):
                         model._carry = self._consensus(stacked)  # else it keeps its parameters from before fit
+                        self._keep(stacked, model._carry)
         return self
 
     def _report(self, score: jax.Array) -> None:
