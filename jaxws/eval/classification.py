@@ -163,14 +163,14 @@ class Evaluation(Evaluator):
         return EvaluationState(*(x + y for x, y in zip(a, b)))
 
     def compute(self, state: EvaluationState) -> dict:
-        cm = np.asarray(state.confusion, np.int64)
+        cm, top_n_correct, nan_rows = (np.asarray(x, np.int64) for x in state)  # int(device scalar): 13 us, this 3
         total = cm.sum()
         tp = np.diag(cm)
         fp = cm.sum(axis=0) - tp
         fn = cm.sum(axis=1) - tp
         return {"confusion": cm, "total": int(total), "tp": tp, "fp": fp, "fn": fn,
-                "tn": total - tp - fp - fn, "top_n_correct": int(state.top_n_correct),
-                "nan_rows": int(state.nan_rows)}
+                "tn": total - tp - fp - fn, "top_n_correct": int(top_n_correct),
+                "nan_rows": int(nan_rows)}
 
     # -- metrics ---------------------------------------------------------------------------
 

@@ -147,7 +147,7 @@ class _ROCFamily(Evaluator):
     def merge_states(self, a, b):
         if not self.exact:
             return ThresholdState(a.positives + b.positives, a.negatives + b.negatives)
-        na, nb = int(a.count), int(b.count)
+        na, nb = int(np.asarray(a.count)), int(np.asarray(b.count))
         return ExactState(*(jnp.concatenate([x[:na], y[:nb]]) for x, y in zip(a[:3], b[:3])),
                           jnp.asarray(na + nb, jnp.int32))
 
@@ -159,7 +159,7 @@ class _ROCFamily(Evaluator):
         """``(tps, fps, thresholds)`` per output, thresholds descending; one host read."""
         k = self.num_outputs or 1
         if self.exact:
-            n = int(state.count)
+            n = int(np.asarray(state.count))  # int() of a device scalar takes 4x as long
             s, p, w = (np.asarray(x, np.float64)[:n] for x in state[:3])
             return {"curves": [_curves(s[:, i], p[:, i], w[:, i]) for i in range(k)]}
         pos = np.asarray(state.positives, np.float64)[:, ::-1].cumsum(axis=1)
@@ -169,7 +169,7 @@ class _ROCFamily(Evaluator):
 
     def _load(self, state: Any) -> None:
         if isinstance(state, ExactState):
-            self._filled = int(state.count)
+            self._filled = int(np.asarray(state.count))
 
     # -- results ---------------------------------------------------------------------------
 

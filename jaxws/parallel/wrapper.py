@@ -370,7 +370,7 @@ class ParallelWrapper:
 
     def _report(self, score: jax.Array) -> None:
         if self.report_score_after_averaging:
-            value = float(score)
+            value = float(np.asarray(score))
             self.printer(f"ParallelWrapper: score after averaging (round {self.rounds}): {value:.6f}")
             self.scores.append(value)
         loss = StepLoss(score)
