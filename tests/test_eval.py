@@ -341,6 +341,49 @@ def test_evaluators_of_one_setting_get_empty_states_of_their_own_from_one_progra
     assert (Evaluation, 4, 1, None, None) in _EMPTY  # the setting's one program
 
 
+def test_a_pass_of_one_batch_makes_its_empty_states_inside_its_program(monkeypatch):
+    """DL4J's ``evaluate(ds)`` / ``score(ds)`` per batch: the fresh evaluators' empty
+    states, the label check and score's total are made by the batch's own program (one
+    dispatch a call); an exact ROC, which grows, and a pass of several batches make theirs
+    first. The numbers are scikit-learn's either way."""
+    from jaxws.data import DataSet
+    from jaxws.eval import base, kernel
+    from jaxws.nn import checks
+
+    r = np.random.default_rng(3)
+    x = jax.device_put(r.normal(size=(40, 5)).astype(np.float32))
+    y = jax.device_put(r.integers(0, 4, 40).astype(np.int32))
+    net = network()
+    made = []
+    ensure = base.Evaluator._ensure_state
+    monkeypatch.setattr(base.Evaluator, "_ensure_state",
+                        lambda ev, shape: (ev.state is None and made.append(type(ev).__name__)) or ensure(ev, shape))
+    monkeypatch.setattr(checks.LabelCheck, "init", classmethod(lambda cls: made.append("check") or cls(checks._initial())))
+    monkeypatch.setattr(kernel, "_fresh_total", lambda: made.append("total") or jnp.zeros((), jnp.float32))
+
+    predicted = np.asarray(net.output(x)).argmax(1)
+    expected = skm.confusion_matrix(np.asarray(y), predicted, labels=range(4))
+    for _ in range(2):  # the second call runs the planned program
+        ev, roc = net.do_evaluation(DataSet(x, y), Evaluation(), ROCMultiClass())
+        np.testing.assert_array_equal(ev.confusion_matrix(), expected)
+        assert made == ["ROCMultiClass"]  # exact: sized as rows come, outside the program
+        made.clear()
+    probabilities = np.asarray(net.output(x))
+    assert roc.calculate_auc(1) == pytest.approx(skm.roc_auc_score(np.asarray(y) == 1, probabilities[:, 1]), abs=1e-6)
+    for _ in range(2):
+        assert net.score(DataSet(x, y)) == pytest.approx(skm.log_loss(np.asarray(y), probabilities, labels=range(4)), rel=1e-5)
+        assert made == []
+
+    ev = net.do_evaluation([DataSet(x[:20], y[:20]), DataSet(x[20:], y[20:])], Evaluation())[0]
+    np.testing.assert_array_equal(ev.confusion_matrix(), expected)
+    assert made == ["Evaluation", "check"]
+    made.clear()
+    bad = y.at[7].set(9)
+    with pytest.raises(jaxws.InvalidBatchError, match=r"batch 0 .* \(found 0\.\.9\); 1 invalid label"):
+        net.evaluate(DataSet(x, bad))
+    assert made == []
+
+
 def test_an_exact_roc_growing_inside_a_pass_equals_sklearn():
     # the pass runs on jaxws.jit's lean path, planned by batch signature and the states'
     # avals: an exact ROC's buffers grow mid-pass (4,096 rows a block) and the next batch

@@ -483,3 +483,9 @@ class Feed:
     def __len__(self) -> int:
         """Batches per pass, where the source knows its length (TypeError otherwise)."""
         return len(self.source)
+
+    @property
+    def one_batch(self) -> bool:
+        """A pass is one batch in memory (a DataSet, a pair, a list of one): a caller may
+        make what the pass accumulates inside that batch's program."""
+        return self._prechecked and len(self.source) == 1

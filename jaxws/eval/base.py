@@ -117,6 +117,17 @@ class Evaluator(abc.ABC):
         """What the compiled update depends on besides shapes."""
         return (type(self),)
 
+    _grows = False  # True: _reserve grows the state, which is then made outside a pass's program
+
+    def _made_in_program(self, predictions_shape: tuple) -> bool:
+        """Whether a pass of one batch may make this evaluator's empty state inside its
+        program (saving :meth:`_ensure_state`'s dispatch): a fresh evaluator of fixed size
+        whose :meth:`_init_key` says what the state depends on. If so, configures it."""
+        if self.state is not None or self._grows or self._init_key() is None:
+            return False
+        self._configure(int(predictions_shape[-1]) if len(predictions_shape) > 1 else 1)
+        return True
+
     def _init_key(self) -> tuple | None:
         """What :meth:`init`'s state depends on, if it can say (hashable): the empty state
         is then made by one cached program (~5 us) instead of eager ``jnp.zeros`` (~30 us

@@ -18,7 +18,7 @@ from jaxws.arrays import allow_reads
 from jaxws.errors import ConfigurationError, InvalidBatchError
 from jaxws.interrupts import guarded
 from jaxws.manager import get_workspace_manager
-from jaxws.nn.checks import FitChecks
+from jaxws.nn.checks import FitChecks, LabelCheck
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.step import WorkspaceFunction, jit
 
@@ -48,6 +48,7 @@ class EvaluationMixin:
         if key not in self._eval_fns:
             def evaluate(states, check, params, state, ds):  # check None: labels judged on the host
                 predictions = self._apply(params, state, *self._inputs_of(ds), False, WorkspaceMode.SINGLE)[0]
+                states = tuple(ev.init() if s is None else s for ev, s in zip(evaluations, states))  # None: made here
                 states = tuple(ev.update(s, *self._eval_targets(predictions, ds, i))
                                for ev, s, i in zip(evaluations, states, outputs))
                 return states, None if check is None else check.update(*(self._class_labels(ds) or (None, None, 0)))
@@ -103,7 +104,7 @@ class EvaluationMixin:
                 )
         feed = self._feed(data, "do_evaluation", batch_size=batch_size, prefetch=prefetch, rewind="always")
         with feed:
-            return self._evaluate(feed.signed(), evaluations, outputs)
+            return self._evaluate(feed.signed(), evaluations, outputs, feed.one_batch)
 
     def _output_names(self) -> tuple:
         """The model's outputs, by name (one for a MultiLayerNetwork)."""
@@ -135,10 +136,12 @@ class EvaluationMixin:
             pairs = [(0, ev) for ev in args]
         return tuple(ev for _, ev in pairs), tuple(i for i, _ in pairs)
 
-    def _evaluate(self, pairs: Any, evaluations: tuple, outputs: tuple) -> tuple:
+    def _evaluate(self, pairs: Any, evaluations: tuple, outputs: tuple, one_batch: bool = False) -> tuple:
         """Runs every evaluator over ``pairs`` (checked batches and their signatures, from
         ``Feed.signed``); evaluator i reads output ``outputs[i]``. Labels the feed judged on
-        the host (a ``Judged`` signature) are not counted on the device again."""
+        the host (a ``Judged`` signature) are not counted on the device again. ``one_batch``:
+        the pass is one batch, whose program makes the fresh evaluators' empty states and
+        the label check (DL4J's ``evaluate(ds)`` per batch: one dispatch a call, not three)."""
         manager = get_workspace_manager()
         fn = self._evaluation_fn(evaluations, outputs)
         checks = FitChecks()  # its check made at the first batch counted on the device
@@ -150,6 +153,9 @@ class EvaluationMixin:
                 states = []
                 for ev, i in zip(evaluations, outputs):
                     shape = self._output_shape(carry, ds, i, signature)
+                    if one_batch and ev._made_in_program(shape):
+                        states.append(None)
+                        continue
                     ev._ensure_state(shape)
                     state = ev._reserve(ev.state, math.prod(shape[:-1]))
                     if state is not ev.state:  # grown (an exact ROC's buffers)
@@ -157,9 +163,9 @@ class EvaluationMixin:
                     states.append(state)
                 states = tuple(states)
                 if avals is None:
-                    avals = tuple([x.aval for x in jax.tree.leaves(states)])
+                    avals = (tuple([s is None for s in states]), *[x.aval for x in jax.tree.leaves(states)])
                 with guard:  # states donated and stored in one commit
-                    states = self._counted(fn, checks, signature, (signature, avals), states, carry, ds)
+                    states = self._counted(fn, checks, signature, (signature, avals), states, carry, ds, one_batch)
                     for ev, state in zip(evaluations, states):
                         ev.state = state
         self._verify()
@@ -167,17 +173,19 @@ class EvaluationMixin:
         return evaluations
 
     def _counted(self, fn: WorkspaceFunction, checks: FitChecks, signature: Any, plan: Any, total: Any,
-                 carry: Any, ds: Any) -> Any:
+                 carry: Any, ds: Any, one_batch: bool = False) -> Any:
         """``fn``'s new ``total`` after one batch; the batch's labels counted into ``checks``
         on the device unless there is nothing to count there (judged on the host: a
         ``Judged`` signature; not integer class labels). ``fn`` runs on jaxws.jit's lean
         path, planned per ``plan`` (the batch ``signature``, with ``total``'s avals where
-        they can change): the model's pinned carry, a checked batch and states of its own."""
+        they can change): the model's pinned carry, a checked batch and states of its own.
+        ``one_batch``: a new check is made by ``fn`` itself (:meth:`LabelCheck.unmade`)."""
         if self._counted_apart(checks, signature, ds):
             total = fn._call_planned((plan, False), (total, None, carry.params, carry.state, ds))[0]
         else:
-            args = (total, checks.counting(), carry.params, carry.state, ds)
-            total, checks.state = fn._call_planned((plan, True), args)
+            unmade = one_batch and checks.state is None and not checks.lag
+            args = (total, LabelCheck.unmade() if unmade else checks.counting(), carry.params, carry.state, ds)
+            total, checks.state = fn._call_planned((plan, "unmade" if unmade else True), args)
         checks.steps += 1
         return total
 
@@ -222,7 +230,7 @@ class EvaluationMixin:
             with self._pinned() as carry:
                 width = self._output_shape(carry, first[0])[-1]
             roc = ROC(threshold_steps) if width <= 2 else ROCMultiClass(threshold_steps)
-            return self._evaluate(itertools.chain([first], pairs), (roc,), (0,))[0]
+            return self._evaluate(itertools.chain([first], pairs), (roc,), (0,), feed.one_batch)[0]
 
     def evaluate_regression(self, data: Any, *, batch_size: int | None = None):
         """``do_evaluation(data, RegressionEvaluation())``."""
@@ -241,16 +249,20 @@ class EvaluationMixin:
             def score(total, check, params, state, ds):  # check None: labels judged on the host
                 loss = self._loss(params, state, ds, False, WorkspaceMode.SINGLE)[0]
                 n = jax.tree.leaves(ds)[0].shape[0]
+                total = jnp.zeros((), jnp.float32) if total is None else total  # None: a pass of one batch
                 return total + loss * n, None if check is None else check.update(
                     *(self._class_labels(ds) or (None, None, 0)))
 
             score.__name__ = f"{type(self).__name__}.score"
             self._score_fn = jit(score, donate_argnums=(0, 1))
-        total, checks, count = _fresh_total(), FitChecks(), 0
+        checks, count = FitChecks(), 0
         feed = self._feed(data, "score", batch_size=batch_size, rewind="always")
+        one_batch = feed.one_batch  # its program makes the total and the check: one dispatch a call
+        total = None if one_batch else _fresh_total()
         with feed, self._pinned() as carry, get_workspace_manager().scope_out_of_workspaces():
             for ds, signature in feed.signed():
-                total = self._counted(self._score_fn, checks, signature, signature, total, carry, ds)
+                plan = (signature, "fresh") if total is None else signature
+                total = self._counted(self._score_fn, checks, signature, plan, total, carry, ds, one_batch)
                 count += ds.num_examples
         self._verify()
         self._raise_if_counted_invalid("score", checks)

@@ -90,6 +90,10 @@ class _ROCFamily(Evaluator):
     def _init_key(self) -> tuple:
         return self._static_key()  # every setting the state's shapes follow
 
+    @property
+    def _grows(self) -> bool:  # exact: _reserve grows the buffers as rows come
+        return self.exact
+
     def _config(self) -> dict:
         return {"threshold_steps": self.threshold_steps, "auprc": self.auprc}
 

@@ -62,6 +62,12 @@ class LabelCheck(NamedTuple):
         """A fresh check (a new buffer each call: it is donated to the steps)."""
         return cls(_initial())
 
+    @classmethod
+    def unmade(cls) -> LabelCheck:
+        """A fresh check that the program it is passed to makes (``values`` None): a pass
+        of one step saves the dispatch of :meth:`init`."""
+        return cls(None)
+
     def update(self, labels: jax.Array | None, mask: jax.Array | None, classes: int) -> LabelCheck:
         """The check after one step on ``labels`` (traced; None: nothing to check)."""
         return self.after(None if labels is None else self.stats(labels, mask, classes)[None], 1)
@@ -85,9 +91,10 @@ class LabelCheck(NamedTuple):
         """The check after ``steps`` steps whose :meth:`stats` are ``stats`` ([steps, 3];
         None: steps without class labels). Outside a scanned loop, so k steps cost one
         update, not k."""
+        values = _initial() if self.values is None else self.values  # unmade: made here
         if stats is None:
-            return LabelCheck(self.values.at[0].add(steps))
-        done, first, count, low, high = (self.values[i] for i in range(5))
+            return LabelCheck(values.at[0].add(steps))
+        done, first, count, low, high = (values[i] for i in range(5))
         hits = stats[:, 0] > 0
         hit = jnp.any(hits)
         return LabelCheck(jnp.stack([
