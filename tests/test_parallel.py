@@ -368,6 +368,24 @@ def test_close_releases_the_kept_replicas(monkeypatch):
     assert_tree_close(net.params, expected.params, 1e-6)
 
 
+def test_batches_in_memory_of_one_group_are_stacked_on_the_calling_thread(monkeypatch):
+    """Nothing to overlap: a list of one group's batches starts no prefetch thread; a list
+    of two groups does (its second group is stacked while the first runs)."""
+    from jaxws.data import prefetch
+
+    started = []
+    start = prefetch.AsyncDataSetIterator._start
+    monkeypatch.setattr(prefetch.AsyncDataSetIterator, "_start", lambda self: started.append(1) or start(self))
+    net = network(optax.adam(1e-2))
+    wrapper = ParallelWrapper(net, workers=4, averaging_frequency=2, prefetch_buffer=2)
+    one, two = make_batches(8, seed=1), make_batches(16, seed=2)
+    wrapper.fit(one)
+    assert started == []
+    wrapper.fit(two)
+    assert started == [1]
+    assert_tree_close(net.params, reference(network(optax.adam(1e-2)).params, optax.adam(1e-2), one + two, 4, 2))
+
+
 def test_bad_batch_mid_epoch_raises_and_keeps_the_consensus():
     good = make_batches(8)
     bad = (np.ones((8, D + 1), np.float32), np.zeros(8, np.int32))

@@ -485,7 +485,12 @@ class Feed:
         return len(self.source)
 
     @property
+    def in_memory(self) -> int | None:
+        """The batches of a pass where they are in memory (a DataSet, a pair, a list), else None."""
+        return len(self.source) if self._prechecked else None
+
+    @property
     def one_batch(self) -> bool:
         """A pass is one batch in memory (a DataSet, a pair, a list of one): a caller may
         make what the pass accumulates inside that batch's program."""
-        return self._prechecked and len(self.source) == 1
+        return self.in_memory == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import math
 from typing import Any, Callable
 
 import jax
@@ -295,7 +296,8 @@ class ParallelWrapper:
         """Device groups of k rounds from a pass of checked batches; prefetched if asked.
 
         A source that is itself asynchronous (an AsyncDataSetIterator) is read on this
-        thread, which owns it.
+        thread, which owns it, and so are batches in memory that make one group: there is
+        no program to overlap their stacking with, and a thread would only add its start.
         """
         def on_host(ds):  # device batches are read now (a ring reuses its slots)
             if any(isinstance(x, jax.Array) for x in jax.tree.leaves(ds)):
@@ -304,7 +306,8 @@ class ParallelWrapper:
             return ds
 
         dealt = deal(map(on_host, feed), self.local_workers, self.averaging_frequency)
-        if self.prefetch_buffer and getattr(feed.source, "async_supported", True):
+        one_group = (feed.in_memory or math.inf) <= self.local_workers * self.averaging_frequency
+        if self.prefetch_buffer and getattr(feed.source, "async_supported", True) and not one_group:
             sharding = None if self.backend == "pmap" else self.sharding
             return AsyncDataSetIterator(dealt, self.prefetch_buffer, sharding=sharding, collate=stack)
         return (jax.tree.map(lambda a: self._place(a), stack(slots)) for slots in dealt)
