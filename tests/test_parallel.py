@@ -312,14 +312,15 @@ def laid_out(monkeypatch, wrapper):
     return calls
 
 
-@pytest.mark.parametrize("mode", ["averaging", "averaging, own updaters", "shared gradients"])
+@pytest.mark.parametrize("mode", ["averaging", "averaging, own updaters", "shared gradients", "pmap"])
 def test_a_fit_after_a_fit_starts_from_the_replicas_it_ended_with(monkeypatch, mode):
     """Where every replica equals the consensus the model got, the next fit starts from
     them instead of laying the model out again; where they differ (updater state not
     averaged), it lays it out. The same numbers as a new wrapper for each call."""
     first, second = make_batches(16, seed=1), make_batches(13, seed=2, last=5)
     kwargs = {"averaging, own updaters": {"average_updaters": False},
-              "shared gradients": {"training_mode": TrainingMode.SHARED_GRADIENTS}}.get(mode, {})
+              "shared gradients": {"training_mode": TrainingMode.SHARED_GRADIENTS},
+              "pmap": {"backend": "pmap"}}.get(mode, {})
     net, expected = network(optax.adam(1e-2)), network(optax.adam(1e-2))
     wrapper = ParallelWrapper(net, workers=4, averaging_frequency=2, **kwargs)
     calls = laid_out(monkeypatch, wrapper)
