@@ -25,11 +25,12 @@ from jaxws.step import WorkspaceFunction, jit
 __all__ = ["EvaluationMixin"]
 
 
-@jax.jit
-def _fresh_total() -> jax.Array:
-    """A new float32 0 for score's running total (donated to its program): one cached
-    program, 5 us a call, where an eager ``jnp.zeros`` takes 27."""
+def _zero_total() -> jax.Array:
+    """A new float32 0 for score's running total (donated to its program)."""
     return jnp.zeros((), jnp.float32)
+
+
+_fresh_total = jax.jit(_zero_total)  # one cached program, 5 us a call, where an eager jnp.zeros takes 27
 
 
 class EvaluationMixin:
@@ -249,7 +250,7 @@ class EvaluationMixin:
             def score(total, check, params, state, ds):  # check None: labels judged on the host
                 loss = self._loss(params, state, ds, False, WorkspaceMode.SINGLE)[0]
                 n = jax.tree.leaves(ds)[0].shape[0]
-                total = jnp.zeros((), jnp.float32) if total is None else total  # None: a pass of one batch
+                total = _zero_total() if total is None else total  # None: a pass of one batch, made here
                 return total + loss * n, None if check is None else check.update(
                     *(self._class_labels(ds) or (None, None, 0)))
 
