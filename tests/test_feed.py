@@ -114,6 +114,27 @@ def test_an_exhausted_one_shot_iterator_is_an_error_not_a_no_op():
 # -- class labels, on the device too -------------------------------------------------------
 
 
+@pytest.mark.parametrize("how", ["per step", "fused", "evaluate", "resident"])
+def test_labels_all_int32s_smallest_are_reported_as_both_extremes(how):
+    """The largest of no label is int32's smallest, not ``-max``: labels that are all that
+    one value report it as their largest too, not one above it."""
+    x, y = arrays(80)
+    lowest = np.iinfo(np.int32).min
+    labels = jnp.asarray(np.where((np.arange(80) // 20 == 1) | (how == "resident"), lowest, y), jnp.int32)
+    batches = [(jnp.asarray(x[i:i + 20]), labels[i:i + 20]) for i in range(0, 80, 20)]  # batch 1: only int32's smallest
+    net = network()
+    with pytest.raises(jaxws.InvalidBatchError) as caught:
+        if how == "resident":  # the whole data judged before the first step
+            net.fit((jnp.asarray(x), labels), batch_size=20, steps_per_execution=2, progress=False)
+        elif how == "evaluate":
+            net.evaluate(iter(batches))
+        else:
+            net.fit(iter(batches), steps_per_execution=2 if how == "fused" else 1, progress=False)
+    found = f"found classes {lowest}..{lowest}, expected" if how == "resident" else f"(found {lowest}..{lowest}); 20 invalid"
+    assert found in str(caught.value), str(caught.value)
+    assert not labels.is_deleted() and all(not a.is_deleted() for a in jax.tree.leaves(batches))
+
+
 @pytest.mark.parametrize("bad", [5, -1])
 def test_out_of_range_device_labels_never_train_silently(bad):
     x, y = arrays(200)
@@ -812,7 +833,7 @@ def test_each_label_check_is_a_new_buffer_that_its_steps_may_donate():
     assert first.values.unsafe_buffer_pointer() != second.values.unsafe_buffer_pointer()
     jax.jit(lambda c: c.values + 1, donate_argnums=0)(first)
     assert first.values.is_deleted() and not second.values.is_deleted()
-    np.testing.assert_array_equal(second.values, [0, -1, 0, np.iinfo(np.int32).max, -np.iinfo(np.int32).max])
+    np.testing.assert_array_equal(second.values, [0, -1, 0, np.iinfo(np.int32).max, np.iinfo(np.int32).min])
 
 
 def test_dl4j_per_batch_loop_recycles_label_checks_read_as_valid_and_names_the_bad_call(monkeypatch):

@@ -16,7 +16,9 @@ from jaxws.errors import InvalidBatchError
 
 __all__ = ["LabelCheck"]
 
-_NONE = np.iinfo(np.int32).max
+_NONE = np.iinfo(np.int32).max  # the smallest of no label
+_LOWEST = np.iinfo(np.int32).min  # the largest of no label (``~_LOWEST == _NONE``), not ``-_NONE``: int32's
+# smallest is a label too, and the largest of a step of only that one must be reported as it is
 _RECYCLE_BELOW = 2**30  # steps a recycled check may have counted: its int32 counters stay exact
 
 
@@ -25,7 +27,7 @@ def _initial() -> jax.Array:
     """A new check's values: one cached program, ~8 us a call (an eager ``jnp.array`` costs
     ~90). Computed, not returned as the program's constant: JAX may forward a constant
     output, and hand one array to two checks that each get donated."""
-    values = jnp.array([0, -1, 0, _NONE, -_NONE], jnp.int32)
+    values = jnp.array([0, -1, 0, _NONE, _LOWEST], jnp.int32)
     return values + jnp.zeros_like(values)
 
 
@@ -44,8 +46,7 @@ def _stats(labels: jax.Array, counted: jax.Array, bad: jax.Array) -> jax.Array:
     and, unlike ``-``, cannot overflow), and the count is a float32 sum, which XLA folds into
     the gradients' all-reduce (exact up to 2**24 invalid labels a step): one all-reduce a
     step beyond the gradients', where there were three."""
-    lowest = jnp.iinfo(jnp.int32).min  # ~lowest == _NONE: the smallest of no label
-    extremes = jnp.stack([jnp.where(counted, ~labels, lowest), jnp.where(counted, labels, -_NONE)])
+    extremes = jnp.stack([jnp.where(counted, ~labels, _LOWEST), jnp.where(counted, labels, _LOWEST)])
     extremes = jnp.max(extremes.reshape(2, -1), axis=1)
     return jnp.stack([jnp.sum(bad, dtype=jnp.float32).astype(jnp.int32), ~extremes[0], extremes[1]])
 
@@ -102,7 +103,7 @@ class LabelCheck(NamedTuple):
             jnp.where(hit & (first < 0), done + jnp.argmax(hits).astype(jnp.int32), first),
             count + jnp.sum(stats[:, 0]),
             jnp.where(hit, jnp.minimum(low, jnp.min(jnp.where(hits, stats[:, 1], _NONE))), low),
-            jnp.where(hit, jnp.maximum(high, jnp.max(jnp.where(hits, stats[:, 2], -_NONE))), high),
+            jnp.where(hit, jnp.maximum(high, jnp.max(jnp.where(hits, stats[:, 2], _LOWEST))), high),
         ]))
 
     def raise_if_invalid(self, op: str, what: str, classes: int, epoch_starts: list[int] | None = None,
