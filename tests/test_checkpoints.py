@@ -119,6 +119,26 @@ def test_save_and_load_in_process_equal_and_independent(tmp_path):
     assert int(jax.tree.leaves(fresh.updater_state)[0]) == 0  # adam's count starts over
 
 
+def test_save_replaces_a_checkpoint_or_an_empty_directory_and_refuses_to_delete_anything_else(tmp_path):
+    net = MultiLayerNetwork(configuration()).init()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text("mine too")
+    for path, what in ((notes, "a file"), (project, "a directory of 1 entries")):
+        with pytest.raises(jaxws.CheckpointError, match=rf"save: .*{path.name} holds {what}, not a jaxws checkpoint, "
+                           r"and saving there would delete it; nothing was written"):
+            net.save(path)
+    assert notes.read_text() == "mine" and [p.name for p in project.iterdir()] == ["train.py"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert net.save(empty) == empty  # an empty directory (tempfile.mkdtemp()) takes the checkpoint
+    net.fit(data_iterator(), progress=False)
+    net.save(empty)  # and a checkpoint is replaced by the newer one
+    assert MultiLayerNetwork.load(empty).iteration == net.iteration == 7
+
+
 def test_an_async_checkpoint_holds_its_iteration_though_the_next_step_donates(tmp_path):
     net = MultiLayerNetwork(configuration(Sgd(0.1))).init()
     trajectory = {}

@@ -109,16 +109,36 @@ def _args(arrays: dict | None, meta: dict | None, restore: bool = False):
 
 
 def save_model(model: Any, path: str | Path, *, save_updater: bool = True, iterator: Any = None) -> Path:
-    """Writes ``model`` to the directory ``path`` (replaced if it exists); returns the path.
+    """Writes ``model`` to the directory ``path``; returns the path. A jaxws checkpoint or
+    an empty directory there is replaced; anything else is refused (CheckpointError).
 
     The write is atomic: orbax writes a temporary directory and renames it when complete.
     """
     path = Path(path).absolute()
+    _refuse_to_replace(path)
     arrays, meta = content(model, save_updater=save_updater, iterator=iterator)
     ocp = _ocp()
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         checkpointer.save(path, args=_args(arrays, meta), force=True)
     return path
+
+
+def _refuse_to_replace(path: Path) -> None:
+    """Raises CheckpointError where ``path`` holds something other than a jaxws checkpoint
+    or an empty directory: orbax replaces whatever is there (``force=True`` deletes it), so
+    ``save(".")`` would delete the working directory."""
+    if not (path.exists() or path.is_symlink()) or (path.is_dir() and not any(path.iterdir())):
+        return
+    try:
+        read_meta(path)
+    except CheckpointError:
+        what = (f"a directory of {sum(1 for _ in path.iterdir())} entries" if path.is_dir()
+                else "a file" if path.is_file() else "something")
+        raise CheckpointError(
+            f"save: {path} holds {what}, not a jaxws checkpoint, and saving there would delete "
+            "it; nothing was written. Save to a new path (or an empty directory), or remove it "
+            "yourself first."
+        ) from None
 
 
 def read_meta(path: str | Path) -> dict:
@@ -456,9 +476,15 @@ class CheckpointMixin:
         JSON; never pickle. The write is atomic and holds one consistent version, even while
         another thread trains. With ``iterator`` (an ArrayDataSetIterator, or an async one
         around it) its position is recorded, to resume mid-epoch with ``load_state_dict``.
+        A checkpoint already at ``path`` (or an empty directory) is replaced; anything else
+        there is left alone and refused.
 
         Returns:
             The checkpoint's absolute path.
+
+        Raises:
+            CheckpointError: ``path`` holds a file or a directory that is not a jaxws
+                checkpoint (saving would delete it).
 
         Example:
             >>> import tempfile
