@@ -260,8 +260,12 @@ def test_bad_input_gives_clear_errors():
     assert "no data yet" in ev.stats()
     with pytest.raises(jaxws.EvaluationError, match="no data"):
         ev.accuracy()
-    with pytest.raises(jaxws.EvaluationError, match=r"labels of shape \(4, 2\) do not match predictions of shape \(4, 3\)"):
+    with pytest.raises(jaxws.EvaluationError, match=r"labels of shape \(4, 2\) do not match predictions of shape "
+                       r"\(4, 3\); expected one-hot labels \(4, 3\) or integer classes \(4,\)\."):
         ev.eval(np.zeros((4, 2)), np.zeros((4, 3)))
+    with pytest.raises(jaxws.EvaluationError, match=r"^RegressionEvaluation: labels of shape \(4, 2\) do not match "
+                       r"predictions of shape \(4, 3\); expected labels of the predictions' shape \(4, 3\)\."):
+        RegressionEvaluation().eval(np.zeros((4, 2)), np.zeros((4, 3)))  # not one-hot: values
     ev = Evaluation(3)
     with pytest.raises(jaxws.EvaluationError, match="predictions have 4 classes, the evaluation 3"):
         ev.eval(np.zeros(4, np.int32), np.zeros((4, 4)))

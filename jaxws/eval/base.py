@@ -41,8 +41,9 @@ def flatten_batch(labels, predictions, mask, *, who: str, sparse_ok: bool = True
     if not sparse and labels.shape != predictions.shape:
         raise EvaluationError(
             f"{who}: labels of shape {labels.shape} do not match predictions of shape "
-            f"{predictions.shape}; expected one-hot labels {predictions.shape}"
-            + (f" or integer classes {lead}" if sparse_ok else "") + "."
+            f"{predictions.shape}; expected "
+            + (f"one-hot labels {predictions.shape} or integer classes {lead}" if sparse_ok
+               else f"labels of the predictions' shape {predictions.shape}") + "."
         )
     rows = int(np.prod(lead, dtype=np.int64))
     weights = jnp.ones((rows,), jnp.float32)
