@@ -447,6 +447,14 @@ def test_a_dead_array_is_named_before_its_shape_is_judged(call):
     (lambda net, x, y: net.fit((x, y.astype(np.float32))), jaxws.InvalidBatchError, "must have an integer dtype"),
     (lambda net, x, y: net.output([["a", "b"]]), TypeError, "(dtype <U1) is not numeric data"),
     (lambda net, x, y: net.fit([(x, y), (x[:, :3], y)]), jaxws.InvalidBatchError, "(in data[1], counting from 0)"),
+    (lambda net, x, y: net.output(None), jaxws.InvalidBatchError, "expects features of shape [batch, 5], received None."),
+    (lambda net, x, y: net.fit(None), jaxws.ConfigurationError, "fit(data=<NoneType>): expected a DataSet, an (x, y) pair"),
+    (lambda net, x, y: net.fit("xy"), jaxws.ConfigurationError, "fit(data=<str>): expected"),
+    (lambda net, x, y: net.evaluate(5), jaxws.ConfigurationError, "do_evaluation(data=<int>): expected"),
+    (lambda net, x, y: net.fit((x, y), prefetch=-1), jaxws.ConfigurationError, "fit(prefetch=-1): expected an int >= 0"),
+    (lambda net, x, y: net.fit(iter([(x, y)]), prefetch=1.5), jaxws.ConfigurationError, "fit(prefetch=1.5)"),
+    (lambda net, x, y: net.fit([(x, y), "xy"]), jaxws.InvalidBatchError, "fit: data[1] is not a batch: expected a "
+     "DataSet, an (x, y) pair, an array of features or a dict with 'features' and 'labels'; got str"),
 ])
 def test_bad_input_raises_a_clear_error_before_any_step(call, error, fragment):
     x, y = arrays(20)
@@ -458,6 +466,19 @@ def test_bad_input_raises_a_clear_error_before_any_step(call, error, fragment):
     assert net.iteration == 0
     jax.tree.map(np.testing.assert_array_equal, net.params, before)
     net.fit((x, y), progress=False)  # and the network is still usable
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_an_iterator_item_that_is_not_a_batch_is_named_and_nothing_after_it_trains(prefetch):
+    """From the prefetch thread too: the message names the item, not a loader failure one
+    batch later, and the steps before it stand."""
+    x, y = arrays(20)
+    xd = jnp.asarray(x)
+    net = network()
+    with pytest.raises(jaxws.InvalidBatchError, match=r"^fit: batch 2 is not a batch: expected a DataSet.*; got int\.$"):
+        net.fit(iter([(x, y), (xd, y), 7, (x, y)]), prefetch=prefetch, progress=False)
+    assert net.iteration == 2 and not xd.is_deleted()
+    net.fit((x, y), progress=False)
 
 
 def test_nested_lists_are_data():

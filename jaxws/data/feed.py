@@ -201,6 +201,16 @@ class Feed:
                 f"{op}(batch_size={batch_size!r}): expected an int >= 1, the examples per batch "
                 "(or None to use the data as one batch)."
             )
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise ConfigurationError(
+                f"{op}(prefetch={prefetch!r}): expected an int >= 0, the host batches to read ahead "
+                "on a background thread (0: none)."
+            )
+        if data is None or isinstance(data, (str, bytes)) or not (hasattr(data, "__iter__") or is_single_batch(data, multi)):
+            raise ConfigurationError(
+                f"{op}(data=<{type(data).__name__}>): expected a DataSet, an (x, y) pair of arrays, or an "
+                "iterable of those (a list, an iterator, a DataSetIterator)."
+            )
         if isinstance(data, tuple) and len(data) in (1, 5, 6) and hasattr(data[0], "shape"):
             raise ConfigurationError(
                 f"{op}(data=<a tuple of {len(data)} arrays>): a tuple is read as (features, labels"
@@ -208,7 +218,7 @@ class Feed:
             )
         checked = None  # batches in memory, checked
         if is_single_batch(data, multi):
-            ds, key = self._checked(self._as(data), "data", 0)
+            ds, key = self._checked(self._dataset(data, "data"), "data", 0)
             self._whole = batch_size is not None and _on_host(ds)
             if ds.num_examples == 0:
                 raise ConfigurationError(f"{op}: the data has no examples (0 rows); pass at least one example.")
@@ -227,7 +237,7 @@ class Feed:
             )
         if checked is None and isinstance(data, (list, tuple)):  # batches in memory: all checked before the first runs
             kind = self._kind
-            checked = [self._checked(item if type(item) is kind else self._as(item), "data[{}]", i)
+            checked = [self._checked(item if type(item) is kind else self._dataset(item, f"data[{i}]"), "data[{}]", i)
                        for i, item in enumerate(data)]
         self._prechecked = checked is not None
         # batches in memory that are all unattached device arrays: a pass needs nothing but them
@@ -244,6 +254,13 @@ class Feed:
         self.source = data
 
     # -- validation ------------------------------------------------------------------------
+
+    def _dataset(self, item: Any, where: str) -> Any:
+        """``item`` as a DataSet (MultiDataSet), or InvalidBatchError naming it (``where``)."""
+        try:
+            return self._as(item)
+        except TypeError as e:  # our own check: from the prefetch thread too, it is raised plainly
+            raise InvalidBatchError(f"{self.op}: {where} is not a batch: {e}") from None
 
     def _validated(self, ds: Any, where: str = "data") -> Any:
         return validate(ds, self.op, self._check, where, self._seen)
@@ -363,7 +380,7 @@ class Feed:
         if self._prechecked:  # a device key: unattached device arrays, which pass through where anywhere
             on_device = (first[1] is not None and self.placement.anywhere) or self.placement.holds_all(first[0])
         else:
-            on_device = self.placement.holds_all(self._as(first))
+            on_device = self.placement.holds_all(self._dataset(first, "batch 0"))
         single = self._prechecked and len(self.source) == 1  # fit(batch): no later batch to overlap with
         # a signed pass's step (fit's, an evaluation's) moves a host batch itself on the CPU, so
         # batches in memory (a list, an ArrayDataSetIterator) leave a ring nothing to overlap
@@ -393,7 +410,7 @@ class Feed:
         """``(batch, signature)`` for each item: checked (lists were, up front; the batches
         of host data checked whole are slices of checked arrays)."""
         self._pulled = 0  # batches taken from the source this pass: the next one is the failing one
-        prechecked, whole, as_, kind = self._prechecked, self._whole, self._as, self._kind
+        prechecked, whole, dataset, kind = self._prechecked, self._whole, self._dataset, self._kind
         for i, item in enumerate(items):
             self._pulled = i + 1
             if prechecked:
@@ -401,7 +418,7 @@ class Feed:
             elif whole:
                 yield item, None
             else:
-                yield self._checked(item if type(item) is kind else as_(item), "batch {}", i)
+                yield self._checked(item if type(item) is kind else dataset(item, f"batch {i}"), "batch {}", i)
 
     def _check_whole(self) -> bool:
         """Checks an Array(Multi)DataSetIterator's host arrays once, whole (shapes, label

@@ -45,8 +45,8 @@ def as_dataset(item: Any) -> DataSet | MultiDataSet:
             raise ConfigurationError(f"A batch dict has unknown keys {sorted(unknown)}; use features/labels/features_mask/labels_mask (or x/y).")
         return DataSet(**{k: next((item[n] for n in group if n in item), None) for k, group in names.items()})
     raise TypeError(
-        f"Expected a DataSet, an (x, y) pair or a dict with 'features' and 'labels'; got "
-        f"{type(item).__name__}."
+        "expected a DataSet, an (x, y) pair, an array of features or a dict with 'features' and "
+        f"'labels'; got {type(item).__name__}."
     )
 
 
@@ -77,7 +77,7 @@ def as_multi_dataset(item: Any) -> MultiDataSet:
         fields = (*item, *(None,) * (4 - len(item)))
     else:
         raise TypeError(
-            f"Expected a MultiDataSet or an (inputs, labels) pair of lists, e.g. ([x_a, x_b], [y]); "
+            f"expected a MultiDataSet or an (inputs, labels) pair of lists, e.g. ([x_a, x_b], [y]); "
             f"got {type(item).__name__}."
         )
     features, labels, features_masks, labels_masks = map(_as_tuple, fields)

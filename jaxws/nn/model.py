@@ -293,11 +293,13 @@ class Model(StepsMixin, OutputMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
             self.
 
         Raises:
-            InvalidBatchError: a batch that does not fit the model, or integer class labels
-                out of range. Host labels and device-resident data are judged before any
-                step runs; the labels of device batches are counted in the steps and
-                reported when ``fit`` returns, naming the first bad batch.
-            ConfigurationError: an argument out of range, or data with no batch.
+            InvalidBatchError: a batch that does not fit the model, an item of ``data`` that
+                is not a batch, or integer class labels out of range. Host labels and
+                device-resident data are judged before any step runs; the labels of device
+                batches are counted in the steps and reported when ``fit`` returns, naming
+                the first bad batch.
+            ConfigurationError: an argument out of range, ``data`` of a kind fit does not
+                take (None, a string, a number), or data with no batch.
         """
         self._require_init()
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:

@@ -184,7 +184,7 @@ class MultiLayerNetwork(Model):
                              f"(None, {expected[1]}) for sequences of any length.")
             raise InvalidBatchError(
                 f"{op}: layer 0 ({first.describe()}, class {type(first).__name__}) expects "
-                f"features of shape [{want}], received {list(got)}.{hint}"
+                f"features of shape [{want}], received {'None' if ds.features is None else list(got)}.{hint}"
             )
         lead = got[:2] if sequences else got[:1]
         check_mask(op, "features_mask", ds.features_mask, lead)
