@@ -5,6 +5,7 @@ import gc
 import itertools
 import logging
 import math
+import re
 import threading
 import time
 
@@ -459,6 +460,23 @@ def test_bad_arguments():
         AsyncDataSetIterator([], device=jax.devices()[0], sharding=jax.NamedSharding(jax.make_mesh((8,), ("d",)), jax.P()))
     with pytest.raises(ValueError, match="pad_axis=-1"):
         AsyncDataSetIterator([], pad_axis=-1)
+    with pytest.raises(jaxws.ConfigurationError, match=r"^AsyncDataSetIterator\(base=<NoneType>\): expected an iterator "
+                       r"or iterable of batches"):
+        AsyncDataSetIterator(None)
+    for source in (None, 3, "xy"):
+        with pytest.raises(jaxws.ConfigurationError, match=rf"^from_iterable\(source=<{type(source).__name__}>\): "
+                           r"expected .* or a function that makes one"):
+            from_iterable(source)
+    x, y = arrays(8)
+    for kwargs, fragment in (({"shuffle": "yes"}, "shuffle='yes'): expected True or False"),
+                             ({"drop_last": 1}, "drop_last=1): expected True or False"),
+                             ({"seed": 1.5}, "seed=1.5): expected an int >= 0"),
+                             ({"seed": -1}, "seed=-1): expected an int >= 0")):
+        with pytest.raises(jaxws.ConfigurationError, match=re.escape(f"ArrayDataSetIterator({fragment}")):
+            ArrayDataSetIterator(x, y, 4, **kwargs)
+    with pytest.raises(jaxws.ConfigurationError, match=r"ArrayDataSetIterator\(x=<NoneType>\): expected the features"):
+        ArrayDataSetIterator(None, y)
+    assert len(list(ArrayDataSetIterator(x, y, 4, shuffle=np.True_, seed=np.int64(3)))) == 2  # numpy's own kinds too
 
 
 # -- fit uses it --------------------------------------------------------------------------

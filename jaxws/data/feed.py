@@ -206,7 +206,7 @@ class Feed:
                 f"{op}(prefetch={prefetch!r}): expected an int >= 0, the host batches to read ahead "
                 "on a background thread (0: none)."
             )
-        if data is None or isinstance(data, (str, bytes)) or not (hasattr(data, "__iter__") or is_single_batch(data, multi)):
+        if isinstance(data, (str, bytes)) or not (hasattr(data, "__iter__") or callable(data) or is_single_batch(data, multi)):
             raise ConfigurationError(
                 f"{op}(data=<{type(data).__name__}>): expected a DataSet, an (x, y) pair of arrays, or an "
                 "iterable of those (a list, an iterator, a DataSetIterator)."

@@ -145,6 +145,16 @@ class ArrayDataSetIterator(DataSetIterator):
             raise ConfigurationError(f"ArrayDataSetIterator(batch_size={batch_size!r}): expected an int >= 1.")
         if resident not in (None, True, False):
             raise ConfigurationError(f"ArrayDataSetIterator(resident={resident!r}): expected None (auto), True or False.")
+        for name, flag in (("shuffle", shuffle), ("drop_last", drop_last)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise ConfigurationError(f"ArrayDataSetIterator({name}={flag!r}): expected True or False.")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ConfigurationError(f"ArrayDataSetIterator(seed={seed!r}): expected an int >= 0 (numpy's seeds are).")
+        if not hasattr(x, "__len__"):
+            raise ConfigurationError(
+                f"ArrayDataSetIterator(x=<{type(x).__name__}>): expected the features, an array "
+                "(or a nested list) with one row per example."
+            )
         n = len(x)
         for name, a in (("y", y), ("features_mask", features_mask), ("labels_mask", labels_mask)):
             if a is not None and len(a) != n:
@@ -308,10 +318,21 @@ def _take_rows(data: DataSet, rows: Any) -> DataSet:
     return jax.tree.map(lambda a: jnp.take(a, rows, axis=0), data)
 
 
+def refuse_non_source(source: Any, call: str) -> None:
+    """ConfigurationError for what cannot be a source of batches (None, a string, a number);
+    ``call`` names the argument, e.g. ``"from_iterable(source="``."""
+    if isinstance(source, (str, bytes)) or not (callable(source) or hasattr(source, "__iter__")):
+        raise ConfigurationError(
+            f"{call}<{type(source).__name__}>): expected an iterator or iterable of batches (a "
+            "DataSetIterator, a list, a generator) or a function that makes one (lambda: my_loader())."
+        )
+
+
 class IterableDataSetIterator(DataSetIterator):
     """Wraps an iterable, or a factory of iterables, that yields batches."""
 
     def __init__(self, source: Iterable | Callable[[], Iterable]):
+        refuse_non_source(source, "from_iterable(source=")
         self._factory = source if callable(source) and not hasattr(source, "__iter__") else None
         self._source = source
         self.reset_supported = self._factory is not None or not isinstance(source, Iterator)

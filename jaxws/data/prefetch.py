@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxws.configuration import ResetPolicy, WorkspaceConfiguration
 from jaxws.data.dataset import DataSet, _device_key, signature
-from jaxws.data.iterators import DataSetIterator, IterableDataSetIterator, as_dataset, from_iterable
+from jaxws.data.iterators import DataSetIterator, IterableDataSetIterator, as_dataset, from_iterable, refuse_non_source
 from jaxws.data.placement import Placement
 from jaxws.errors import AsyncIteratorError, ConfigurationError, WorkspaceError
 from jaxws.manager import get_workspace_manager
@@ -266,6 +266,7 @@ class AsyncDataSetIterator(DataSetIterator):
         if pad_axis is not None and (isinstance(pad_axis, bool) or not isinstance(pad_axis, int) or pad_axis < 0):
             raise ConfigurationError(f"{name}(pad_axis={pad_axis!r}): expected an axis index >= 0 (1 = time).")
         if not hasattr(base, "__next__"):
+            refuse_non_source(base, f"{name}(base=")
             base = from_iterable(base)
         self.id = f"ASYNC_ITERATOR_{next(_ids)}"
         self.base = base
