@@ -246,11 +246,13 @@ def test_bad_batches_name_the_input_or_output():
     (a, b), (c, v) = two_by_two_batches(1)[0]
     with pytest.raises(InvalidBatchError, match=r"input 'b' expects features of shape \[batch, 3\]"):
         graph.fit(([a, a], [c, v]), progress=False)
-    with pytest.raises(InvalidBatchError, match=r"2 output\(s\) \['classes', 'value'\], the batch 1"):
+    with pytest.raises(InvalidBatchError, match=r"2 output\(s\) \['classes', 'value'\], the batch 1 label array\(s\); "
+                       r"pass one per output, in that order\."):
         graph.fit(([a, b], [c]), progress=False)
     with pytest.raises(InvalidBatchError, match="labels out of range for loss mcxent of output 'classes'"):
         graph.fit(([a, b], [c + 5, v]), progress=False)
-    with pytest.raises(InvalidBatchError, match=r"the graph has 2 input\(s\) \['a', 'b'\], the batch 1"):
+    with pytest.raises(InvalidBatchError, match=r"the graph has 2 input\(s\) \['a', 'b'\], the batch 1 feature "
+                       r"array\(s\); pass one per input, in that order: \[x_a, x_b\]\."):
         graph.fit((a, c), progress=False)  # a DataSet is a graph's batch of one input and one output
     assert graph.iteration == 0
     graph.fit(([a, b], [c, v]), progress=False)  # still usable

@@ -145,7 +145,9 @@ class ComputationGraph(Model):
     def _check_shapes(self, ds: MultiDataSet, op: str) -> None:
         inputs, shapes = self.conf.inputs, self.conf.input_shapes
         if len(ds.features) != len(inputs):
-            raise InvalidBatchError(f"{op}: the graph has {len(inputs)} input(s) {list(inputs)}, the batch {len(ds.features)}.")
+            raise InvalidBatchError(
+                f"{op}: the graph has {len(inputs)} input(s) {list(inputs)}, the batch {len(ds.features)} "
+                f"feature array(s); pass one per input, in that order: [{', '.join(f'x_{n}' for n in inputs)}].")
         batch = np.shape(ds.features[0])[0] if np.ndim(ds.features[0]) else None
         fmasks = _masks(ds.features_masks, len(inputs))
         if len(fmasks) != len(inputs):
@@ -163,7 +165,9 @@ class ComputationGraph(Model):
                 raise InvalidBatchError(f"{op}: the batch has no labels; pass ([inputs...], [labels...]) with one label array per output {list(self.conf.outputs)}.")
             return
         if len(ds.labels) != len(self._heads):
-            raise InvalidBatchError(f"{op}: the graph has {len(self._heads)} output(s) {list(self.conf.outputs)}, the batch {len(ds.labels)} label array(s).")
+            raise InvalidBatchError(
+                f"{op}: the graph has {len(self._heads)} output(s) {list(self.conf.outputs)}, the batch "
+                f"{len(ds.labels)} label array(s); pass one per output, in that order.")
         lmasks = _masks(ds.labels_masks, len(ds.labels))
         for i, (name, head, labels, mask) in enumerate(zip(self.conf.outputs, self._heads, ds.labels, lmasks)):
             shape, given = self.shapes[name], np.shape(labels)
