@@ -420,6 +420,7 @@ def test_an_exception_in_the_data_surfaces_with_its_cause():
         ParallelWrapper(net, workers=2, averaging_frequency=1).fit(jaxws.data.from_iterable(loader))
     assert isinstance(info.value.__cause__, OSError)
     assert net.iteration == 2
+    assert info.value.batch == 4 and "producing batch 4 (counting from 0)" in str(info.value)  # batches, not rounds
 
 
 def test_score_reported_after_averaging_is_printed_by_default(capsys):

@@ -479,7 +479,7 @@ class Feed:
         except AsyncIteratorError as e:
             if isinstance(e.__cause__, WorkspaceError):
                 raise e.__cause__ from None  # our own check, run in the prefetch thread: say it plainly
-            error = AsyncIteratorError(ring.id, self._pulled)  # counted in batches, not groups
+            error = AsyncIteratorError(ring.id, self.pulled)  # counted in batches, not groups
             raise error from e.__cause__
         finally:
             self._ring = None
@@ -505,6 +505,12 @@ class Feed:
     def in_memory(self) -> int | None:
         """The batches of a pass where they are in memory (a DataSet, a pair, a list), else None."""
         return len(self.source) if self._prechecked else None
+
+    @property
+    def pulled(self) -> int:
+        """Batches taken from the source in the current pass: where a source fails, the index
+        of the batch it failed to make (a ring's own count is of what it yielded: groups)."""
+        return self._pulled
 
     @property
     def one_batch(self) -> bool:

@@ -359,7 +359,7 @@ class ParallelWrapper:
                     except AsyncIteratorError as e:
                         if isinstance(e.__cause__, (InvalidBatchError, ConfigurationError)):
                             raise e.__cause__ from None  # our own check, in the prefetch thread
-                        raise
+                        raise AsyncIteratorError(e.iterator_id, feed.pulled) from e.__cause__  # batches, not groups
                     finally:
                         if isinstance(groups, AsyncDataSetIterator):
                             groups.close()
