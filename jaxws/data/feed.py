@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,14 @@ import numpy as np
 
 from jaxws.arrays import check_arrays
 from jaxws.data.dataset import DataSet, Judged, MultiDataSet, Rows, Steps, _device_key, _host_key, signature
-from jaxws.data.iterators import ArrayDataSetIterator, ArrayMultiDataSetIterator, as_dataset, as_multi_dataset, from_iterable
+from jaxws.data.iterators import (
+    ArrayDataSetIterator,
+    ArrayMultiDataSetIterator,
+    as_dataset,
+    as_multi_dataset,
+    from_iterable,
+    refuse_non_source,
+)
 from jaxws.data.placement import Placement, host_leaf
 from jaxws.data.prefetch import AsyncDataSetIterator, AsyncMultiDataSetIterator
 from jaxws.errors import AsyncIteratorError, ConfigurationError, InvalidBatchError, WorkspaceError
@@ -206,11 +213,8 @@ class Feed:
                 f"{op}(prefetch={prefetch!r}): expected an int >= 0, the host batches to read ahead "
                 "on a background thread (0: none)."
             )
-        if isinstance(data, (str, bytes)) or not (hasattr(data, "__iter__") or callable(data) or is_single_batch(data, multi)):
-            raise ConfigurationError(
-                f"{op}(data=<{type(data).__name__}>): expected a DataSet, an (x, y) pair of arrays, or an "
-                "iterable of those (a list, an iterator, a DataSetIterator)."
-            )
+        if not is_single_batch(data, multi):
+            refuse_non_source(data, f"{op}(data=", also="a DataSet, an (x, y) pair of arrays, ")
         if isinstance(data, tuple) and len(data) in (1, 5, 6) and hasattr(data[0], "shape"):
             raise ConfigurationError(
                 f"{op}(data=<a tuple of {len(data)} arrays>): a tuple is read as (features, labels"
@@ -477,10 +481,7 @@ class Feed:
         try:
             yield from ring
         except AsyncIteratorError as e:
-            if isinstance(e.__cause__, WorkspaceError):
-                raise e.__cause__ from None  # our own check, run in the prefetch thread: say it plainly
-            error = AsyncIteratorError(ring.id, self.pulled)  # counted in batches, not groups
-            raise error from e.__cause__
+            self.raise_from_ring(e)
         finally:
             self._ring = None
             ring.close()
@@ -506,11 +507,13 @@ class Feed:
         """The batches of a pass where they are in memory (a DataSet, a pair, a list), else None."""
         return len(self.source) if self._prechecked else None
 
-    @property
-    def pulled(self) -> int:
-        """Batches taken from the source in the current pass: where a source fails, the index
-        of the batch it failed to make (a ring's own count is of what it yielded: groups)."""
-        return self._pulled
+    def raise_from_ring(self, error: AsyncIteratorError) -> NoReturn:
+        """Raises what the failure of a ring over this feed's pass means: our own check's
+        error as it is (it ran in the prefetch thread), else the source's, at the batch the
+        source failed to make (the ring counts what it yielded: groups, where it stacks)."""
+        if isinstance(error.__cause__, WorkspaceError):
+            raise error.__cause__ from None
+        raise AsyncIteratorError(error.iterator_id, self._pulled) from error.__cause__
 
     @property
     def one_batch(self) -> bool:

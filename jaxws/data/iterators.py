@@ -318,12 +318,13 @@ def _take_rows(data: DataSet, rows: Any) -> DataSet:
     return jax.tree.map(lambda a: jnp.take(a, rows, axis=0), data)
 
 
-def refuse_non_source(source: Any, call: str) -> None:
+def refuse_non_source(source: Any, call: str, also: str = "") -> None:
     """ConfigurationError for what cannot be a source of batches (None, a string, a number);
-    ``call`` names the argument, e.g. ``"from_iterable(source="``."""
+    ``call`` names the argument, e.g. ``"from_iterable(source="``; ``also``: what else the
+    call takes, named first in the message."""
     if isinstance(source, (str, bytes)) or not (callable(source) or hasattr(source, "__iter__")):
         raise ConfigurationError(
-            f"{call}<{type(source).__name__}>): expected an iterator or iterable of batches (a "
+            f"{call}<{type(source).__name__}>): expected {also}an iterator or iterable of batches (a "
             "DataSetIterator, a list, a generator) or a function that makes one (lambda: my_loader())."
         )
 

@@ -16,9 +16,10 @@ from jaxws.errors import InvalidBatchError
 
 __all__ = ["LabelCheck"]
 
-_NONE = np.iinfo(np.int32).max  # the smallest of no label
-_LOWEST = np.iinfo(np.int32).min  # the largest of no label (``~_LOWEST == _NONE``), not ``-_NONE``: int32's
-# smallest is a label too, and the largest of a step of only that one must be reported as it is
+# The smallest and the largest of no label. Not -_NONE for the largest: int32's smallest is a
+# label too, and a step of only that one must report it as its largest. ~_LOWEST == _NONE.
+_NONE = np.iinfo(np.int32).max
+_LOWEST = np.iinfo(np.int32).min
 _RECYCLE_BELOW = 2**30  # steps a recycled check may have counted: its int32 counters stay exact
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxws.data.prefetch import AsyncDataSetIterator
-from jaxws.errors import AsyncIteratorError, ConfigurationError, InvalidBatchError
+from jaxws.errors import AsyncIteratorError, ConfigurationError
 from jaxws.interrupts import guarded
 from jaxws.manager import get_workspace_manager
 from jaxws.nn.listeners import StepLoss
@@ -357,9 +357,7 @@ class ParallelWrapper:
                                 with guard.released():
                                     self._report(score)
                     except AsyncIteratorError as e:
-                        if isinstance(e.__cause__, (InvalidBatchError, ConfigurationError)):
-                            raise e.__cause__ from None  # our own check, in the prefetch thread
-                        raise AsyncIteratorError(e.iterator_id, feed.pulled) from e.__cause__  # batches, not groups
+                        feed.raise_from_ring(e)
                     finally:
                         if isinstance(groups, AsyncDataSetIterator):
                             groups.close()
