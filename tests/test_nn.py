@@ -451,6 +451,9 @@ def test_rnn_time_step_equals_the_full_sequence():
     np.testing.assert_allclose(np.concatenate([np.stack(steps, 1), chunk], 1), full, rtol=1e-5, atol=1e-6)
     net.rnn_clear_previous_state()
     np.testing.assert_allclose(net.rnn_time_step(x[:, 0]), full[:, 0], rtol=1e-5, atol=1e-6)
+    # another batch size: a zero state, as after rnn_clear_previous_state (one example's own output)
+    np.testing.assert_allclose(net.rnn_time_step(x[:1, 0]), full[:1, 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net.rnn_time_step(x[:1, 1]), full[:1, 1], rtol=1e-5, atol=1e-6)
 
 
 def test_rnn_time_step_in_a_loop_judges_each_signature_once_and_leaves_the_inputs_alone():

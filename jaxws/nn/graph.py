@@ -232,7 +232,9 @@ class ComputationGraph(Model):
         """Runs ``inputs`` from the state of the previous call and keeps the new state.
 
         Each input is one step ``[batch, features]`` or several ``[batch, time, features]``;
-        returns the outputs (one step each, or the steps given), detached.
+        returns the outputs (one step each, or the steps given), detached. A batch of
+        another size than the carried state's starts from a zero state, as after
+        :meth:`rnn_clear_previous_state`.
         """
         self._require_init()
         ds, signature = self._inference_input(MultiDataSet(tuple(inputs)), "rnn_time_step", self._rnn_check)

@@ -227,7 +227,9 @@ class MultiLayerNetwork(Model):
         of steps ``[batch, time, features]``, whatever time length the configuration
         declares. The state is carried in buffers donated to each call (unless
         ``inference_workspace_mode`` is NONE); the output is detached. Shapes are judged
-        once per signature, and inputs go to the program as ``output``'s do.
+        once per signature, and inputs go to the program as ``output``'s do. A batch of
+        another size than the carried state's starts from a zero state, as after
+        :meth:`rnn_clear_previous_state`.
         """
         self._require_init()
         ds, signature = self._inference_input(DataSet(x), "rnn_time_step", self._rnn_check)
