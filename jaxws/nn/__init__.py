@@ -1,8 +1,8 @@
 """Networks under workspace modes: layers, LayerWorkspaceMgr, MultiLayerNetwork, models."""
 
 from jaxws.nn.checks import LabelCheck
-from jaxws.nn.checkpoints import Checkpoint
-from jaxws.nn.checkpoints import CheckpointListener
+from jaxws.nn.checkpoint_listener import Checkpoint
+from jaxws.nn.checkpoint_listener import CheckpointListener
 from jaxws.nn.checkpoints import read_meta
 from jaxws.nn.conf import NeuralNetConfiguration
 from jaxws.nn.listeners import StepLoss
