@@ -304,6 +304,20 @@ def test_keep_last_and_keep_every_keep_exactly_those(tmp_path):
     assert again.last_checkpoint().number == 7 and again.last_checkpoint().iteration == 14
 
 
+def test_a_listener_refuses_a_directory_with_numbered_entries_it_did_not_write(tmp_path):
+    """orbax counts every numbered entry as a step and deletes it past keep_last: the user's
+    run "0" and "7" would have gone with the first saves."""
+    runs = tmp_path / "runs"
+    for name in ("0", "7"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "notes.txt").write_text("mine")
+    with pytest.raises(jaxws.CheckpointError, match=r"'0', '7' there are not jaxws checkpoints; the listener would "
+                       r"count them among its own and delete them past keep_last\. Give it a directory of its own"):
+        CheckpointListener(runs, keep_last=1, save_every_n_iterations=1)
+    assert sorted(p.name for p in runs.iterdir()) == ["0", "7"]
+    assert all((runs / name / "notes.txt").read_text() == "mine" for name in ("0", "7"))
+
+
 def test_save_every_epoch_and_every_time_span(tmp_path):
     net = MultiLayerNetwork(configuration()).init()
     epochs = CheckpointListener(tmp_path / "epochs", save_every_n_epochs=2)

@@ -45,7 +45,8 @@ class CheckpointListener(TrainingListener):
 
     Args:
         directory: where the checkpoints go (created if needed; existing ones are kept and
-            numbering continues after them).
+            numbering continues after them). Numbered entries there that are not jaxws
+            checkpoints are refused (CheckpointError), never deleted.
         keep_last: how many of the latest to keep (None: all).
         keep_every: also keep every checkpoint whose number is a multiple of this.
         save_every_n_iterations, save_every_n_epochs: when to save.
@@ -111,6 +112,7 @@ class CheckpointListener(TrainingListener):
             item_names=ITEMS,
         )
         steps = self._manager.all_steps()
+        self._refuse_foreign(steps)
         self._next = (max(steps) + 1) if steps else 0
         self._last_save = time.monotonic()
         atexit.register(self.close)  # a save still being written at exit is finished, not torn
@@ -160,6 +162,27 @@ class CheckpointListener(TrainingListener):
         """The latest checkpoint kept, or None."""
         checkpoints = self.available_checkpoints()
         return checkpoints[-1] if checkpoints else None
+
+    def _refuse_foreign(self, steps: list[int]) -> None:
+        """Raises CheckpointError where ``directory`` holds numbered entries that are not
+        jaxws checkpoints: orbax counts them among the steps and deletes them past
+        ``keep_last``, whoever made them."""
+        foreign = []
+        for number in steps:
+            try:
+                self._meta(number)
+            except CheckpointError:
+                foreign.append(number)
+        if foreign:
+            self._manager.close()
+            self._manager = None
+            names = ", ".join(repr(str(number)) for number in foreign)
+            what, it = ("is not a jaxws checkpoint", "it") if len(foreign) == 1 else ("are not jaxws checkpoints", "them")
+            raise CheckpointError(
+                f"CheckpointListener({str(self.directory)!r}): {names} there {what}; the listener would "
+                f"count {it} among its own and delete {it} past keep_last. Give it a directory of its own "
+                "(new or empty, or one it wrote before)."
+            )
 
     def _meta(self, number: int) -> dict:
         try:
