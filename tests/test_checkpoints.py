@@ -6,6 +6,7 @@ consistent version even while the next step donates the buffers it was copied fr
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -169,6 +170,21 @@ def test_an_async_iterator_records_the_position_it_handed_out(tmp_path):
     again = data_iterator()
     again.load_state_dict(state)
     np.testing.assert_array_equal(next(again).features, next(data_iterator_at(3)).features)
+
+
+def test_a_state_that_is_not_a_state_dict_is_refused_and_the_iterator_stays_where_it_was():
+    it = data_iterator()
+    next(it)
+    state = it.state_dict()
+    for bad, fragment in ((dict(state, position=10_000), "position=10000, expected an int in 0.."),
+                          (dict(state, epoch=-1), "epoch=-1, expected an int >= 0"),
+                          (dict(state, position="16"), "position='16', expected an int in 0.."),
+                          (None, "load_state_dict(state=<NoneType>): expected the dict that state_dict() returned")):
+        again = data_iterator()
+        next(again)
+        with pytest.raises(jaxws.ConfigurationError, match=re.escape(fragment)):
+            again.load_state_dict(bad)
+        assert again.state_dict() == state  # nothing moved
 
 
 def data_iterator_at(batches):

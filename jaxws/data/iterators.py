@@ -223,12 +223,25 @@ class ArrayDataSetIterator(DataSetIterator):
         Raises:
             ConfigurationError: the state was taken over other data or another batching.
         """
+        if not isinstance(state, dict):
+            raise ConfigurationError(
+                f"ArrayDataSetIterator.load_state_dict(state=<{type(state).__name__}>): expected the "
+                "dict that state_dict() returned."
+            )
         for key in ("seed", "shuffle", "batch_size", "examples", "drop_last"):
             mine = getattr(self, "_n" if key == "examples" else key)
             if state.get(key) != mine:
                 raise ConfigurationError(
                     f"ArrayDataSetIterator.load_state_dict: the state has {key}={state.get(key)!r}, "
                     f"this iterator {mine!r}; resume with an iterator built as the saved one was."
+                )
+        for key, high in (("epoch", math.inf), ("position", self._n)):
+            value = state.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= high:
+                raise ConfigurationError(
+                    f"ArrayDataSetIterator.load_state_dict: the state has {key}={value!r}, expected "
+                    f"{'an int >= 0' if high == math.inf else f'an int in 0..{high}'}; pass the dict that "
+                    "state_dict() returned."
                 )
         self.epoch = int(state["epoch"])
         self._order = None
