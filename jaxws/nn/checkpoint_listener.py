@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from jaxws.errors import CheckpointError, ConfigurationError
-from jaxws.nn.checkpoints import ITEMS, _args, _checked_meta, _install, _model_from_meta, _ocp, _plan, content
+from jaxws.nn.checkpoints import (
+    ITEMS,
+    checked_meta,
+    content,
+    install,
+    items_args,
+    model_from_meta,
+    orbax_checkpoint,
+    restore_plan,
+)
 from jaxws.nn.listeners import TrainingListener
 
 __all__ = ["Checkpoint", "CheckpointListener"]
@@ -94,7 +103,7 @@ class CheckpointListener(TrainingListener):
                 "CheckpointListener: say when to save: save_every_n_iterations=, save_every_n_epochs= "
                 "or save_every= (seconds or a timedelta)."
             )
-        ocp = _ocp()
+        ocp = orbax_checkpoint()
         self.directory = Path(directory).absolute()
         self.save_every_n_iterations = save_every_n_iterations
         self.save_every_n_epochs = save_every_n_epochs
@@ -141,7 +150,7 @@ class CheckpointListener(TrainingListener):
         self._empty_trash()
         arrays, meta = content(model, save_updater=self.save_updater, iterator=self.iterator)
         number = self._next
-        manager.save(number, args=_args(arrays, meta))
+        manager.save(number, args=items_args(arrays, meta))
         self._next += 1
         self._last_save = time.monotonic()
         return number
@@ -186,10 +195,10 @@ class CheckpointListener(TrainingListener):
 
     def _meta(self, number: int) -> dict:
         try:
-            meta = self._open.restore(number, args=_args(None, None, restore=True)).meta
+            meta = self._open.restore(number, args=items_args(None, None, restore=True)).meta
         except Exception as e:
             raise CheckpointError(f"Cannot read checkpoint {number} in {self.directory}: {type(e).__name__}: {e}") from e
-        return _checked_meta(meta, f"Checkpoint {number} in {self.directory}")
+        return checked_meta(meta, f"Checkpoint {number} in {self.directory}")
 
     def _describe(self, number: int) -> Checkpoint:
         meta = self._meta(number)
@@ -216,13 +225,13 @@ class CheckpointListener(TrainingListener):
             raise CheckpointError(f"No checkpoint {number} in {self.directory}; available: {steps}.")
         meta = self._meta(number)
         if model is None:
-            model = _model_from_meta(meta, conf, f"checkpoint {number} in {self.directory}")
-        saved, _ = _plan(model, meta, load_updater, f"checkpoint {number} in {self.directory}")
+            model = model_from_meta(meta, conf, f"checkpoint {number} in {self.directory}")
+        saved, _ = restore_plan(model, meta, load_updater, f"checkpoint {number} in {self.directory}")
         try:
-            arrays = self._manager.restore(number, args=_args(saved, None, restore=True)).arrays
+            arrays = self._manager.restore(number, args=items_args(saved, None, restore=True)).arrays
         except Exception as e:
             raise CheckpointError(f"Cannot read the arrays of checkpoint {number} in {self.directory}: {e}") from e
-        _install(model, arrays, meta, load_updater)
+        install(model, arrays, meta, load_updater)
         return model
 
     def _empty_trash(self) -> None:

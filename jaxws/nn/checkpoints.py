@@ -26,8 +26,9 @@ FORMAT = "jaxws.checkpoint"
 ITEMS = ("arrays", "meta")  # the items of a checkpoint
 
 
-def _ocp():
-    import orbax.checkpoint as ocp  # imported when first used: it is not light
+def orbax_checkpoint():
+    """orbax.checkpoint, imported at its first use (it is not light), with its logging quietened."""
+    import orbax.checkpoint as ocp
 
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save at INFO
     return ocp
@@ -93,8 +94,8 @@ def content(model: Any, *, save_updater: bool = True, iterator: Any = None) -> t
     return arrays, meta
 
 
-def _args(arrays: dict | None, meta: dict | None, restore: bool = False):
-    ocp = _ocp()
+def items_args(arrays: dict | None, meta: dict | None, restore: bool = False):
+    ocp = orbax_checkpoint()
     if restore:
         template = None if arrays is None else {k: jax.ShapeDtypeStruct(tuple(s), np.dtype(d)) for k, (s, d) in arrays.items()}
         items = {"meta": ocp.args.JsonRestore()}
@@ -113,9 +114,9 @@ def save_model(model: Any, path: str | Path, *, save_updater: bool = True, itera
     path = Path(path).absolute()
     _refuse_to_replace(path)
     arrays, meta = content(model, save_updater=save_updater, iterator=iterator)
-    ocp = _ocp()
+    ocp = orbax_checkpoint()
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(path, args=_args(arrays, meta), force=True)
+        checkpointer.save(path, args=items_args(arrays, meta), force=True)
     return path
 
 
@@ -146,22 +147,22 @@ def read_meta(path: str | Path) -> dict:
     path = Path(path).absolute()
     if not path.exists():
         raise CheckpointError(f"No checkpoint at {path}: the directory does not exist.")
-    ocp = _ocp()
+    ocp = orbax_checkpoint()
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-            meta = checkpointer.restore(path, args=_args(None, None, restore=True)).meta
+            meta = checkpointer.restore(path, args=items_args(None, None, restore=True)).meta
     except Exception as e:  # orbax and tensorstore raise many kinds
         raise CheckpointError(f"Cannot read the checkpoint at {path}: {type(e).__name__}: {e}") from e
-    return _checked_meta(meta, path)
+    return checked_meta(meta, path)
 
 
-def _checked_meta(meta: Any, where: Any) -> dict:
+def checked_meta(meta: Any, where: Any) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{where} is not a jaxws checkpoint (its meta item holds no {FORMAT!r} format).")
     return meta
 
 
-def _plan(model: Any, meta: dict, load_updater: bool, where: Any) -> tuple[dict, Any]:
+def restore_plan(model: Any, meta: dict, load_updater: bool, where: Any) -> tuple[dict, Any]:
     """What to restore: the saved leaves to read, after checking they fit ``model``."""
     carry = model._require_init()
     expected = _describe(named_leaves(_carry_tree(model, carry, True)))
@@ -191,7 +192,7 @@ def _plan(model: Any, meta: dict, load_updater: bool, where: Any) -> tuple[dict,
     return saved, expected
 
 
-def _install(model: Any, arrays: dict, meta: dict, load_updater: bool) -> None:
+def install(model: Any, arrays: dict, meta: dict, load_updater: bool) -> None:
     """Puts restored arrays into ``model`` in one commit (or changes nothing)."""
     with model._lock:
         carry = model._require_init()
@@ -222,18 +223,18 @@ def restore_model(model: Any, path: str | Path, *, load_updater: bool = True) ->
     """
     path = Path(path).absolute()
     meta = read_meta(path)
-    saved, _ = _plan(model, meta, load_updater, path)
-    ocp = _ocp()
+    saved, _ = restore_plan(model, meta, load_updater, path)
+    ocp = orbax_checkpoint()
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-            arrays = checkpointer.restore(path, args=_args(saved, None, restore=True)).arrays
+            arrays = checkpointer.restore(path, args=items_args(saved, None, restore=True)).arrays
     except Exception as e:
         raise CheckpointError(f"Cannot read the arrays of the checkpoint at {path}: {type(e).__name__}: {e}") from e
-    _install(model, arrays, meta, load_updater)
+    install(model, arrays, meta, load_updater)
     return model
 
 
-def _model_from_meta(meta: dict, conf: Any, where: str) -> Any:
+def model_from_meta(meta: dict, conf: Any, where: str) -> Any:
     from jaxws.nn.conf import NeuralNetConfiguration
     from jaxws.nn.graph import ComputationGraph, ComputationGraphConfiguration
     from jaxws.nn.network import MultiLayerNetwork
