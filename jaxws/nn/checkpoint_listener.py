@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from jaxws.errors import CheckpointError, ConfigurationError
+from jaxws.interrupts import guarded
 from jaxws.nn.checkpoints import (
     ITEMS,
     checked_meta,
@@ -49,7 +50,9 @@ class CheckpointListener(TrainingListener):
     the last ``keep_last`` are kept, and every checkpoint whose number is a multiple of
     ``keep_every``. Saving is asynchronous: the arrays are copied to host memory at the
     save (so the next step may donate the device buffers) and written while training goes
-    on; each write is atomic. Between saves the listener costs an integer test (and a
+    on; each write is atomic. A KeyboardInterrupt during a save waits until the save has
+    started (written, when not asynchronous), so every checkpoint on disk is one the
+    listener counts and rotates. Between saves the listener costs an integer test (and a
     clock read with ``save_every``) per iteration: no host sync.
 
     Args:
@@ -150,7 +153,10 @@ class CheckpointListener(TrainingListener):
         self._empty_trash()
         arrays, meta = content(model, save_updater=self.save_updater, iterator=self.iterator)
         number = self._next
-        manager.save(number, args=items_args(arrays, meta))
+        # one commit: an interrupt inside orbax's save (its wait for the last write, its list of
+        # steps) left checkpoints on disk that it no longer counted, so never deleted past keep_last
+        with guarded() as guard, guard:
+            manager.save(number, args=items_args(arrays, meta))
         self._next += 1
         self._last_save = time.monotonic()
         return number
