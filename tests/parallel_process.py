@@ -24,6 +24,7 @@ def main(port: int, pid: int, out: str) -> None:
     batches = make_batches(16, seed=1)
     mine = [b for j, b in enumerate(batches) if (j % 4) // 2 == pid]
     net = network(optax.adam(1e-2))
+    net.save(f"{out}/checkpoint")  # replaced below, by the processes together
     jaxws.parallel.ParallelWrapper(net, averaging_frequency=2).fit(mine)
     leaves = jax.tree.leaves(net.params)
     np.savez(f"{out}/params_{pid}.npz", **{f"p{i}": np.asarray(a) for i, a in enumerate(leaves)})

@@ -140,6 +140,34 @@ def test_save_replaces_a_checkpoint_or_an_empty_directory_and_refuses_to_delete_
     assert MultiLayerNetwork.load(empty).iteration == net.iteration == 7
 
 
+
+@pytest.mark.parametrize("failure", [OSError("No space left on device"), KeyboardInterrupt()])
+def test_a_save_that_fails_midway_leaves_the_checkpoint_it_was_replacing(failure, tmp_path, monkeypatch):
+    from jaxws.nn.checkpoints import orbax_checkpoint
+
+    net = MultiLayerNetwork(configuration()).init()
+    path = net.save(tmp_path / "net")
+    saved = jaxws.detach(net.params)
+    net.fit(data_iterator(), progress=False)
+    handler = orbax_checkpoint().CompositeCheckpointHandler
+    original = handler.save
+
+    def fails_midway(self, directory, *args, **kwargs):
+        original(self, directory, *args, **kwargs)  # written, not yet renamed into place
+        raise failure
+
+    monkeypatch.setattr(handler, "save", fails_midway)
+    with pytest.raises(type(failure)):
+        net.save(path)
+    monkeypatch.setattr(handler, "save", original)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net"]  # nothing half-written left beside it
+    old = MultiLayerNetwork.load(path)  # orbax's force=True had deleted it before writing
+    assert old.iteration == 0
+    jax.tree.map(np.testing.assert_array_equal, old.params, saved)
+    net.save(path)  # and the next save replaces it
+    assert MultiLayerNetwork.load(path).iteration == net.iteration == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net"]
+
 def test_an_async_checkpoint_holds_its_iteration_though_the_next_step_donates(tmp_path):
     net = MultiLayerNetwork(configuration(Sgd(0.1))).init()
     trajectory = {}

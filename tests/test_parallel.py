@@ -498,6 +498,7 @@ def test_two_processes_equal_one_process(tmp_path):
     with pytest.raises(jaxws.ConfigurationError, match=r"raw optax transformation .*load\(path, conf=\.\.\.\)"):
         MultiLayerNetwork.load(tmp_path / "checkpoint")  # the network was built with optax.adam
     restored = MultiLayerNetwork.load(tmp_path / "checkpoint", conf=net.conf)  # written by two processes, read by one
+    assert not [p.name for p in tmp_path.iterdir() if "jaxws" in p.name]  # the replaced one swapped out and removed
     assert restored.iteration == net.iteration
     assert_tree_close(restored.params, net.params)
     assert_tree_close(restored.updater_state, net.updater_state)

@@ -9,7 +9,10 @@ rotating set written asynchronously, in :mod:`jaxws.nn.checkpoint_listener`.
 from __future__ import annotations
 
 import datetime
+import glob
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ import numpy as np
 
 from jaxws.arrays import allow_reads
 from jaxws.errors import CheckpointError
+from jaxws.interrupts import guarded
 
 __all__ = ["save_model", "restore_model", "read_meta"]
 
@@ -109,15 +113,45 @@ def save_model(model: Any, path: str | Path, *, save_updater: bool = True, itera
     """Writes ``model`` to the directory ``path``; returns the path. A jaxws checkpoint or
     an empty directory there is replaced; anything else is refused (CheckpointError).
 
-    The write is atomic: orbax writes a temporary directory and renames it when complete.
+    The write is atomic (orbax writes a temporary directory and renames it when complete),
+    and so is a replacement: the new checkpoint is written beside ``path`` and swapped in
+    when whole, so a save that fails or is interrupted leaves what was there as it was.
+    (orbax's own ``force=True`` deletes the old checkpoint before writing the new one.)
     """
     path = Path(path).absolute()
     _refuse_to_replace(path)
     arrays, meta = content(model, save_updater=save_updater, iterator=iterator)
     ocp = orbax_checkpoint()
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(path, args=items_args(arrays, meta), force=True)
+    replacing = path.exists() or path.is_symlink()
+    target = path.with_name(f".{path.name}.jaxws-new") if replacing else path
+    primary = jax.process_index() == 0
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            # force: what may be at target is a leftover of ours (or, for a new path, a race)
+            checkpointer.save(target, args=items_args(arrays, meta), force=True)
+    except BaseException:
+        if replacing and primary:  # the half-written new one; the old one is untouched
+            for leftover in path.parent.glob(f"{glob.escape(target.name)}*"):
+                _remove(leftover)
+        raise
+    if replacing:
+        if primary:
+            old = path.with_name(f".{path.name}.jaxws-old")
+            _remove(old)  # a leftover of a swap cut short by a killed process
+            with guarded() as guard, guard:  # both renames or neither
+                os.replace(path, old)
+                os.replace(target, path)
+            _remove(old)
+        if jax.process_count() > 1:  # no process returns (and loads) before the swap
+            ocp.multihost.sync_global_processes("jaxws.save_model: swapped in")
     return path
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _refuse_to_replace(path: Path) -> None:
