@@ -168,6 +168,30 @@ def test_a_save_that_fails_midway_leaves_the_checkpoint_it_was_replacing(failure
     assert MultiLayerNetwork.load(path).iteration == net.iteration == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net"]
 
+
+def test_an_interrupt_inside_a_restore_leaves_one_whole_version(tmp_path, monkeypatch):
+    import _thread
+
+    net = MultiLayerNetwork(configuration()).init()
+    net.fit(data_iterator(), progress=False)
+    path = net.save(tmp_path / "net")
+    trained = jaxws.detach(net.params)
+    fresh = MultiLayerNetwork(configuration()).init()
+    wrap = jax.random.wrap_key_data
+
+    def interrupted_between(*args, **kwargs):  # called after the params are put, before the counters
+        _thread.interrupt_main()
+        for _ in range(1000):  # the interrupt arrives here
+            pass
+        return wrap(*args, **kwargs)
+
+    monkeypatch.setattr(jax.random, "wrap_key_data", interrupted_between)
+    with pytest.raises(KeyboardInterrupt):
+        fresh.restore(path)
+    monkeypatch.setattr(jax.random, "wrap_key_data", wrap)
+    assert (fresh.iteration, fresh.epoch) == (7, 1)  # the restore finished, then the interrupt was raised
+    jax.tree.map(np.testing.assert_array_equal, fresh.params, trained)
+
 def test_an_async_checkpoint_holds_its_iteration_though_the_next_step_donates(tmp_path):
     net = MultiLayerNetwork(configuration(Sgd(0.1))).init()
     trajectory = {}

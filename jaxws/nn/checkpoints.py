@@ -240,12 +240,13 @@ def install(model: Any, arrays: dict, meta: dict, load_updater: bool) -> None:
             else:
                 leaves.append(jnp.asarray(arrays[name], dtype=old.dtype))
         restored = jax.tree.unflatten(treedef, leaves)
-        model._carry = carry._replace(params=restored["params"], state=restored["state"],
-                                      opt_state=restored["updater"] if load_updater and meta["updater_saved"]
-                                      else model._updater.init(restored["params"]))
-        model._rng = jax.random.wrap_key_data(restored["rng"], impl=meta["rng_impl"])
-        model.iteration, model.epoch = meta["iteration"], meta["epoch"]
-        model._restored_position = meta.get("iterator")
+        opt_state = (restored["updater"] if load_updater and meta["updater_saved"]
+                     else model._updater.init(restored["params"]))
+        with guarded() as guard, guard:  # an interrupt never leaves new params at the old iteration
+            model._carry = carry._replace(params=restored["params"], state=restored["state"], opt_state=opt_state)
+            model._rng = jax.random.wrap_key_data(restored["rng"], impl=meta["rng_impl"])
+            model.iteration, model.epoch = meta["iteration"], meta["epoch"]
+            model._restored_position = meta.get("iterator")
 
 
 def restore_model(model: Any, path: str | Path, *, load_updater: bool = True) -> Any:
