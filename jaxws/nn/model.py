@@ -21,6 +21,7 @@ import optax
 from jaxws.arrays import allow_reads, check_arrays, detach
 from jaxws.configuration import SpillPolicy, WorkspaceConfiguration
 from jaxws.data.dataset import DataSet
+from jaxws.data.iterators import ArrayDataSetIterator
 from jaxws.data.feed import Feed, Judged, Rows, Steps, prepare
 from jaxws.data.feed import signature as signature_of
 from jaxws.errors import ConfigurationError, WorkspaceError
@@ -43,6 +44,30 @@ TRAINING_CONF = WorkspaceConfiguration(policy_spill=SpillPolicy.REALLOCATE)
 
 
 _NO_CYCLE = contextlib.nullcontext()  # a NONE-mode step's: nothing invalidated (reusable, made once)
+
+
+class _LeftAtTheStepsTaken:
+    """Around fit's feed: where fit ends by an exception (an interrupt, a bad batch), the
+    ArrayDataSetIterator it was reading is put back at the first batch no step took (the
+    async ring reads ahead of the steps; a device-resident pass moves the cursor as it
+    takes the next batch), so ``fit(it)`` called again trains on each batch once."""
+
+    __slots__ = ("_model", "_before")
+
+    def __init__(self, model: Model):
+        self._model = model
+        self._before = model._position
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        taken = self._model._position
+        if exc_type is None or taken is None or taken is self._before:  # no pass of this call began
+            return
+        source = taken["source"]
+        if isinstance(source, ArrayDataSetIterator) and source.epoch == taken["epoch"]:
+            source.seek(taken["position"])
 
 
 class Model(StepsMixin, OutputMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
@@ -273,7 +298,9 @@ class Model(StepsMixin, OutputMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         (never copied, donated or invalidated: they stay yours). Each step runs in a
         workspace cycle (except in NONE mode) with the carry donated; nothing is read back
         from the device unless a listener reads the loss. A KeyboardInterrupt stops
-        training between steps: the model keeps the state of the last completed step.
+        training between steps: the model keeps the state of the last completed step, and
+        an ArrayDataSetIterator stands at the first batch no step took (``fit(it)`` again
+        goes on from there).
 
         Args:
             data: the training data.
@@ -327,7 +354,7 @@ class Model(StepsMixin, OutputMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         tqdm = tqdm_class() if progress else None
         workspaces = manager._workspaces
         donates = mode.donates
-        with feed, guarded() as guard:
+        with _LeftAtTheStepsTaken(self), feed, guarded() as guard:
             for _ in tqdm(range(epochs), desc="epochs", leave=False) if progress and epochs > 1 else range(epochs):
                 for listener in self.listeners:
                     listener.on_epoch_start(self, self.epoch)
