@@ -400,6 +400,22 @@ def test_an_abandoned_iterator_is_collected_and_its_threads_joined():
     assert prefetch_threads() == []
 
 
+
+@pytest.mark.parametrize("failing", ["load", "put"])
+def test_an_interrupt_while_the_threads_start_leaves_no_thread(failing, monkeypatch):
+    start = threading.Thread.start
+
+    def interrupted(self):  # as an interrupt landing in start()'s wait for the thread to run
+        start(self)
+        if self.name.endswith(failing):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        AsyncDataSetIterator(from_iterable(lambda: (np.ones(2) for _ in range(1000))), 2)
+    monkeypatch.undo()
+    assert prefetch_threads() == []  # stopped and joined at once: before, the loader waited for room forever
+
 def test_larger_batches_grow_the_slot_without_a_warning(caplog):
     sizes = [4, 4, 16, 4, 64]  # 48-byte batches learn a 96-byte slot (limit 1.0), then grow twice
     base = from_iterable([(np.ones((n, 2), np.float32), np.zeros(n, np.float32)) for n in sizes])

@@ -189,7 +189,7 @@ def _shutdown(stop: threading.Event, tokens: threading.Semaphore, hq: queue.Simp
     tokens.release()  # wakes a loader waiting for room
     hq.put((None, _STOP))  # wakes the transfer thread
     for thread in threads:
-        if thread is not threading.current_thread():
+        if thread is not threading.current_thread() and thread.is_alive():  # one not started is not joined
             thread.join()
     while True:  # what was placed and never taken: freed now
         try:
@@ -298,9 +298,15 @@ class AsyncDataSetIterator(DataSetIterator):
         if not stage:
             threads += (threading.Thread(target=_place, args=(loaded, self._queue, stop, self._prepare),
                                          name=f"{name}-put", daemon=True),)
-        for thread in threads:
-            thread.start()
+        # registered first: an interrupt inside a start() (which waits for the thread to run)
+        # left threads no finalizer would stop, blocked for good on a full ring
         self._finalizer = weakref.finalize(self, _shutdown, stop, self._tokens, loaded, self._queue, threads)
+        try:
+            for thread in threads:
+                thread.start()
+        except BaseException:
+            self._finalizer()
+            raise
 
     def _stop_threads(self) -> None:
         if self._finalizer is not None:
