@@ -156,6 +156,36 @@ def test_do_evaluation_interrupted_anywhere_keeps_whole_batches():
     assert not any(a.is_deleted() for a in jax.tree.leaves(net._carry))
 
 
+
+def test_an_interrupt_as_rnn_time_step_returns_keeps_the_state_it_made():
+    from jaxws.nn import LSTM, RnnOutputLayer
+
+    conf = NeuralNetConfiguration(layers=[LSTM(8), RnnOutputLayer(3)], input_shape=(None, 4))
+    net = MultiLayerNetwork(conf).init()
+    x = np.random.default_rng(0).normal(size=(2, 6, 4)).astype(np.float32)
+    full = np.asarray(net.output(x))
+    net.rnn_time_step(x[:, 0])
+    program = net._rnn_fn
+
+    class InterruptedAsItReturns:  # the state donated, the new one not yet kept
+        def _call_planned(self, *args):
+            out = program._call_planned(*args)
+            _thread.interrupt_main()
+            for _ in range(1000):  # the interrupt arrives here
+                pass
+            return out
+
+        __call__ = _call_planned
+
+    net._rnn_fn = InterruptedAsItReturns()
+    with pytest.raises(KeyboardInterrupt):
+        net.rnn_time_step(x[:, 1])
+    net._rnn_fn = program
+    # before: the state was deleted and every later call raised DeletedArrayError
+    assert not any(a.is_deleted() for a in jax.tree.leaves(net._rnn_state))
+    for t in range(2, 6):  # the interrupted step's state was kept: the sequence goes on
+        np.testing.assert_allclose(net.rnn_time_step(x[:, t]), full[:, t], rtol=1e-5, atol=1e-6)
+
 def test_parallel_wrapper_interrupted_anywhere_keeps_a_consensus():
     data = batches(32)
     net = network()

@@ -234,7 +234,8 @@ class ComputationGraph(Model):
         Each input is one step ``[batch, features]`` or several ``[batch, time, features]``;
         returns the outputs (one step each, or the steps given), detached. A batch of
         another size than the carried state's starts from a zero state, as after
-        :meth:`rnn_clear_previous_state`.
+        :meth:`rnn_clear_previous_state`. A KeyboardInterrupt during a call leaves the
+        state of before or after it, never a donated one.
         """
         self._require_init()
         ds, signature = self._inference_input(MultiDataSet(tuple(inputs)), "rnn_time_step", self._rnn_check)

@@ -229,7 +229,8 @@ class MultiLayerNetwork(Model):
         ``inference_workspace_mode`` is NONE); the output is detached. Shapes are judged
         once per signature, and inputs go to the program as ``output``'s do. A batch of
         another size than the carried state's starts from a zero state, as after
-        :meth:`rnn_clear_previous_state`.
+        :meth:`rnn_clear_previous_state`. A KeyboardInterrupt during a call leaves the
+        state of before or after it, never a donated one.
         """
         self._require_init()
         ds, signature = self._inference_input(DataSet(x), "rnn_time_step", self._rnn_check)

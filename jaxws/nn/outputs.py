@@ -17,6 +17,7 @@ from jaxws.data.dataset import DataSet, _device_key
 from jaxws.data.dataset import signature as _signature
 from jaxws.data.feed import _on_host, prepare
 from jaxws.errors import WorkspaceError
+from jaxws.interrupts import guarded
 from jaxws.manager import get_workspace_manager
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.step import WorkspaceFunction, jit
@@ -160,7 +161,9 @@ class OutputMixin:
             donated = (0,) if self.inference_workspace_mode.donates else ()
             fn = self._rnn_fn = jit(rnn_step, donate_argnums=donated, static_argnames=("single", "steps_only"))
         kwargs = {"single": single, "steps_only": steps_only}
-        with get_workspace_manager().scope_out_of_workspaces(), self._lock:
+        # one commit: an interrupt after the call donated the state and before the new one was
+        # kept left the model a deleted state, which every later call refused
+        with get_workspace_manager().scope_out_of_workspaces(), self._lock, guarded() as guard, guard:
             carry = self._carry
             args = (state, carry.params, carry.state, tuple(xs))
             outs, self._rnn_state = fn(*args, **kwargs) if signature is None else fn._call_planned(signature, args, kwargs)
