@@ -186,6 +186,28 @@ def test_an_interrupt_as_rnn_time_step_returns_keeps_the_state_it_made():
     for t in range(2, 6):  # the interrupted step's state was kept: the sequence goes on
         np.testing.assert_allclose(net.rnn_time_step(x[:, t]), full[:, t], rtol=1e-5, atol=1e-6)
 
+
+def test_an_interrupt_as_an_evaluators_update_returns_keeps_the_counts_it_made():
+    ev = Evaluation()
+    labels, predictions = np.array([0, 1, 2, 1], np.int32), np.eye(3, dtype=np.float32)[[0, 1, 1, 1]]
+    ev.eval(labels, predictions)
+    update = ev._jit_update
+
+    def interrupted_as_it_returns(*args):  # the state donated, the new one not yet kept
+        out = update(*args)
+        _thread.interrupt_main()
+        for _ in range(1000):  # the interrupt arrives here
+            pass
+        return out
+
+    ev._jit_update = interrupted_as_it_returns
+    with pytest.raises(KeyboardInterrupt):
+        ev.eval(labels, predictions)
+    ev._jit_update = update
+    assert not any(a.is_deleted() for a in jax.tree.leaves(ev.state))  # before: deleted, every call refused
+    ev.eval(labels, predictions)
+    assert int(ev.confusion_matrix().sum()) == 12 and ev.accuracy() == 0.75
+
 def test_parallel_wrapper_interrupted_anywhere_keeps_a_consensus():
     data = batches(32)
     net = network()

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxws.errors import EvaluationError
+from jaxws.interrupts import guarded
 
 __all__ = ["Evaluator", "flatten_batch"]
 
@@ -158,8 +159,11 @@ class Evaluator(abc.ABC):
         rows = int(np.prod(predictions.shape[:-1])) if predictions.ndim > 1 else predictions.shape[0]
         if self._jit_update is None:
             self._jit_update = jax.jit(self.update, donate_argnums=0)
-        state = self._reserve(self.state, rows)
-        self.state = self._jit_update(state, jnp.asarray(labels), predictions, None if mask is None else jnp.asarray(mask))
+        labels, mask = jnp.asarray(labels), None if mask is None else jnp.asarray(mask)
+        # one commit: an interrupt after the update donated the state and before the new one
+        # was kept left a deleted state, which every later call refused
+        with guarded() as guard, guard:
+            self.state = self._jit_update(self._reserve(self.state, rows), labels, predictions, mask)
 
     def reset(self) -> None:
         """Forgets everything evaluated so far."""
