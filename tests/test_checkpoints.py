@@ -498,3 +498,26 @@ def test_a_parallel_wrapper_checkpoints_the_averaged_model(tmp_path):
     restored = listener.load_checkpoint(last.number)
     assert last.iteration == net.iteration == 3
     jax.tree.map(np.testing.assert_array_equal, restored.params, net.params)
+
+
+
+@pytest.mark.parametrize("trained_before", [False, True])
+def test_a_parallel_wrapper_checkpoint_resumes_its_iterator_where_the_rounds_stopped(trained_before, tmp_path):
+    r = np.random.default_rng(2)
+    x, y = r.normal(size=(256, 5)).astype(np.float32), r.integers(0, 3, 256).astype(np.int32)
+    net = MultiLayerNetwork(configuration(Sgd(0.1))).init()
+    it = ArrayDataSetIterator(x, y, 16)
+    if trained_before:  # a plain fit over the same iterator first: its resume point is not this pass's
+        net.fit(it, progress=False)
+    listener = CheckpointListener(tmp_path / "pw", save_every_n_iterations=2, iterator=it, asynchronous=False)
+    net.add_listeners(listener)
+    ParallelWrapper(net, workers=2, averaging_frequency=2).fit(it)  # 4 groups of 4 batches
+    first = listener.available_checkpoints()[0]
+    # before: the ring's read-ahead (position 256), or the earlier fit's position (epoch 0)
+    assert (first.iterator["epoch"], first.iterator["position"]) == (int(trained_before), 64)
+    resumed = listener.load_checkpoint(first.number)
+    again = ArrayDataSetIterator(x, y, 16)
+    again.load_state_dict(first.iterator)
+    ParallelWrapper(resumed, workers=2, averaging_frequency=2).fit(again)
+    assert resumed.iteration == net.iteration
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), resumed.params, net.params)

@@ -231,6 +231,34 @@ def test_parallel_wrapper_interrupted_anywhere_keeps_a_consensus():
                      net.params, consensus[net.iteration])
 
 
+
+def test_a_parallel_wrapper_over_an_iterator_interrupted_anywhere_resumes_where_the_rounds_stopped():
+    from jaxws.data import ArrayDataSetIterator
+
+    x, y = (np.concatenate(arrays) for arrays in zip(*batches(32)))
+    net = network()
+    initial = jaxws.detach(net.params)
+    it = ArrayDataSetIterator(x, y, 8)
+    wrapper = ParallelWrapper(net, workers=2, averaging_frequency=2)  # prefetched: the ring reads ahead
+    wrapper.fit(it)
+    whole = jaxws.detach(net.params)
+    duration = timed(lambda: (net.set_params(initial), it.reset(), wrapper.fit(it)))
+    rng = random.Random(5)
+    resumed = 0
+    for _ in range(TRIALS // 2):
+        net.set_params(initial)
+        net.iteration = 0
+        it.reset()
+        if not interrupted(lambda: wrapper.fit(it), rng.uniform(0, duration)):
+            continue
+        assert it.position == 16 * net.iteration  # a round: one batch of 8 for each of 2 workers
+        if net.iteration < 16:
+            wrapper.fit(it)  # the rest of the epoch
+            resumed += 1
+        assert net.iteration == 16
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), net.params, whole)
+    assert resumed >= TRIALS // 8
+
 def test_an_interrupt_inside_a_commit_waits_for_it():
     order = []
     with guarded() as guard:

@@ -46,24 +46,25 @@ TRAINING_CONF = WorkspaceConfiguration(policy_spill=SpillPolicy.REALLOCATE)
 _NO_CYCLE = contextlib.nullcontext()  # a NONE-mode step's: nothing invalidated (reusable, made once)
 
 
-class _LeftAtTheStepsTaken:
-    """Around fit's feed: where fit ends by an exception (an interrupt, a bad batch), the
-    ArrayDataSetIterator it was reading is put back at the first batch no step took (the
-    async ring reads ahead of the steps; a device-resident pass moves the cursor as it
-    takes the next batch), so ``fit(it)`` called again trains on each batch once."""
+class LeftAtTheStepsTaken:
+    """Around a fit's pass over ``feed`` (``fit``'s, ParallelWrapper's): where it ends by an
+    exception (an interrupt, a bad batch), the ArrayDataSetIterator it was reading is put
+    back at the first batch no step took (the async ring reads ahead of the steps; a
+    device-resident pass moves the cursor as it takes the next batch), so ``fit(it)``
+    called again trains on each batch once. The pass's ``feed.origin`` (the model's
+    ``_position``) counts the examples the steps took."""
 
-    __slots__ = ("_model", "_before")
+    __slots__ = ("_feed",)
 
-    def __init__(self, model: Model):
-        self._model = model
-        self._before = model._position
+    def __init__(self, feed: Feed):
+        self._feed = feed
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        taken = self._model._position
-        if exc_type is None or taken is None or taken is self._before:  # no pass of this call began
+        taken = self._feed.origin
+        if exc_type is None or taken is None:
             return
         source = taken["source"]
         if isinstance(source, ArrayDataSetIterator) and source.epoch == taken["epoch"]:
@@ -354,7 +355,7 @@ class Model(StepsMixin, OutputMixin, CheckpointMixin, EvaluationMixin, abc.ABC):
         tqdm = tqdm_class() if progress else None
         workspaces = manager._workspaces
         donates = mode.donates
-        with _LeftAtTheStepsTaken(self), feed, guarded() as guard:
+        with LeftAtTheStepsTaken(feed), feed, guarded() as guard:
             for _ in tqdm(range(epochs), desc="epochs", leave=False) if progress and epochs > 1 else range(epochs):
                 for listener in self.listeners:
                     listener.on_epoch_start(self, self.epoch)

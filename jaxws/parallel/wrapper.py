@@ -7,6 +7,7 @@ stacked on a ``workers`` mesh axis and donated every program. One program runs k
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import math
@@ -22,7 +23,7 @@ from jaxws.errors import AsyncIteratorError, ConfigurationError
 from jaxws.interrupts import guarded
 from jaxws.manager import get_workspace_manager
 from jaxws.nn.listeners import StepLoss
-from jaxws.nn.model import TRAINING_CONF, TRAINING_WORKSPACE, Model, TrainState
+from jaxws.nn.model import TRAINING_CONF, TRAINING_WORKSPACE, LeftAtTheStepsTaken, Model, TrainState
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.parallel.distributed import worker_devices
 from jaxws.parallel.groups import Group, deal, stack
@@ -293,7 +294,8 @@ class ParallelWrapper:
     # -- fit -------------------------------------------------------------------------------
 
     def _groups(self, feed: Any):
-        """Device groups of k rounds from a pass of checked batches; prefetched if asked.
+        """Device groups of k rounds from a pass of checked batches; prefetched if asked;
+        with the count of examples in each group (a deque filled as they are stacked).
 
         A source that is itself asynchronous (an AsyncDataSetIterator) is read on this
         thread, which owns it, and so are batches in memory that make one group: there is
@@ -305,12 +307,17 @@ class ParallelWrapper:
                 self.model._check_batch(ds, "ParallelWrapper.fit", shapes=False)  # their labels' values
             return ds
 
+        def counted(slots):  # the examples of each group, in order, for the model's resume point
+            examples.append(sum(ds.num_examples for row in slots for ds in row if ds is not None))
+            return stack(slots)
+
+        examples = collections.deque()
         dealt = deal(map(on_host, feed), self.local_workers, self.averaging_frequency)
         one_group = (feed.in_memory or math.inf) <= self.local_workers * self.averaging_frequency
         if self.prefetch_buffer and getattr(feed.source, "async_supported", True) and not one_group:
             sharding = None if self.backend == "pmap" else self.sharding
-            return AsyncDataSetIterator(dealt, self.prefetch_buffer, sharding=sharding, collate=stack)
-        return (jax.tree.map(lambda a: self._place(a), stack(slots)) for slots in dealt)
+            return AsyncDataSetIterator(dealt, self.prefetch_buffer, sharding=sharding, collate=counted), examples
+        return (jax.tree.map(lambda a: self._place(a), counted(slots)) for slots in dealt), examples
 
     def _place(self, a: np.ndarray):
         if self.backend == "pmap":
@@ -322,8 +329,10 @@ class ParallelWrapper:
 
         The model keeps its parameters until the end, then takes the consensus of the last
         averaging; a KeyboardInterrupt or an error on the way leaves it the consensus of
-        the last completed program, with ``iteration`` counting exactly those rounds. The
-        batches given are read, never deleted.
+        the last completed program, with ``iteration`` counting exactly those rounds, and an
+        ArrayDataSetIterator at the first batch those rounds did not take (the position a
+        CheckpointListener given ``iterator=`` records too). The batches given are read,
+        never deleted.
 
         Raises:
             InvalidBatchError: a batch does not fit the model; the model keeps the last
@@ -338,10 +347,11 @@ class ParallelWrapper:
         with model._lock:
             stacked = self._replicas_for(model._require_init())
         manager = get_workspace_manager()
-        with guarded() as guard:
+        with LeftAtTheStepsTaken(feed), guarded() as guard:
             try:
                 for _ in range(epochs):
-                    groups = self._groups(feed)
+                    groups, examples = self._groups(feed)
+                    model._position = feed.origin  # where an ArrayDataSetIterator stands before this pass
                     try:
                         for group in groups:
                             cycle = (manager.get_workspace_for_current_thread(TRAINING_CONF, TRAINING_WORKSPACE)
@@ -351,6 +361,9 @@ class ParallelWrapper:
                                 rounds = group.active.shape[1]
                                 self.rounds += rounds
                                 model.iteration += rounds
+                                taken = examples.popleft()
+                                if model._position is not None:  # the resume point a checkpoint records
+                                    model._position["position"] += taken
                                 if model.listeners:  # they see (and checkpoint) the averaged model
                                     with model._lock:
                                         model._carry = self._consensus(stacked)
