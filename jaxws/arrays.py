@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxws.errors import (
+    ConfigurationError,
     DeletedArrayError,
     LeakedWorkspacePointerError,
     OutdatedWorkspacePointerError,
@@ -165,7 +166,7 @@ def leverage_to(target: Workspace | str, tree: Any) -> Any:
     manager = get_workspace_manager()
     ws = manager.workspace(target) if isinstance(target, str) else target
     if not isinstance(ws, Workspace):
-        raise TypeError(f"leverage_to(target={target!r}): expected a Workspace or its id.")
+        raise ConfigurationError(f"leverage_to(target={target!r}): expected a Workspace or its id.")
     ws._check_thread("leverage arrays to")
     if not ws.is_scope_active:
         raise WorkspaceError(

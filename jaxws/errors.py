@@ -37,8 +37,12 @@ class WorkspaceError(RuntimeError):
     """Base class of every jaxws error: a workspace was misused."""
 
 
-class ConfigurationError(WorkspaceError, ValueError):
-    """An argument or configuration value is invalid; the message names it and the fix."""
+class ConfigurationError(WorkspaceError, ValueError, TypeError):
+    """An argument or configuration value is invalid; the message names it and the fix.
+
+    Also a ValueError and a TypeError: code that catches either for a bad argument (a
+    value out of range, an object of the wrong kind) catches it.
+    """
 
 
 class _StalePointerError(WorkspaceError):

@@ -110,7 +110,7 @@ class WorkspaceManager:
             )
         if ws is None:
             if conf is not None and not isinstance(conf, WorkspaceConfiguration):
-                raise TypeError(f"conf={conf!r}: expected a jaxws.WorkspaceConfiguration.")
+                raise ConfigurationError(f"conf={conf!r}: expected a jaxws.WorkspaceConfiguration.")
             ws = self._workspaces[id] = Workspace(self, conf or WorkspaceConfiguration(), id)
         return ws
 

@@ -428,6 +428,46 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoints_whole(tmp_pat
         assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(restored.params))
 
 
+
+def test_bad_arguments_to_save_load_and_the_listener_are_refused_by_name(tmp_path):
+    net = MultiLayerNetwork(configuration()).init()
+    path = net.save(tmp_path / "net")
+    kept = [np.array(a) for a in jax.tree.leaves(net._carry)]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    refused = [  # before: Python's TypeErrors, 'no' taken as True, nothing recorded without a word
+        (lambda: net.save(None), r"save\(path=None\): expected a directory path"),
+        (lambda: net.save(""), r"save\(path=''\): expected a directory path"),
+        (lambda: net.save(tmp_path / "a", save_updater="no"), r"save\(save_updater='no'\): expected True or False"),
+        (lambda: net.save(tmp_path / "b", iterator=iter([])), r"save\(iterator=<list_iterator>\): it has no state_dict"),
+        (lambda: net.restore(None), r"restore\(path=None\)"),
+        (lambda: net.restore(path, load_updater="no"), r"restore\(load_updater='no'\)"),
+        (lambda: MultiLayerNetwork.load(5), r"MultiLayerNetwork.load\(path=5\)"),
+        (lambda: CheckpointListener(None, save_every_n_iterations=1), r"CheckpointListener\(directory=None\)"),
+        (lambda: CheckpointListener(notes, save_every_n_iterations=1), r"notes.txt'\): that is a file"),
+        (lambda: CheckpointListener(tmp_path / "c", save_every_n_iterations=1, asynchronous="no"),
+         r"CheckpointListener\(asynchronous='no'\)"),
+        (lambda: MultiLayerNetwork(5), r"MultiLayerNetwork\(conf=5\): expected a NeuralNetConfiguration"),
+    ]
+    for call, message in refused:
+        with pytest.raises(jaxws.ConfigurationError, match=message):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net", "notes.txt"]  # nothing written
+    assert notes.read_text() == "mine"
+    for a, b in zip(jax.tree.leaves(net._carry), kept):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    listener = CheckpointListener(tmp_path / "run", save_every_n_iterations=1, asynchronous=False)
+    listener.save(net)
+    for number, message in (("0", r"number='0'\): expected a checkpoint's number"), (True, "number=True")):
+        with pytest.raises(jaxws.ConfigurationError, match=message):
+            listener.load_checkpoint(number)
+    with pytest.raises(jaxws.ConfigurationError, match=r"load_checkpoint\(model=<int>\)"):
+        listener.load_checkpoint(model=5)
+    assert listener.load_checkpoint(np.int64(0)).iteration == 0  # a numpy integer is a number
+    with pytest.raises(TypeError):  # a wrong kind of argument is a TypeError too, as Python's would be
+        MultiLayerNetwork(5)
+    listener.close()
+
 def test_bad_checkpoints_name_the_problem_and_change_nothing(tmp_path):
     net = MultiLayerNetwork(configuration()).init()
     net.fit(data_iterator(), progress=False)

@@ -44,7 +44,7 @@ def as_dataset(item: Any) -> DataSet | MultiDataSet:
         if unknown:
             raise ConfigurationError(f"A batch dict has unknown keys {sorted(unknown)}; use features/labels/features_mask/labels_mask (or x/y).")
         return DataSet(**{k: next((item[n] for n in group if n in item), None) for k, group in names.items()})
-    raise TypeError(
+    raise ConfigurationError(
         "expected a DataSet, an (x, y) pair, an array of features or a dict with 'features' and "
         f"'labels'; got {type(item).__name__}."
     )
@@ -76,7 +76,7 @@ def as_multi_dataset(item: Any) -> MultiDataSet:
     elif isinstance(item, (tuple, list)) and 1 <= len(item) <= 4:
         fields = (*item, *(None,) * (4 - len(item)))
     else:
-        raise TypeError(
+        raise ConfigurationError(
             f"expected a MultiDataSet or an (inputs, labels) pair of lists, e.g. ([x_a, x_b], [y]); "
             f"got {type(item).__name__}."
         )

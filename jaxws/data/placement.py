@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxws._internals import ArrayImpl as _ArrayImpl
+from jaxws.errors import ConfigurationError
 
 __all__ = ["Placement", "host_leaf"]
 
@@ -47,7 +48,7 @@ def host_leaf(x: Any) -> Any:
     """``x`` unchanged if it is a JAX array, else as a numpy array of numbers.
 
     Lists and scalars become arrays here, so a batch given as nested lists works as numpy
-    does; strings and objects are refused with a TypeError.
+    does; strings and objects are refused with a ConfigurationError (a TypeError).
     """
     if isinstance(x, jax.Array):
         return x
@@ -56,7 +57,7 @@ def host_leaf(x: Any) -> Any:
     if numeric is None:  # once per dtype: jnp.issubdtype knows bfloat16 and the other ml_dtypes
         numeric = _NUMERIC[array.dtype] = bool(jnp.issubdtype(array.dtype, jnp.number) or array.dtype == bool)
     if not numeric:
-        raise TypeError(
+        raise ConfigurationError(
             f"A batch leaf of type {type(x).__name__} (dtype {array.dtype}) is not numeric data; "
             "pass numpy or JAX arrays of numbers (or nested lists of numbers)."
         )

@@ -96,7 +96,7 @@ class EvaluationMixin:
             raise ConfigurationError("do_evaluation(data, *evaluations): pass at least one evaluator, e.g. jaxws.eval.Evaluation().")
         for i, ev in enumerate(evaluations):
             if not isinstance(ev, Evaluator):
-                raise TypeError(f"do_evaluation: evaluations[{i}]={ev!r} is not a jaxws.eval.Evaluator.")
+                raise ConfigurationError(f"do_evaluation: evaluations[{i}]={ev!r} is not a jaxws.eval.Evaluator.")
             if any(ev is other for other in evaluations[:i]):
                 raise ConfigurationError(
                     f"do_evaluation: evaluations[{i}] is the same {type(ev).__name__} object as an "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import numbers
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +19,10 @@ from jaxws.errors import CheckpointError, ConfigurationError
 from jaxws.interrupts import guarded
 from jaxws.nn.checkpoints import (
     ITEMS,
+    checked_flag,
+    checked_iterator,
     checked_meta,
+    checked_path,
     content,
     install,
     items_args,
@@ -106,8 +110,17 @@ class CheckpointListener(TrainingListener):
                 "CheckpointListener: say when to save: save_every_n_iterations=, save_every_n_epochs= "
                 "or save_every= (seconds or a timedelta)."
             )
+        directory = checked_path(directory, "CheckpointListener(directory")
+        if directory.exists() and not directory.is_dir():
+            raise ConfigurationError(
+                f"CheckpointListener(directory={str(directory)!r}): that is a file; give the listener a "
+                "directory of its own (new or empty, or one it wrote before)."
+            )
+        checked_flag(save_updater, "CheckpointListener(save_updater")
+        checked_flag(asynchronous, "CheckpointListener(asynchronous")
+        checked_iterator(iterator, "CheckpointListener(iterator")
         ocp = orbax_checkpoint()
-        self.directory = Path(directory).absolute()
+        self.directory = directory
         self.save_every_n_iterations = save_every_n_iterations
         self.save_every_n_epochs = save_every_n_epochs
         self.save_every = save_every
@@ -221,6 +234,18 @@ class CheckpointListener(TrainingListener):
         Raises:
             CheckpointError: no such checkpoint, or it does not fit ``model``.
         """
+        if number is not None and (isinstance(number, bool) or not isinstance(number, numbers.Integral)):
+            raise ConfigurationError(
+                f"load_checkpoint(number={number!r}): expected a checkpoint's number (an int; "
+                "available_checkpoints() lists them), or None for the last."
+            )
+        if model is not None and not callable(getattr(model, "_require_init", None)):
+            raise ConfigurationError(
+                f"load_checkpoint(model=<{type(model).__name__}>): expected a jaxws model of the saved "
+                "architecture (MultiLayerNetwork, ComputationGraph, FunctionalModel), or None."
+            )
+        checked_flag(load_updater, "load_checkpoint(load_updater")
+        number = None if number is None else int(number)
         self.wait()
         steps = sorted(self._open.all_steps())
         if number is None:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxws.arrays import allow_reads
-from jaxws.errors import CheckpointError
+from jaxws.errors import CheckpointError, ConfigurationError
 from jaxws.interrupts import guarded
 
 __all__ = ["save_model", "restore_model", "read_meta"]
@@ -36,6 +36,33 @@ def orbax_checkpoint():
 
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every save at INFO
     return ocp
+
+
+def checked_path(path: Any, where: str) -> Path:
+    """``path`` as an absolute Path; ConfigurationError naming ``where`` (``save(path``)
+    for what is not a path."""
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ConfigurationError(f"{where}={path!r}): expected a directory path (a str or pathlib.Path).")
+    return Path(path).absolute()
+
+
+def checked_flag(value: Any, where: str) -> bool:
+    """``value`` if it is a bool; ConfigurationError naming ``where`` (``save(save_updater``)."""
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{where}={value!r}): expected True or False.")
+    return value
+
+
+def checked_iterator(iterator: Any, where: str) -> Any:
+    """``iterator`` if it can record a position (or None); ConfigurationError otherwise,
+    where nothing would be recorded without a word."""
+    if iterator is not None and not callable(getattr(iterator, "state_dict", None)):
+        raise ConfigurationError(
+            f"{where}=<{type(iterator).__name__}>): it has no state_dict(), so no position would be "
+            "recorded. Pass the training ArrayDataSetIterator (or an AsyncDataSetIterator around one), "
+            "or None."
+        )
+    return iterator
 
 
 def _name(path: tuple) -> str:
@@ -118,7 +145,9 @@ def save_model(model: Any, path: str | Path, *, save_updater: bool = True, itera
     when whole, so a save that fails or is interrupted leaves what was there as it was.
     (orbax's own ``force=True`` deletes the old checkpoint before writing the new one.)
     """
-    path = Path(path).absolute()
+    path = checked_path(path, "save(path")
+    checked_flag(save_updater, "save(save_updater")
+    checked_iterator(iterator, "save(iterator")
     _refuse_to_replace(path)
     arrays, meta = content(model, save_updater=save_updater, iterator=iterator)
     ocp = orbax_checkpoint()
@@ -178,7 +207,7 @@ def read_meta(path: str | Path) -> dict:
     Raises:
         CheckpointError: nothing readable there.
     """
-    path = Path(path).absolute()
+    path = checked_path(path, "read_meta(path")
     if not path.exists():
         raise CheckpointError(f"No checkpoint at {path}: the directory does not exist.")
     ocp = orbax_checkpoint()
@@ -256,7 +285,8 @@ def restore_model(model: Any, path: str | Path, *, load_updater: bool = True) ->
         CheckpointError: no checkpoint there, an unreadable one, or one that does not fit
             ``model`` (the message names the leaf); ``model`` is then unchanged.
     """
-    path = Path(path).absolute()
+    path = checked_path(path, "restore(path")
+    checked_flag(load_updater, "restore(load_updater")
     meta = read_meta(path)
     saved, _ = restore_plan(model, meta, load_updater, path)
     ocp = orbax_checkpoint()
@@ -293,6 +323,8 @@ def model_from_meta(meta: dict, conf: Any, where: str) -> Any:
 def load_model(cls: type, conf_cls: type, path: str, load_updater: bool, conf: Any) -> Any:
     """A ``cls`` model rebuilt from the checkpoint at ``path`` (its saved configuration, or
     ``conf``), with the checkpoint's state."""
+    path = checked_path(path, f"{cls.__name__}.load(path")
+    checked_flag(load_updater, f"{cls.__name__}.load(load_updater")
     meta = read_meta(path)
     if meta.get("model") != cls.__name__:
         raise CheckpointError(f"The checkpoint at {path} holds a {meta.get('model')}, not a {cls.__name__}.")

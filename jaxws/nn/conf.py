@@ -65,7 +65,7 @@ class NetworkSettings:
                     "WorkspaceMode.NONE, ENABLED, SINGLE or SEPARATE."
                 )
         if not (hasattr(self.updater, "init") and hasattr(self.updater, "update")):
-            raise TypeError(
+            raise ConfigurationError(
                 f"{name}(updater={self.updater!r}): expected a named updater such as "
                 "jaxws.nn.Adam(1e-3), or an optax GradientTransformation, e.g. optax.adam(1e-3)."
             )
@@ -180,7 +180,7 @@ class NeuralNetConfiguration(NetworkSettings):
             )
         for i, layer in enumerate(layers):
             if not (hasattr(layer, "init") and hasattr(layer, "activate")):
-                raise TypeError(
+                raise ConfigurationError(
                     f"NeuralNetConfiguration: layers[{i}]={layer!r} is not a layer (it needs "
                     "init(key, input_shape) and activate(params, state, x, training, mgr))."
                 )

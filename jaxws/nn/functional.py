@@ -13,6 +13,7 @@ import optax
 
 from jaxws.arrays import detach
 from jaxws.errors import ConfigurationError
+from jaxws.nn.checkpoints import checked_path
 from jaxws.nn.model import Model, TrainState
 from jaxws.nn.modes import WorkspaceMode
 from jaxws.nn.updaters import Adam, Updater
@@ -50,7 +51,7 @@ class FunctionalModel(Model):
         inference_workspace_mode: WorkspaceMode = WorkspaceMode.ENABLED,
     ):
         if not callable(apply) or not callable(loss):
-            raise TypeError("FunctionalModel(apply, params, loss=...): apply and loss must be callables.")
+            raise ConfigurationError("FunctionalModel(apply, params, loss=...): apply and loss must be callables.")
         updater = updater or Adam(1e-3)
         super().__init__(updater.build() if isinstance(updater, Updater) else updater,
                          training_workspace_mode, inference_workspace_mode)
@@ -73,6 +74,7 @@ class FunctionalModel(Model):
         Raises:
             CheckpointError: no checkpoint there, or one of another structure.
         """
+        checked_path(path, "FunctionalModel.load(path")
         model = cls(apply, params, loss=loss, updater=updater, state=state, **kwargs)
         return model.restore(path, load_updater=load_updater)
 

@@ -60,7 +60,7 @@ class ComputationGraph(Model):
 
     def __init__(self, conf: ComputationGraphConfiguration):
         if not isinstance(conf, ComputationGraphConfiguration):
-            raise TypeError(
+            raise ConfigurationError(
                 f"ComputationGraph(conf={conf!r}): expected a ComputationGraphConfiguration, from "
                 "NeuralNetConfiguration.builder()...graph_builder()...build()."
             )

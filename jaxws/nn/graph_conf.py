@@ -106,7 +106,7 @@ class ComputationGraphConfiguration(NetworkSettings):
                 raise ConfigurationError(f"graph_builder: the name {name!r} is used twice; vertex and input names must be unique.")
             known.append(name)
             if not (hasattr(op, "init") and hasattr(op, "activate")):
-                raise TypeError(f"graph_builder: vertex {name!r} is {op!r}, not a layer or GraphVertex.")
+                raise ConfigurationError(f"graph_builder: vertex {name!r} is {op!r}, not a layer or GraphVertex.")
             if not inputs:
                 raise ConfigurationError(f"graph_builder: vertex {name!r} has no inputs; add_layer(name, layer, 'input_name').")
             low, high = getattr(op, "n_inputs", (1, None))

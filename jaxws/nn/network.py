@@ -96,7 +96,7 @@ class MultiLayerNetwork(Model):
 
     def __init__(self, conf: NeuralNetConfiguration):
         if not isinstance(conf, NeuralNetConfiguration):
-            raise TypeError(f"MultiLayerNetwork(conf={conf!r}): expected a NeuralNetConfiguration.")
+            raise ConfigurationError(f"MultiLayerNetwork(conf={conf!r}): expected a NeuralNetConfiguration.")
         super().__init__(conf.optax_updater(), conf.training_workspace_mode, conf.inference_workspace_mode)
         self.conf = conf
         self.layers = conf.layers

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxws.errors import WorkspaceValidationError
+from jaxws.errors import ConfigurationError, WorkspaceValidationError
 
 __all__ = ["ArrayType", "LayerWorkspaceMgr", "validate_activations"]
 
@@ -65,7 +65,7 @@ class LayerWorkspaceMgr:
     def leverage_to(self, array_type: ArrayType, array: jax.Array) -> jax.Array:
         """``array``, placed in ``array_type`` (no copy)."""
         if not isinstance(array_type, ArrayType):
-            raise TypeError(f"leverage_to(array_type={array_type!r}): expected a jaxws.nn.ArrayType.")
+            raise ConfigurationError(f"leverage_to(array_type={array_type!r}): expected a jaxws.nn.ArrayType.")
         return checkpoint_name(array, array_type.value) if self.enabled else array
 
     def dup(self, array_type: ArrayType, array: jax.Array) -> jax.Array:

@@ -156,7 +156,7 @@ class ParallelInference:
 
     def _replicate(self, model: Model) -> _Serving:
         if not isinstance(model, Model):
-            raise TypeError(f"ParallelInference(model={model!r}): expected a jaxws.nn Model (MultiLayerNetwork, FunctionalModel).")
+            raise ConfigurationError(f"ParallelInference(model={model!r}): expected a jaxws.nn Model (MultiLayerNetwork, FunctionalModel).")
         with model._lock:  # one committed version, copied before any later step donates it
             carry = model._require_init()
             replicas = [jax.device_put((carry.params, carry.state), d, may_alias=False) for d in self._devices]

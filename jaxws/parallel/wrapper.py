@@ -117,7 +117,7 @@ class ParallelWrapper:
         printer: Callable[[str], None] = print,
     ):
         if not isinstance(model, Model):
-            raise TypeError(f"ParallelWrapper(model={model!r}): expected a jaxws.nn Model (MultiLayerNetwork, FunctionalModel).")
+            raise ConfigurationError(f"ParallelWrapper(model={model!r}): expected a jaxws.nn Model (MultiLayerNetwork, FunctionalModel).")
         model._require_init()
         devices = list(mesh.devices.flat) if mesh is not None else worker_devices()
         if mesh is not None and AXIS not in mesh.axis_names:
