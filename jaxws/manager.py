@@ -111,6 +111,10 @@ class WorkspaceManager:
         if ws is None:
             if conf is not None and not isinstance(conf, WorkspaceConfiguration):
                 raise ConfigurationError(f"conf={conf!r}: expected a jaxws.WorkspaceConfiguration.")
+            if not isinstance(id, str) or not id:
+                raise ConfigurationError(
+                    f"get_workspace_for_current_thread(id={id!r}): expected a workspace name (a non-empty str)."
+                )
             ws = self._workspaces[id] = Workspace(self, conf or WorkspaceConfiguration(), id)
         return ws
 
@@ -126,6 +130,11 @@ class WorkspaceManager:
         Its arrays raise LeakedWorkspacePointerError afterwards. With no cycle left open,
         the workspace loop is over: Python's gc state is restored at once.
         """
+        if not isinstance(ws, Workspace):
+            raise ConfigurationError(
+                f"destroy_workspace(ws={ws!r}): expected a Workspace; get one by its id with "
+                "get_workspace_manager().workspace(id)."
+            )
         ws._check_thread("destroy")
         if ws._destroyed:
             return
@@ -272,6 +281,8 @@ class MemoryManager:
 
     def toggle_periodic_gc(self, enabled: bool) -> None:
         """False: no collections at all while workspace loops run."""
+        if not isinstance(enabled, bool):
+            raise ConfigurationError(f"toggle_periodic_gc(enabled={enabled!r}): expected True or False.")
         with self._cond:
             self._periodic = bool(enabled)
             self._collect_due = self._due(time.monotonic())

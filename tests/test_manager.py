@@ -192,6 +192,24 @@ def test_memory_manager_close_joins_its_thread():
 def test_bad_gc_window():
     with pytest.raises(ValueError, match="ms=-5"):
         jaxws.get_memory_manager().set_auto_gc_window(-5)
+    periodic = jaxws.get_memory_manager().periodic_gc_enabled
+    with pytest.raises(jaxws.ConfigurationError, match=r"toggle_periodic_gc\(enabled='no'\): expected True or False"):
+        jaxws.get_memory_manager().toggle_periodic_gc("no")  # before: taken as True
+    assert jaxws.get_memory_manager().periodic_gc_enabled == periodic
+
+
+def test_workspace_ids_are_names_and_destroy_takes_a_workspace():
+    manager = jaxws.get_workspace_manager()
+    for bad in (None, 5, ""):  # before: made, and then every list of the ids failed to sort
+        with pytest.raises(jaxws.ConfigurationError, match=rf"id={bad!r}\): expected a workspace name"):
+            manager.get_workspace_for_current_thread(id=bad)
+    ws = manager.get_workspace_for_current_thread(id="NAMED")
+    with pytest.raises(jaxws.WorkspaceError, match=r"No workspace \[NOPE\] on this thread \(workspaces here: .*NAMED"):
+        jaxws.leverage_to("NOPE", jnp.ones(2))
+    with pytest.raises(jaxws.ConfigurationError, match=r"destroy_workspace\(ws='NAMED'\): expected a Workspace"):
+        manager.destroy_workspace("NAMED")  # before: AttributeError
+    manager.destroy_workspace(ws)
+    assert not manager.check_if_workspace_exists("NAMED")
 
 
 def test_memory_plan_and_device_stats():
