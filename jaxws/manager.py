@@ -326,11 +326,16 @@ class MemoryManager:
                 self._was_enabled = gc.isenabled()
                 gc.disable()
                 self._gc_off = True
-                if self._thread is None and not self._closed:
-                    self._thread = threading.Thread(
+                if (self._thread is None or not self._thread.is_alive()) and not self._closed:
+                    thread = self._thread = threading.Thread(
                         target=self._restore_when_idle, name="jaxws-gc-window", daemon=True
                     )
-                    self._thread.start()
+                    try:
+                        thread.start()  # waits for the thread to run: an interrupt may land here
+                    except BaseException:
+                        if not thread.is_alive():  # no watcher may ever restore gc: now, then
+                            self._restore()
+                        raise
                 else:
                     self._cond.notify()
 

@@ -7,6 +7,8 @@ attached to it (a tag on the array) and deleted when the cycle ends, unless deta
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import sys
 import threading
 import warnings
 import weakref
@@ -33,6 +35,8 @@ __all__ = ["Workspace", "WorkspaceStatistics"]
 
 _TAG = "_jaxws_attachment"  # attribute set on every attached jax.Array
 _get_ident = threading.get_ident
+_getframe = sys._getframe
+_PAUSES = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR  # frames that pause
 
 
 class _Attachment:
@@ -98,6 +102,8 @@ class Workspace:
         self.cycles = 0  # cycles completed
         self._depth = 0
         self._pending_activation = False
+        self._opener = None  # the frame that opened the current cycle (fast path), and where
+        self._opener_at = -1
         self._invalid_through = 0  # arrays of generations <= this are invalid
         self._destroyed = False
         self._arrays: dict[int, list[weakref.ref]] = {}
@@ -153,16 +159,48 @@ class Workspace:
             # _scope_entered, inline (every call and branch here is paid per step)
             self._depth = 1
             self.generation += 1
+            self._opener = opener = _getframe(1)  # who opened it: see _skipped_exit
+            self._opener_at = opener.f_lasti
             manager = self._manager
-            manager._stack.append(self)
             manager._active += 1
-            if manager._active == 1 and not manager._memory._gc_off:
-                manager._memory._loop_entered()
+            try:  # an interrupt raised after the append (or in gc's thread start) ends the cycle
+                manager._stack.append(self)
+                if manager._active == 1 and not manager._memory._gc_off:
+                    manager._memory._loop_entered()
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
         elif self._pending_activation:
             self._pending_activation = False  # the cycle activate() opened
+        elif self._skipped_exit():
+            self.__exit__(None, None, None)  # the exit an interrupt skipped: that cycle ends now
+            self.__enter__()
+            self._opener, self._opener_at = (opener := _getframe(1)), opener.f_lasti
         else:
             self._enter()
         return self
+
+    def _skipped_exit(self) -> bool:
+        """Whether this thread's open cycle is one whose ``__exit__`` never ran: an interrupt
+        that arrived during the last call of a ``with ws:`` body is raised as ``__exit__``
+        starts, before its first line, leaving the cycle open (gc off, the next ``with ws:``
+        nested in it and nothing invalidated). It is one if the function that opened it has
+        returned (a function's frame, not a generator's: those pause inside cycles), or is
+        entering it again at the same ``with`` statement (a loop that went on)."""
+        opener = self._opener
+        if self._depth != 1 or opener is None or self._owner != _get_ident() or self._destroyed:
+            return False
+        caller = _getframe(2)
+        if opener is caller:
+            return caller.f_lasti == self._opener_at
+        if opener.f_code.co_flags & _PAUSES:
+            return False
+        frame = caller
+        while frame is not None:
+            if frame is opener:
+                return False
+            frame = frame.f_back
+        return True
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._depth != 1 or self._owner != _get_ident() or self._destroyed:
@@ -172,36 +210,39 @@ class Workspace:
         # comes here for the outermost level). Every call here is paid per step, so the
         # manager's _scope_left and _loop_left are inline.
         self._depth = 0
-        generation = self.generation - self._lag
-        if generation == self._invalid_through + 1:  # the usual case: one cycle to invalidate
-            refs = self._arrays.pop(generation, None)
-            if refs:
-                self._delete(refs, generation)
-            self._invalid_through = generation
-        else:
-            self._invalidate_through(generation)
-        need = self._cycle_need
-        if need > self.peak_size:
-            self.peak_size = need
-        self.cycles += 1
-        if not self._initialized:
-            self._learned = max(self._learned, need)
-            if self.cycles >= self.config.learning_cycles:
-                self.current_size = max(self.current_size, self.config.round_up(self._learned))
-                self._initialized = True
-        self._cycle_out = self._cycle_temp = self._cycle_need = 0
+        self._opener = None
         manager = self._manager
-        stack = manager._stack
-        if stack[-1] is self:
-            stack.pop()
-            manager._active -= 1
-            if manager._active == 0:  # the manager's _loop_left
-                manager._loops += 1
-                memory = manager._memory
-                if memory._collect_due:
-                    memory._collect()
-        else:
-            manager._scope_left(self)
+        try:  # an interrupt among the deletions still leaves the scope (they are outdated anyway)
+            generation = self.generation - self._lag
+            if generation == self._invalid_through + 1:  # the usual case: one cycle to invalidate
+                refs = self._arrays.pop(generation, None)
+                self._invalid_through = generation
+                if refs:
+                    self._delete(refs, generation)
+            else:
+                self._invalidate_through(generation)
+            need = self._cycle_need
+            if need > self.peak_size:
+                self.peak_size = need
+            self.cycles += 1
+            if not self._initialized:
+                self._learned = max(self._learned, need)
+                if self.cycles >= self.config.learning_cycles:
+                    self.current_size = max(self.current_size, self.config.round_up(self._learned))
+                    self._initialized = True
+            self._cycle_out = self._cycle_temp = self._cycle_need = 0
+        finally:
+            stack = manager._stack
+            if stack and stack[-1] is self:
+                stack.pop()
+                manager._active -= 1
+                if manager._active == 0:  # the manager's _loop_left
+                    manager._loops += 1
+                    memory = manager._memory
+                    if memory._collect_due:
+                        memory._collect()
+            else:
+                manager._scope_left(self)
 
     def _enter(self) -> None:
         if self._owner != threading.get_ident():

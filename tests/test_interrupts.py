@@ -6,6 +6,7 @@ steps, with ``iteration`` saying which; readers on other threads see whole versi
 """
 
 import _thread
+import gc
 import os
 import random
 import signal
@@ -315,6 +316,75 @@ def test_an_interrupted_checkpoint_save_is_counted_and_rotated(asynchronous, tmp
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
                      last.params, reference.params[last.iteration])
     listener.close()
+
+
+# -- a user's own cycles -------------------------------------------------------------------
+
+
+def test_a_loop_of_cycles_interrupted_anywhere_is_whole_when_entered_again():
+    # an interrupt that arrives during the last call of a `with ws:` body is raised as
+    # __exit__ starts, before its first line: the cycle stayed open (gc off for good, and
+    # the next `with ws:` nested in it, invalidating nothing)
+    manager = jaxws.get_workspace_manager()
+    ws = manager.get_workspace_for_current_thread(jaxws.WorkspaceConfiguration(), "USER_LOOP")
+    step = jaxws.jit(lambda p, x: (p + x, (p * x).sum()), donate_argnums=0)
+    x = jnp.ones(16)
+
+    def loop(p, n=200):
+        for _ in range(n):
+            with ws:
+                p, loss = step(p, x)
+                p = jaxws.detach(p)
+        return p
+
+    duration = timed(lambda: loop(jnp.zeros(16)))
+    rng = random.Random(6)
+    for _ in range(100):
+        interrupted(lambda: loop(jnp.zeros(16)), rng.uniform(0, duration))
+        with ws:  # the cell run again
+            y = step(jnp.zeros(16), x)[1]  # the loss: the cycle's own (the carry is carried)
+        assert not ws.is_scope_active and manager.current_workspace is None
+        assert y.is_deleted()  # the cycle invalidated its outputs: it was not nested in a stale one
+    manager.destroy_workspace(ws)
+    assert gc.isenabled()
+
+
+def test_a_cycle_whose_exit_never_ran_ends_when_it_is_entered_again():
+    manager = jaxws.get_workspace_manager()
+    ws = manager.get_workspace_for_current_thread(jaxws.WorkspaceConfiguration(), "SKIPPED")
+    double = jaxws.jit(lambda a: 2 * a)
+
+    def opened_and_interrupted():  # what an interrupt at __exit__'s first instruction leaves
+        ws.__enter__()
+        return double(jnp.ones(2))
+
+    stale = opened_and_interrupted()
+    assert ws.is_scope_active
+    with ws:  # from another frame: the opener has returned, so its cycle ends first
+        fresh = double(jnp.ones(2))
+    assert not ws.is_scope_active and stale.is_deleted() and fresh.is_deleted()
+    for i in range(3):  # the same frame at the same statement: a loop that caught the interrupt
+        ws.__enter__()
+        assert ws._depth == 1
+    ws.__exit__(None, None, None)
+    with ws:  # nesting in one frame, at another statement, still nests
+        with ws:
+            assert ws._depth == 2
+        kept = double(jnp.ones(2))
+    assert kept.is_deleted()
+
+    def paused():  # a generator pauses inside a cycle: that is not an exit skipped
+        with ws:
+            yield double(jnp.ones(2))
+
+    gen = paused()
+    inside = next(gen)
+    with ws:
+        assert ws._depth == 2
+    assert not inside.is_deleted()
+    next(gen, None)
+    assert not ws.is_scope_active and inside.is_deleted()
+    manager.destroy_workspace(ws)
 
 # -- concurrent readers ------------------------------------------------------------------
 
