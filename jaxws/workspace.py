@@ -318,6 +318,7 @@ class Workspace:
             array.delete()
         self._slot = ()
         self._depth = 0
+        self._opener = None
         self._pending_activation = False
         self._destroyed = True
 
