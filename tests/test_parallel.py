@@ -123,7 +123,7 @@ def test_one_collective_and_one_dispatch_per_k_rounds(k):
     wrapper.fit(make_batches(4 * k))
     program = wrapper._compiled()
     stacked = wrapper._replicate(net._carry)
-    group = wrapper._groups(net._feed(make_batches(4 * k), "test", place=False))
+    group, _ = wrapper._groups(net._feed(make_batches(4 * k), "test", place=False))
     first = next(iter(group))
     text = program.lower(stacked, first).as_text()
     group.close()
