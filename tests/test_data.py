@@ -416,6 +416,34 @@ def test_an_interrupt_while_the_threads_start_leaves_no_thread(failing, monkeypa
     monkeypatch.undo()
     assert prefetch_threads() == []  # stopped and joined at once: before, the loader waited for room forever
 
+
+def test_an_interrupt_as_a_batch_is_taken_keeps_the_batch_and_the_ring():
+    import _thread
+
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    it = AsyncDataSetIterator(ArrayDataSetIterator(x, np.zeros(20, np.int32), 2), queue_size=2)
+    taken = [float(next(it).features[0, 0])]
+    queue = it._queue
+
+    class InterruptedAsItReturns:  # the threads' queue, interrupted as each get() returns
+        def get(self, *args, **kwargs):
+            item = queue.get(*args, **kwargs)
+            _thread.interrupt_main()
+            for _ in range(1000):  # the interrupt arrives here
+                pass
+            return item
+
+    for _ in range(2):
+        it._queue = InterruptedAsItReturns()
+        with pytest.raises(KeyboardInterrupt):
+            next(it)
+        it._queue = queue
+        taken.append(float(next(it).features[0, 0]))  # the batch the interrupt arrived with
+    taken += [float(b.features[0, 0]) for b in it]
+    # before: each interrupt lost its batch and a token (three lost, the ring waited for good)
+    assert taken == [float(4 * i) for i in range(10)]
+    it.close()
+
 def test_larger_batches_grow_the_slot_without_a_warning(caplog):
     sizes = [4, 4, 16, 4, 64]  # 48-byte batches learn a 96-byte slot (limit 1.0), then grow twice
     base = from_iterable([(np.ones((n, 2), np.float32), np.zeros(n, np.float32)) for n in sizes])

@@ -27,6 +27,7 @@ from jaxws.data.dataset import DataSet, _device_key, signature
 from jaxws.data.iterators import DataSetIterator, IterableDataSetIterator, as_dataset, from_iterable, refuse_non_source
 from jaxws.data.placement import Placement
 from jaxws.errors import AsyncIteratorError, ConfigurationError, WorkspaceError
+from jaxws.interrupts import guarded
 from jaxws.manager import get_workspace_manager
 from jaxws.memory import tree_bytes
 from jaxws.workspace import _pad_to
@@ -39,6 +40,7 @@ _INLINE = object()  # the loader's word that the base yields device batches: the
 _MORE = object()  # the transfer thread's word that nothing else is loaded yet
 _STOP = object()  # the word that the iterator is closing
 _ids = itertools.count()
+_POLL_S = 0.05  # a wait for the threads looks for a pending interrupt this often
 _RING_CONF = WorkspaceConfiguration(policy_reset=ResetPolicy.ENDOFBUFFER_REACHED, steps_number=1)
 
 
@@ -281,11 +283,13 @@ class AsyncDataSetIterator(DataSetIterator):
         self._produced = 0
         self._threaded = True  # False once the loader finds the base yields device batches
         self._pending = None  # the first batch, which the threads prepared before they stopped
+        self._held = None  # what _take took as an interrupt arrived: the next call's
         self._start()
 
     # -- the threads -----------------------------------------------------------------------
 
     def _start(self) -> None:
+        self._held = None
         self._origin = self.base.state_dict() if hasattr(self.base, "state_dict") else None
         self._consumed = 0  # examples handed out since _origin
         self._tokens = threading.Semaphore(self.queue_size + 1)  # loaded or placed, not yet handed out
@@ -352,15 +356,14 @@ class AsyncDataSetIterator(DataSetIterator):
         if ring is not None:
             ring._release_slot()  # before taking the next: the ring bound holds
         if self._threaded:
-            item, error = self._queue.get()
+            item, error = self._held or self._take()
+            self._held = None
             if error is _INLINE:  # device batches: nothing to transfer, so no thread from here on
                 self._stop_threads()
                 self._threaded, self._pending = False, item
                 item = self._next_inline()
             elif error is not None:
                 self._fail(error)
-            elif item is not _END:
-                self._tokens.release()  # room for one more batch ahead
         else:
             item = self._next_inline()
         if item is _END:
@@ -375,6 +378,30 @@ class AsyncDataSetIterator(DataSetIterator):
             ring.current_size = self._prepare.slot_bytes * (self.queue_size + 2)
             ring.reallocations = self._prepare.reallocations
         return batch
+
+    def _take(self) -> tuple | None:
+        """The threads' next ``(item, error)``, its token given back (room for one more batch
+        ahead), as one interrupt commit. An interrupt that landed as ``get()`` returned lost
+        the batch and its token, and a ring out of tokens waited for good (four interrupted
+        loops did it). The wait stays interruptible: it polls, and takes nothing once an
+        interrupt is pending; an item taken as one arrives is kept for the next call."""
+        with guarded() as guard:
+            guard._depth += 1  # a commit whose end keeps the item before the interrupt is raised
+            try:
+                while True:
+                    try:
+                        taken = self._queue.get(timeout=_POLL_S)
+                        break
+                    except queue.Empty:
+                        if guard._pending:
+                            return None  # raised as the guard closes: nothing taken
+                if taken[1] is None and taken[0] is not _END:
+                    self._tokens.release()
+                if guard._pending:
+                    self._held = taken
+                return taken
+            finally:
+                guard._depth -= 1
 
     def state_dict(self) -> dict | None:
         """The base iterator's position as consumed here (the thread reads ahead of it), or
