@@ -102,8 +102,7 @@ class Workspace:
         self.cycles = 0  # cycles completed
         self._depth = 0
         self._pending_activation = False
-        self._opener = None  # the frame that opened the current cycle (fast path), and where
-        self._opener_at = -1
+        self._opener, self._opener_at = None, -1  # the frame that opened the cycle, and where
         self._invalid_through = 0  # arrays of generations <= this are invalid
         self._destroyed = False
         self._arrays: dict[int, list[weakref.ref]] = {}
@@ -156,7 +155,7 @@ class Workspace:
     def __enter__(self) -> Workspace:
         if self._depth == 0 and self._owner == _get_ident() and not self._destroyed:
             # the loop's path, once per step: _enter's outermost case and the manager's
-            # _scope_entered, inline (every call and branch here is paid per step)
+            # _scope_entered, inline
             self._depth = 1
             self.generation += 1
             self._opener = opener = _getframe(1)  # who opened it: see _skipped_exit
@@ -181,12 +180,10 @@ class Workspace:
         return self
 
     def _skipped_exit(self) -> bool:
-        """Whether this thread's open cycle is one whose ``__exit__`` never ran: an interrupt
-        that arrived during the last call of a ``with ws:`` body is raised as ``__exit__``
-        starts, before its first line, leaving the cycle open (gc off, the next ``with ws:``
-        nested in it and nothing invalidated). It is one if the function that opened it has
-        returned (a function's frame, not a generator's: those pause inside cycles), or is
-        entering it again at the same ``with`` statement (a loop that went on)."""
+        """Whether the open cycle's ``__exit__`` never ran (an interrupt during a ``with ws:``
+        body's last call is raised as ``__exit__`` starts, before its first line): the frame
+        that opened it has returned (not a generator's: those pause in cycles), or enters it
+        again at the same ``with`` statement (a loop that went on)."""
         opener = self._opener
         if self._depth != 1 or opener is None or self._owner != _get_ident() or self._destroyed:
             return False
@@ -196,19 +193,16 @@ class Workspace:
         if opener.f_code.co_flags & _PAUSES:
             return False
         frame = caller
-        while frame is not None:
-            if frame is opener:
-                return False
+        while frame is not None and frame is not opener:
             frame = frame.f_back
-        return True
+        return frame is None
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._depth != 1 or self._owner != _get_ident() or self._destroyed:
             self._exit()  # nested, another thread's or destroyed: the checks and their errors
             return
         # the loop's path, once per step, and the one implementation of a cycle's end (_exit
-        # comes here for the outermost level). Every call here is paid per step, so the
-        # manager's _scope_left and _loop_left are inline.
+        # comes here for the outermost level); the manager's _scope_left and _loop_left inline
         self._depth = 0
         self._opener = None
         manager = self._manager
@@ -263,9 +257,7 @@ class Workspace:
         if self._destroyed:
             return  # destroyed inside its cycle (destroy_all from a listener): already closed
         if self._depth == 0:
-            raise WorkspaceError(
-                f"Workspace [{self.id}] was closed more often than it was entered."
-            )
+            raise WorkspaceError(f"Workspace [{self.id}] was closed more often than it was entered.")
         if self._depth > 1:
             self._depth -= 1
         else:
@@ -277,8 +269,7 @@ class Workspace:
             array = ref()
             if array is None or array.is_deleted():
                 continue
-            attachment = getattr(array, _TAG)
-            # leverage_to may have moved it to another workspace or a later cycle
+            attachment = getattr(array, _TAG)  # leverage_to may have moved it (workspace, cycle)
             if attachment.workspace is self and attachment.generation == generation:
                 array.delete()
 

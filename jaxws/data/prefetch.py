@@ -143,8 +143,7 @@ def _load(base, hq: queue.SimpleQueue, tokens: threading.Semaphore, stop: thread
                 hq.put((_END, None))
                 return
             ds = prepare.host(item)
-            if first and prepare.pad_axis is None and prepare.placement.holds_all(ds):
-                # on the device already: no thread needed
+            if first and prepare.pad_axis is None and prepare.placement.holds_all(ds):  # no thread needed
                 hq.put((prepare.placement.place(ds, True) if prepare.stage else ds, _INLINE))
                 return
             first = False
@@ -283,13 +282,12 @@ class AsyncDataSetIterator(DataSetIterator):
         self._produced = 0
         self._threaded = True  # False once the loader finds the base yields device batches
         self._pending = None  # the first batch, which the threads prepared before they stopped
-        self._held = None  # what _take took as an interrupt arrived: the next call's
         self._start()
 
     # -- the threads -----------------------------------------------------------------------
 
     def _start(self) -> None:
-        self._held = None
+        self._held = None  # what _take took as an interrupt arrived: the next call's
         self._origin = self.base.state_dict() if hasattr(self.base, "state_dict") else None
         self._consumed = 0  # examples handed out since _origin
         self._tokens = threading.Semaphore(self.queue_size + 1)  # loaded or placed, not yet handed out
@@ -302,8 +300,8 @@ class AsyncDataSetIterator(DataSetIterator):
         if not stage:
             threads += (threading.Thread(target=_place, args=(loaded, self._queue, stop, self._prepare),
                                          name=f"{name}-put", daemon=True),)
-        # registered first: an interrupt inside a start() (which waits for the thread to run)
-        # left threads no finalizer would stop, blocked for good on a full ring
+        # registered first: an interrupt in a start() (it waits for the thread to run) left
+        # threads no finalizer stops, blocked for good on a full ring
         self._finalizer = weakref.finalize(self, _shutdown, stop, self._tokens, loaded, self._queue, threads)
         try:
             for thread in threads:
@@ -380,13 +378,12 @@ class AsyncDataSetIterator(DataSetIterator):
         return batch
 
     def _take(self) -> tuple | None:
-        """The threads' next ``(item, error)``, its token given back (room for one more batch
-        ahead), as one interrupt commit. An interrupt that landed as ``get()`` returned lost
-        the batch and its token, and a ring out of tokens waited for good (four interrupted
-        loops did it). The wait stays interruptible: it polls, and takes nothing once an
-        interrupt is pending; an item taken as one arrives is kept for the next call."""
+        """The threads' next ``(item, error)`` and its token given back, as one interrupt
+        commit (an interrupt as ``get()`` returned lost both: a ring out of tokens waits for
+        good). The wait polls, so an interrupt still stops it (nothing taken); an item taken
+        as one arrives is the next call's."""
         with guarded() as guard:
-            guard._depth += 1  # a commit whose end keeps the item before the interrupt is raised
+            guard._depth += 1  # a commit that keeps the item before the interrupt is raised
             try:
                 while True:
                     try:
