@@ -170,7 +170,7 @@ class CheckpointListener(TrainingListener):
         # steps) left checkpoints on disk that it no longer counted, so never deleted past keep_last
         with guarded() as guard, guard:
             manager.save(number, args=items_args(arrays, meta))
-        self._next += 1
+            self._next += 1
         self._last_save = time.monotonic()
         return number
 
