@@ -39,6 +39,11 @@ class InterruptGuard:
             self._pending = False
             raise KeyboardInterrupt
 
+    @property
+    def pending(self) -> bool:
+        """Whether an interrupt arrived inside the open commit (it is raised as that ends)."""
+        return self._pending
+
     def released(self) -> ContextManager[None]:
         """Inside a commit, a stretch that may be interrupted (a listener, a progress bar,
         the model ParallelInference runs)."""

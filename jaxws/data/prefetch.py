@@ -382,23 +382,19 @@ class AsyncDataSetIterator(DataSetIterator):
         commit (an interrupt as ``get()`` returned lost both: a ring out of tokens waits for
         good). The wait polls, so an interrupt still stops it (nothing taken); an item taken
         as one arrives is the next call's."""
-        with guarded() as guard:
-            guard._depth += 1  # a commit that keeps the item before the interrupt is raised
-            try:
-                while True:
-                    try:
-                        taken = self._queue.get(timeout=_POLL_S)
-                        break
-                    except queue.Empty:
-                        if guard._pending:
-                            return None  # raised as the guard closes: nothing taken
-                if taken[1] is None and taken[0] is not _END:
-                    self._tokens.release()
-                if guard._pending:
-                    self._held = taken
-                return taken
-            finally:
-                guard._depth -= 1
+        with guarded() as guard, guard:
+            while True:
+                try:
+                    taken = self._queue.get(timeout=_POLL_S)
+                    break
+                except queue.Empty:
+                    if guard.pending:
+                        return None  # raised as the commit ends: nothing taken
+            if taken[1] is None and taken[0] is not _END:
+                self._tokens.release()
+            if guard.pending:  # raised as the commit ends: the item is the next call's
+                self._held = taken
+            return taken
 
     def state_dict(self) -> dict | None:
         """The base iterator's position as consumed here (the thread reads ahead of it), or
