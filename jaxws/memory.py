@@ -10,6 +10,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
+from jaxws.errors import ConfigurationError
+
 __all__ = [
     "MemoryPlan",
     "compiled_plan",
@@ -75,6 +77,10 @@ def compiled_plan(fun: Callable, *args, **kwargs) -> MemoryPlan | None:
         >>> jaxws.memory.compiled_plan(step, jnp.ones(256)).alias_bytes
         1024
     """
+    if not callable(getattr(fun, "lower", None)):
+        raise ConfigurationError(
+            f"compiled_plan(fun=<{type(fun).__name__}>): expected a jitted function (jax.jit or jaxws.jit)."
+        )
     return MemoryPlan.from_compiled(fun.lower(*args, **kwargs).compile())
 
 

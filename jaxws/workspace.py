@@ -420,7 +420,7 @@ class Workspace:
 
         Raises:
             WorkspaceFullError: the input is longer than the capacity under FAIL.
-            ValueError: the leaves disagree on the axis length.
+            ConfigurationError: no arrays, an axis they lack, or lengths that disagree.
 
         Example:
             >>> import numpy as np, jaxws
@@ -431,15 +431,20 @@ class Workspace:
             ((2, 4), [3, 3], {'axis1': 4})
         """
         self._check_thread("pad with")
+        if self._destroyed:
+            raise WorkspaceError(f"Workspace [{self.id}] was destroyed; pad with a new one.")
         leaves, treedef = jax.tree.flatten(tree)
         if not leaves:
             raise ConfigurationError(f"Workspace.pad(tree={tree!r}): no arrays to pad.")
-        lengths = {np.shape(x)[axis] for x in leaves}
+        shapes = [np.shape(x) for x in leaves]
+        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or any(
+                not -len(shape) <= axis < len(shape) for shape in shapes):
+            raise ConfigurationError(f"Workspace.pad(axis={axis!r}): expected an axis of every array (shapes "
+                                     f"{[list(shape) for shape in shapes[:4]]}).")
+        lengths = {shape[axis] for shape in shapes}
         if len(lengths) != 1:
-            raise ConfigurationError(
-                f"Workspace.pad(axis={axis}): the arrays disagree on the axis length "
-                f"({sorted(lengths)}); pad arrays of one length together."
-            )
+            raise ConfigurationError(f"Workspace.pad(axis={axis}): the arrays disagree on the axis length "
+                                     f"({sorted(lengths)}); pad arrays of one length together.")
         length = lengths.pop()
         name = name or f"axis{axis}"
         capacity = self._capacity_for(name, length, leaves)
@@ -469,19 +474,10 @@ class Workspace:
         """A snapshot of what the workspace owns and has needed."""
         live = self.live_arrays()
         return WorkspaceStatistics(
-            id=self.id,
-            cycles=self.cycles,
-            generation=self.generation,
-            current_size=self.current_size,
-            peak_size=self.peak_size,
-            spilled_bytes=self.spilled_bytes,
-            spills=self.spills,
-            reallocations=self.reallocations,
-            live_arrays=len(live),
-            live_bytes=sum(a.nbytes for a in live),
-            compiles=self.compiles,
-            capacities=dict(self.capacities),
-            plans=dict(self.plans),
+            id=self.id, cycles=self.cycles, generation=self.generation, current_size=self.current_size,
+            peak_size=self.peak_size, spilled_bytes=self.spilled_bytes, spills=self.spills,
+            reallocations=self.reallocations, live_arrays=len(live), live_bytes=sum(a.nbytes for a in live),
+            compiles=self.compiles, capacities=dict(self.capacities), plans=dict(self.plans),
         )
 
     def __repr__(self) -> str:

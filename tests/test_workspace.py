@@ -1,6 +1,7 @@
 """Cycles, invalidation, reset policies, detach, leverage_to, learning, spills, capacity."""
 
 import math
+import re
 import threading
 
 import jax
@@ -352,6 +353,22 @@ def test_pad_rejects_leaves_of_different_lengths():
     ws = workspace()
     with pytest.raises(ValueError, match=r"disagree on the axis length \(\[3, 4\]\)"):
         ws.pad([np.ones(3), np.ones(4)], axis=0)
+
+
+def test_pad_and_compiled_plan_refuse_bad_arguments_by_name():
+    ws = workspace()
+    # before: Python's IndexError / TypeError from inside pad, and AttributeError from compiled_plan
+    for axis, shape in ((5, [2, 3]), ("a", [2, 3]), (0, [])):
+        message = f"pad(axis={axis!r}): expected an axis of every array (shapes [{shape}])"
+        with pytest.raises(jaxws.ConfigurationError, match=re.escape(message)):
+            ws.pad(np.ones(shape), axis)
+    assert ws.capacities == {}  # nothing learned from a refused call
+    assert ws.pad(np.ones((2, 3)), -1)[0].shape == (2, 4)
+    with pytest.raises(jaxws.ConfigurationError, match=r"compiled_plan\(fun=<int>\): expected a jitted function"):
+        jaxws.memory.compiled_plan(5, 1)
+    jaxws.get_workspace_manager().destroy_workspace(ws)
+    with pytest.raises(jaxws.WorkspaceError, match=r"was destroyed; pad with a new one"):  # before: padded
+        ws.pad(np.ones((2, 3)), 1)
 
 
 def test_variable_lengths_compile_once_per_capacity_bucket(compiles):
