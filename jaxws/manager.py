@@ -11,6 +11,7 @@ import contextlib
 import enum
 import gc
 import os
+import sys
 import threading
 import time
 import weakref
@@ -310,8 +311,17 @@ class MemoryManager:
             self._managers.add(manager)
 
     def _loop_open(self) -> bool:
-        """Whether a cycle is open on any thread (called with the lock held)."""
-        return any(m._active for m in self._managers)
+        """Whether a cycle is open on any thread (called with the lock held). Not one whose
+        opening frame has returned: an interrupt skipped its ``__exit__``, and until its
+        thread enters the workspace again (which ends it) gc is not kept off for it."""
+        frames = None
+        for manager in list(self._managers):
+            if manager._active:
+                cycles = [ws for ws in list(manager._stack) if ws is not None]
+                frames = frames or sys._current_frames()
+                if not cycles or not all(ws._opener_returned(frames.get(ws._owner)) for ws in cycles):
+                    return True
+        return False
 
     def _restore(self) -> None:
         if self._gc_off:
@@ -369,7 +379,7 @@ class MemoryManager:
                 if not self._collect_due and self._due(now):
                     self._collect_due = True
                 loops = sum(m._loops for m in self._managers)
-                if self._loop_open() or loops != seen:
+                if loops != seen or self._loop_open():
                     seen, quiet_since = loops, now
                 elif now - quiet_since >= idle:
                     self._restore()

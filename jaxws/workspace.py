@@ -184,15 +184,19 @@ class Workspace:
         body's last call is raised as ``__exit__`` starts, before its first line): the frame
         that opened it has returned (not a generator's: those pause in cycles), or enters it
         again at the same ``with`` statement (a loop that went on)."""
-        opener = self._opener
-        if self._depth != 1 or opener is None or self._owner != _get_ident() or self._destroyed:
+        if self._depth != 1 or self._opener is None or self._owner != _get_ident() or self._destroyed:
             return False
         caller = _getframe(2)
-        if opener is caller:
+        if self._opener is caller:
             return caller.f_lasti == self._opener_at
-        if opener.f_code.co_flags & _PAUSES:
+        return self._opener_returned(caller)
+
+    def _opener_returned(self, frame: Any) -> bool:
+        """Whether the frame that opened the cycle is off the stack that ``frame`` (the owning
+        thread's) tops; False where that cannot tell (none recorded, or a generator's)."""
+        opener = self._opener
+        if opener is None or opener.f_code.co_flags & _PAUSES:
             return False
-        frame = caller
         while frame is not None and frame is not opener:
             frame = frame.f_back
         return frame is None

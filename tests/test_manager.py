@@ -244,3 +244,20 @@ def test_gc_stays_off_while_another_thread_is_inside_a_cycle():
         worker.join()
     time.sleep(memory.idle_restore_ms / 1000 + 0.3)
     assert gc.isenabled()  # every cycle closed and idle: restored
+
+
+def test_a_cycle_whose_exit_an_interrupt_skipped_does_not_keep_gc_off():
+    memory = jaxws.get_memory_manager()
+    ws = jaxws.get_workspace_manager().get_workspace_for_current_thread(id="SKIPPED_GC")
+
+    def opened_and_interrupted():  # what an interrupt at __exit__'s first instruction leaves
+        ws.__enter__()
+
+    opened_and_interrupted()
+    assert ws.is_scope_active and not gc.isenabled()
+    time.sleep(memory.idle_restore_ms / 1000 + 0.3)
+    assert gc.isenabled()  # before: off for good, unless the workspace was entered again or destroyed
+    with ws:  # the next entry ends the stale cycle
+        assert not gc.isenabled()
+    assert not ws.is_scope_active
+    jaxws.get_workspace_manager().destroy_workspace(ws)
